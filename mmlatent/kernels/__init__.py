@@ -1,0 +1,27 @@
+"""Fused operators of mmlatent: one public function per op, each dispatched to a backend (see dispatch.py).
+
+    row_attention_mass      image-token attention mass of one query row, accumulated in place
+    attention_with_scores   flash-style attention that accumulates the same mass in the same pass
+    select_topk_tokens      fused eligibility mask + deterministic top-k + gather + exclusion update
+"""
+from .dispatch import BACKENDS, BackendUnavailableError, requested_backend  # noqa: F401
+from .dispatch import _native_module
+
+# The C++ extension registers mmlatent::select_topk_tokens_native; load it before the Python ops add to the namespace.
+_native_module()
+
+from .attention import ATTENTION_WITH_SCORES, ROW_ATTENTION_MASS, attention_with_scores, row_attention_mass  # noqa: E402
+from .selection import SELECT_TOPK_TOKENS, register_native_fake, select_topk_tokens  # noqa: E402
+
+register_native_fake()
+
+OPS = {op.name: op for op in (ROW_ATTENTION_MASS, ATTENTION_WITH_SCORES, SELECT_TOPK_TOKENS)}
+
+
+def backend_report(op: str, **ctx) -> dict:
+    """Every backend of ``op`` with "ok" or why it cannot run inputs described by ``ctx``."""
+    return OPS[op].report(**ctx)
+
+
+__all__ = ["row_attention_mass", "attention_with_scores", "select_topk_tokens", "BACKENDS",
+           "BackendUnavailableError", "requested_backend", "backend_report", "OPS"]

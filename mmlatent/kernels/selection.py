@@ -1,0 +1,135 @@
+"""Public selection op: ``select_topk_tokens`` (contract in DESIGN.md)."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import checks, reference
+from .dispatch import OpDispatch, native_reason, triton_reason
+
+# Mirrors kMmlatentSelectMaxTokens (csrc/select_topk_cuda.h); the Triton limit is triton/selection.py's MAX_TOKENS,
+# kept here too so that dispatch does not import triton.
+_MAX_CUDA_TOKENS = 16384
+_MAX_TRITON_TOKENS = 8192
+
+
+def _contiguous_exclude_reason(exclude) -> Optional[str]:
+    if exclude is not None and not exclude.is_contiguous():
+        return "exclude is not contiguous, and it is updated in place"
+    return None
+
+
+def _native_reason(scores, exclude, embeds, **_) -> Optional[str]:
+    why = native_reason(scores.device) or _contiguous_exclude_reason(exclude)
+    if why is None and scores.device.type == "cuda":
+        if scores.dtype == torch.float64:
+            return "the CUDA op ranks float32/float16/bfloat16 scores (float64: native CPU op or reference)"
+        if scores.shape[1] > _MAX_CUDA_TOKENS:
+            return f"the CUDA op ranks at most {_MAX_CUDA_TOKENS} tokens per row, got Ni = {scores.shape[1]}"
+        if embeds is not None and (embeds.shape[2] * embeds.element_size()) % 2:
+            return "the CUDA op gathers rows of an even number of bytes"
+    return why
+
+
+def _triton_reason(scores, exclude, embeds, **_) -> Optional[str]:
+    why = triton_reason(scores.device) or _contiguous_exclude_reason(exclude)
+    if why is None:
+        if scores.dtype == torch.float64:
+            return "float64 scores would be ranked after rounding to float32 (native CPU op and reference are exact)"
+        if scores.shape[1] > _MAX_TRITON_TOKENS:
+            return f"one Triton program ranks at most {_MAX_TRITON_TOKENS} tokens, got Ni = {scores.shape[1]}"
+    return why
+
+
+SELECT_TOPK_TOKENS = OpDispatch("select_topk_tokens", {
+    "native": _native_reason,
+    "triton": _triton_reason,
+    "reference": lambda **_: None,
+})
+
+
+def _select_impl(scores, k: int, exclude, valid, embeds, by_position: bool):
+    backend = SELECT_TOPK_TOKENS.choose(scores=scores, exclude=exclude, embeds=embeds)
+    if backend == "native":
+        return torch.ops.mmlatent.select_topk_tokens_native(scores, k, exclude, valid, embeds, not by_position)
+    if backend == "triton":
+        from .triton.selection import select_topk
+        reference.eligible_tokens(scores, exclude, valid, k)  # raises before anything is modified
+        return select_topk(scores.contiguous(), k, exclude=exclude,
+                           valid=None if valid is None else valid.contiguous(),
+                           embeds=None if embeds is None else embeds.contiguous(), by_position=by_position)
+    idx, gathered = reference.select_topk_tokens(scores, k, exclude=exclude, valid=valid, embeds=embeds,
+                                                 order="position" if by_position else "score")
+    if gathered is None:
+        gathered = scores.new_empty(scores.shape[0], k, 0)
+    return idx, gathered
+
+
+@torch.library.custom_op("mmlatent::select_topk_tokens", mutates_args=("exclude",))
+def _select_topk_tokens_op(scores: torch.Tensor, k: int, exclude: Optional[torch.Tensor],
+                           valid: Optional[torch.Tensor], embeds: Optional[torch.Tensor],
+                           by_position: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    idx, gathered = _select_impl(scores, k, exclude, valid, embeds, by_position)
+    return idx, gathered
+
+
+@_select_topk_tokens_op.register_fake
+def _(scores, k, exclude, valid, embeds, by_position):
+    B = scores.shape[0]
+    idx = scores.new_empty(B, k, dtype=torch.int64)
+    if embeds is None:
+        return idx, scores.new_empty(B, k, 0)
+    return idx, embeds.new_empty(B, k, embeds.shape[2])
+
+
+def _native_fake(scores, k, exclude, valid, embeds, order_by_score):
+    return _(scores, k, exclude, valid, embeds, not order_by_score)
+
+
+def register_native_fake() -> None:
+    """Fake (meta) implementation of the C++ op, once mmlatent._C has registered it."""
+    if hasattr(torch.ops.mmlatent, "select_topk_tokens_native"):
+        torch.library.register_fake("mmlatent::select_topk_tokens_native", _native_fake)
+
+
+def select_topk_tokens(scores: torch.Tensor, k: int, *, exclude: Optional[torch.Tensor] = None,
+                       valid: Optional[torch.Tensor] = None, embeds: Optional[torch.Tensor] = None,
+                       order: str = "position") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Selects, per row, the k eligible tokens with the highest score, marks them excluded and gathers them.
+
+    Args:
+        scores: [B, Ni] float (any float dtype).
+        k: tokens to select per row, 1 <= k <= Ni.
+        exclude: [B, Ni] bool, updated in place: selected entries become True. Excluded tokens are ineligible.
+        valid: [B, Ni] bool, False at padding. Eligible = valid and not excluded.
+        embeds: [B, Ni, Dm] optional, any dtype; the selected rows are gathered.
+        order: "position" (indices ascending, spatial order kept) or "score" (best first).
+
+    Ranking: higher score first, ties to the lower index, NaN ranks below every number. A row with fewer than k
+    eligible tokens raises ValueError naming the row, and nothing is modified.
+
+    Returns:
+        (idx [B, k] int64 indices into the Ni axis, gathered [B, k, Dm] in embeds' dtype, or None).
+    """
+    checks.tensor("scores", scores, dims=2, dtypes=checks.FLOAT_DTYPES)
+    B, Ni = scores.shape
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k: expected an int, got {type(k).__name__}")
+    if not 1 <= k <= Ni:
+        raise ValueError(f"k: expected 1 <= k <= Ni = {Ni}, got {k}")
+    for name, mask in (("exclude", exclude), ("valid", valid)):
+        if mask is not None:
+            checks.tensor(name, mask, dims=2, dtypes=(torch.bool,), device=scores.device)
+            checks.shape(name, mask, (B, Ni), "[B, Ni] like scores")
+    if embeds is not None:
+        checks.tensor("embeds", embeds, dims=3, device=scores.device)
+        checks.shape("embeds", embeds, (B, Ni, None), "[B, Ni, Dm]")
+    if order not in ("position", "score"):
+        raise ValueError(f"order: expected 'position' or 'score', got {order!r}")
+    by_position = order == "position"
+    if torch.compiler.is_compiling():
+        idx, gathered = _select_topk_tokens_op(scores, k, exclude, valid, embeds, by_position)
+    else:
+        idx, gathered = _select_impl(scores, k, exclude, valid, embeds, by_position)
+    return idx, (gathered if embeds is not None else None)

@@ -1,0 +1,164 @@
+"""Compiles every shipped Triton kernel configuration for Hopper (sm_90a) with no GPU, and reports registers,
+spills and shared memory from ptxas.
+
+    python -m mmlatent.kernels.triton.compile_check [--json FILE]
+
+Exit status 1 when any configuration fails to compile, spills registers or exceeds the shared-memory limit.
+Run it in a fresh process: TRITON_INTERPRET must be 0 when the kernel modules are imported.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "0"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from mmlatent.kernels.triton import attention, selection  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+SHARED_LIMIT = 227 * 1024  # bytes a Hopper thread block may use
+HEAD_DIMS = (64, 80, 128, 256)
+
+
+def _attention_case(cfg_name, head_dim, dtype, has_v):
+    cfg = attention.ATTENTION_CONFIGS[cfg_name]
+    ptr = f"*{dtype}"
+    ints = ["stride_qb", "stride_qh", "stride_qm", "stride_qd", "stride_kb", "stride_kh", "stride_kn", "stride_kd",
+            "stride_vb", "stride_vh", "stride_vn", "stride_vd", "stride_validb", "stride_os", "stride_ob",
+            "stride_oh", "stride_om", "stride_ls", "stride_lb", "stride_lh", "stride_rb", "stride_rh",
+            "Hkv", "M", "N", "G", "score_row", "keys_per_split"]
+    signature = {"Q": ptr, "K": ptr, "V": ptr, "KeyValid": "*u8", "O": ptr, "LSE": "*fp32", "RowLogits": "*fp32"}
+    signature.update({name: "i32" for name in ints})
+    signature["qk_scale"] = "fp32"
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                      BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HAS_V=has_v, HAS_KEY_VALID=True,
+                      CAUSAL=has_v, STORE_ROW=True, UPCAST_DOT=False)
+    for name in constexprs:
+        signature[name] = "constexpr"
+    signature, constexprs, attrs = _runtime_specialization(
+        signature, constexprs, unit=("stride_qd", "stride_kd", "stride_vd"),
+        aligned=("Q", "K", "V", "KeyValid", "O", "LSE", "RowLogits", "stride_qb", "stride_qh", "stride_qm",
+                 "stride_kb", "stride_kh", "stride_kn", "stride_vb", "stride_vh", "stride_vn", "stride_ob",
+                 "stride_oh", "stride_om", "stride_rb", "stride_rh") if head_dim % 16 == 0 else
+                ("Q", "K", "V", "KeyValid", "O", "LSE", "RowLogits"))
+    name = f"attention[{cfg_name}] D={head_dim} {dtype} {'qkv' if has_v else 'qk-only'}"
+    return name, attention._attention_fwd, signature, constexprs, cfg, attrs
+
+
+def _selection_case(cfg_name, ni, score_dtype, embed_dtype):
+    cfg = selection.SELECTION_CONFIGS[cfg_name]
+    signature = {"Scores": f"*{score_dtype}", "Valid": "*u8", "Exclude": "*u8", "Embeds": f"*{embed_dtype}",
+                 "Idx": "*i64", "Gathered": f"*{embed_dtype}"}
+    signature.update({n: "i32" for n in ["Ni", "k", "Dm", "stride_sb", "stride_vb", "stride_xb", "stride_eb",
+                                         "stride_en", "stride_gb", "stride_gk"]})
+    constexprs = dict(HAS_VALID=True, HAS_EXCLUDE=True, HAS_EMBEDS=True, BY_POSITION=True,
+                      BLOCK_NI=ni, BLOCK_K=64, BLOCK_D=cfg["BLOCK_D"])
+    for name in constexprs:
+        signature[name] = "constexpr"
+    signature, constexprs, attrs = _runtime_specialization(
+        signature, constexprs, aligned=("Scores", "Valid", "Exclude", "Embeds", "Idx", "Gathered"))
+    return (f"select_topk[{cfg_name}] scores={score_dtype} embeds={embed_dtype}", selection._select_topk,
+            signature, constexprs, dict(num_warps=cfg["num_warps"], num_stages=1), attrs)
+
+
+def _helper_cases():
+    yield ("combine_splits D=128", attention._combine_splits,
+           {"PartO": "*fp32", "PartLSE": "*fp32", "O": "*bf16", "LSE": "*fp32", "S": "i32",
+            "split_stride_o": "i32", "split_stride_lse": "i32", "HEAD_DIM": "constexpr", "BLOCK_S": "constexpr",
+            "BLOCK_D": "constexpr", "HAS_V": "constexpr"},
+           dict(HEAD_DIM=128, BLOCK_S=attention.MAX_SPLITS, BLOCK_D=128, HAS_V=True), dict(num_warps=4, num_stages=1),
+           None)
+    sig = {"RowLogits": "*fp32", "RowLSE": "*fp32", "ImageIndex": "*i64", "Out": "*fp32"}
+    sig.update({n: "i32" for n in ["Hq", "Ni", "key_limit"]})
+    sig["weight"] = "fp32"
+    sig.update({n: "i32" for n in ["stride_rb", "stride_rh", "stride_lb", "stride_lh", "stride_ib", "stride_outb"]})
+    sig["BLOCK_I"] = "constexpr"
+    yield ("accumulate_image_mass", attention._accumulate_image_mass, sig, dict(BLOCK_I=256),
+           dict(num_warps=4, num_stages=1), None)
+
+
+def all_cases():
+    for cfg_name, cfg in attention.ATTENTION_CONFIGS.items():
+        lo, hi = cfg["head_dims"]
+        for head_dim in (d for d in HEAD_DIMS if lo <= d <= hi):
+            yield _attention_case(cfg_name, head_dim, "bf16", True)
+            if head_dim == 128:
+                yield _attention_case(cfg_name, head_dim, "fp16", True)
+            if cfg["BLOCK_M"] == 16:  # row_attention_mass: one row, no V
+                yield _attention_case(cfg_name, head_dim, "bf16", False)
+    for cfg_name, ni in (("ni1024", 1024), ("ni4096", 4096), ("ni8192", 8192)):
+        yield _selection_case(cfg_name, ni, "fp32", "bf16")
+    yield _selection_case("ni4096", 4096, "bf16", "fp32")
+    yield from _helper_cases()
+
+
+def _runtime_specialization(signature, constexprs, unit=(), aligned=()):
+    """What Triton's launcher does for real inputs: integer arguments equal to 1 become constants, and pointers and
+    integers divisible by 16 are marked so (vectorised, aligned accesses). Compiling without this would measure a
+    kernel that never runs."""
+    for name in unit:
+        signature[name] = "constexpr"
+        constexprs[name] = 1
+    names = list(signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned if n in names}
+    return signature, constexprs, attrs
+
+
+def compile_for_hopper(fn, signature, constexprs, options, attrs=None):
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs or {})
+    compiled = triton.compile(src, target=HOPPER, options={k: v for k, v in options.items()
+                                                           if k in ("num_warps", "num_stages")})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+        ptx_path = f.name
+    try:
+        log = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx_path, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    finally:
+        os.unlink(ptx_path)
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    spill_stores = int(re.search(r"(\d+) bytes spill stores", log).group(1))
+    spill_loads = int(re.search(r"(\d+) bytes spill loads", log).group(1))
+    return dict(registers=registers, spill_stores=spill_stores, spill_loads=spill_loads,
+                shared_bytes=int(compiled.metadata.shared))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the report here")
+    args = parser.parse_args(argv)
+    report, failures = [], 0
+    for name, fn, signature, constexprs, options, attrs in all_cases():
+        t0 = time.perf_counter()
+        try:
+            row = dict(kernel=name, **compile_for_hopper(fn, signature, constexprs, options, attrs))
+            row["ok"] = row["spill_stores"] == 0 and row["spill_loads"] == 0 and row["shared_bytes"] <= SHARED_LIMIT
+        except Exception as err:  # a compile error is a failed row, reported with the others
+            row = dict(kernel=name, ok=False, error=f"{type(err).__name__}: {err}"[:500])
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        failures += not row["ok"]
+        report.append(row)
+        detail = row.get("error") or (f"{row['registers']} regs, spills {row['spill_stores']}/{row['spill_loads']} B, "
+                                      f"smem {row['shared_bytes']} B")
+        print(f"{'ok ' if row['ok'] else 'BAD'} {name}: {detail} ({row['seconds']} s)", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    print(f"{len(report) - failures}/{len(report)} configurations compile for sm_90a without spills")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
