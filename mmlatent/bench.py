@@ -1,0 +1,365 @@
+"""Micro-benchmarks of the fused ops against their baselines, measured in the same run.
+
+    python -m mmlatent.bench [--sizes default|tiny|gpu] [--out DIR] [--repeats N]
+
+Every row is one op at one shape, timed as the median of ``--repeats`` runs after a warm-up, with its peak memory,
+next to its baseline at the same shape. Baselines:
+
+- ``eager+output_attentions``: what IVT-LR's public code does: the full [B, H, M, N] probability matrix (as
+  transformers' eager attention returns it with output_attentions), then the score row's image-token mass;
+- ``sdpa``: torch's scaled_dot_product_attention, the same attention with no scores;
+- ``torch row``: one query row's softmax over all keys by plain torch, then a gather;
+- ``torch topk``: masked_fill + torch.topk + sort + gather + scatter (index_put) of the exclusion mask.
+
+Peak memory: on CUDA, the allocator's peak above the inputs; on CPU, the process's peak resident memory above its
+level before the call, measured in a fresh subprocess per row (with glibc's mmap threshold fixed so freed blocks
+return to the system). On a GPU the table adds TFLOP/s or GB/s against the device's measured ceiling.
+Writes kernels.json, kernels.md and kernels.png into DIR (default benches/results/<device>/).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from mmlatent.kernels import attention_with_scores, row_attention_mass, select_topk_tokens
+
+# Measured ceilings (DESIGN.md): dense bf16 matmul, and HBM bandwidth by device.
+BF16_TFLOPS_CEILING = 790.0
+HBM_TBPS = {"h100": 3.0, "h200": 4.3}
+
+
+# --------------------------------------------------------------------------------------------------------- cases
+
+def attention_flops(batch, q_heads, rows, keys, head_dim, causal, with_values=True) -> float:
+    """2 FLOPs per multiply-add of QK^T (and PV) over the visible (query, key) pairs; causal is bottom-right."""
+    visible = rows * keys - rows * (rows - 1) // 2 if causal else rows * keys
+    return 2.0 * batch * q_heads * visible * head_dim * (2 if with_values else 1)
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    make: Callable[[torch.device, torch.dtype], dict]
+    ours: Callable[[dict], object]
+    baselines: Dict[str, Callable[[dict], object]]
+    flops: float = 0.0
+    bytes_moved: float = 0.0
+
+
+def _attention_inputs(B, Hq, Hkv, M, N, D, Ni):
+    def make(device, dtype):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        t = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+        image_index = torch.stack([torch.randperm(N, generator=g)[:Ni].sort().values for _ in range(B)]).to(device)
+        return dict(q=t(B, Hq, M, D), k=t(B, Hkv, N, D), v=t(B, Hkv, N, D), image_index=image_index,
+                    scores=torch.zeros(B, Ni, device=device), causal=M > 1)
+    return make
+
+
+def _eager_with_scores(a):
+    """transformers' eager attention with output_attentions, then the last row's image-token mass."""
+    q, k, v = a["q"], a["k"], a["v"]
+    G = q.shape[1] // k.shape[1]
+    M, N = q.shape[2], k.shape[2]
+    kk, vv = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    w = (q @ kk.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if a["causal"]:
+        mask = torch.ones(M, N, dtype=torch.bool, device=q.device).tril(N - M)
+        w = w.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = probs @ vv
+    row = probs[:, :, -1].float().sum(1)
+    a["scores"] += torch.gather(row, 1, a["image_index"])
+    return out, probs
+
+
+def _sdpa(a):
+    q, k, v = a["q"], a["k"], a["v"]
+    M, N = q.shape[2], k.shape[2]
+    mask = None
+    if a["causal"] and M < N:
+        mask = torch.ones(M, N, dtype=torch.bool, device=q.device).tril(N - M)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=a["causal"] and M == N,
+                                          enable_gqa=True)
+
+
+def _ours_attention(a):
+    with torch.no_grad():
+        return attention_with_scores(a["q"], a["k"], a["v"], causal=a["causal"], image_index=a["image_index"],
+                                     scores_out=a["scores"])
+
+
+def attention_case(B, Hq, Hkv, M, N, D, Ni, with_eager=True):
+    baselines = {"sdpa": _sdpa}
+    if with_eager:
+        baselines = {"eager+output_attentions": _eager_with_scores, **baselines}
+    return Case("attention_with_scores", f"B{B} Hq{Hq} Hkv{Hkv} M{M} N{N} D{D} Ni{Ni}",
+                _attention_inputs(B, Hq, Hkv, M, N, D, Ni), _ours_attention, baselines,
+                flops=attention_flops(B, Hq, M, N, D, causal=M > 1))
+
+
+def _torch_row(a):
+    q, k = a["q"][:, :, 0], a["k"]
+    G = q.shape[1] // k.shape[1]
+    s = torch.einsum("bhd,bhnd->bhn", q.float(), k.repeat_interleave(G, 1).float()) * q.shape[-1] ** -0.5
+    p = torch.softmax(s, dim=-1).sum(1)
+    a["scores"] += torch.gather(p, 1, a["image_index"])
+
+
+def row_mass_case(B, Hq, Hkv, N, D, Ni):
+    make = _attention_inputs(B, Hq, Hkv, 1, N, D, Ni)
+    element = 2  # bf16/fp16 keys on the GPU; K dominates the traffic
+    return Case("row_attention_mass", f"B{B} Hq{Hq} Hkv{Hkv} N{N} D{D} Ni{Ni}", make,
+                lambda a: row_attention_mass(a["q"][:, :, 0], a["k"], a["image_index"], a["scores"]),
+                {"torch row": _torch_row}, bytes_moved=B * Hkv * N * D * element)
+
+
+def _select_inputs(B, Ni, k, Dm):
+    def make(device, dtype):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        valid = torch.ones(B, Ni, dtype=torch.bool)
+        valid[:, : Ni // 16] = False
+        return dict(scores=torch.rand(B, Ni, generator=g).to(device), k=k, valid=valid.to(device),
+                    exclude=(torch.rand(B, Ni, generator=g) < 0.1).to(device),
+                    embeds=torch.randn(B, Ni, Dm, generator=g).to(device=device, dtype=dtype))
+    return make
+
+
+def _torch_topk(a):
+    eligible = a["valid"] & ~a["exclude"]
+    masked = a["scores"].masked_fill(~eligible, float("-inf"))
+    idx = torch.topk(masked, a["k"], dim=1).indices.sort(dim=1).values
+    gathered = torch.gather(a["embeds"], 1, idx[:, :, None].expand(-1, -1, a["embeds"].shape[2]))
+    rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)
+    a["exclude"].index_put_((rows, idx), torch.ones((), dtype=torch.bool, device=idx.device))
+    return idx, gathered
+
+
+def _ours_select(a):
+    return select_topk_tokens(a["scores"], a["k"], exclude=a["exclude"], valid=a["valid"], embeds=a["embeds"])
+
+
+def select_case(B, Ni, k, Dm):
+    return Case("select_topk_tokens", f"B{B} Ni{Ni} k{k} Dm{Dm}", _select_inputs(B, Ni, k, Dm), _ours_select,
+                {"torch topk": _torch_topk})
+
+
+def cases_for(sizes: str) -> List[Case]:
+    if sizes == "tiny":  # the smoke test: every op and baseline, seconds on a CPU
+        return [attention_case(1, 4, 2, 64, 64, 32, 16), attention_case(1, 4, 2, 1, 128, 32, 16),
+                row_mass_case(1, 4, 2, 128, 32, 16), select_case(2, 64, 8, 16)]
+    if sizes == "gpu":
+        out = []
+        for M in (1, 33, 512):
+            for N in (512, 2048, 8192, 16384):
+                out.append(attention_case(1, 28, 4, M, N, 128, min(N, 1024), with_eager=N <= 8192))
+        out += [row_mass_case(1, 28, 4, N, 128, min(N, 1024)) for N in (2048, 8192, 16384, 65536)]
+        out += [select_case(2, ni, k, 3584) for ni in (256, 1024, 4096) for k in (32, 64)]
+        return out
+    # default (CPU, what `make demo` runs): the issue's CPU target first
+    return [attention_case(1, 16, 4, 4096, 4096, 64, 1024), attention_case(1, 16, 4, 1, 4096, 64, 1024),
+            row_mass_case(2, 16, 4, 4096, 64, 1024),
+            select_case(2, 1024, 32, 1024), select_case(2, 4096, 64, 1024)]
+
+
+# --------------------------------------------------------------------------------------------------- measurement
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, args, device, repeats: int) -> List[float]:
+    fn(args)  # warm-up: compilation, caches
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(args)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+def peak_memory_here(fn, args, device) -> int:
+    """Bytes of peak memory the call adds above what is allocated before it."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn(args)
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    base = _status_kib("VmRSS")
+    fn(args)
+    return max(0, _status_kib("VmHWM") - base) * 1024
+
+
+def peak_memory_cpu_subprocess(sizes: str, index: int, impl: str, dtype: str) -> Optional[int]:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [sys.executable, "-m", "mmlatent.bench", "--sizes", sizes, "--memory-probe", f"{index}:{impl}",
+           "--dtype", dtype]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if run.returncode != 0:
+        print(run.stderr[-2000:], file=sys.stderr)
+        return None
+    return int(run.stdout.strip().splitlines()[-1])
+
+
+def _impl(case: Case, name: str):
+    return case.ours if name == "mmlatent" else case.baselines[name]
+
+
+def device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        for key in ("h200", "h100", "a100", "l40s"):
+            if key in name:
+                return f"nvidia-{key}"
+        return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+    return f"cpu-{os.cpu_count()}core"
+
+
+def run(sizes: str, repeats: int, dtype_name: str, memory: bool = True) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, dtype_name)
+    rows = []
+    for index, case in enumerate(cases_for(sizes)):
+        impls = ["mmlatent", *case.baselines]
+        for name in impls:
+            args = case.make(device, dtype)
+            times = time_call(_impl(case, name), args, device, repeats)
+            if not memory:
+                peak = None
+            elif device.type == "cuda":
+                peak = peak_memory_here(_impl(case, name), case.make(device, dtype), device)
+            else:
+                peak = peak_memory_cpu_subprocess(sizes, index, name, dtype_name)
+            median = statistics.median(times)
+            row = dict(op=case.op, shape=case.shape, impl=name, device=device_label(device), dtype=dtype_name,
+                       median_s=median, min_s=min(times), max_s=max(times), repeats=repeats, peak_bytes=peak)
+            if name == "mmlatent" and device.type == "cuda":
+                if case.flops:
+                    row["tflops"] = case.flops / median / 1e12
+                    row["fraction_of_bf16_ceiling"] = row["tflops"] / BF16_TFLOPS_CEILING
+                if case.bytes_moved:
+                    row["gbps"] = case.bytes_moved / median / 1e9
+                    hbm = HBM_TBPS.get(device_label(device).replace("nvidia-", ""))
+                    if hbm:
+                        row["fraction_of_hbm"] = row["gbps"] / (hbm * 1e3)
+            rows.append(row)
+            print(f"  {case.op:22s} {case.shape:38s} {name:24s} {median * 1e3:10.3f} ms "
+                  f"{'' if peak is None else f'{peak / 2**20:10.1f} MiB'}", flush=True)
+        ours = rows[-len(impls)]
+        for row in rows[-len(impls) + 1:]:
+            row["speedup_of_mmlatent"] = row["median_s"] / ours["median_s"]
+            if row["peak_bytes"] and ours["peak_bytes"] is not None:
+                row["memory_ratio_of_mmlatent"] = ours["peak_bytes"] / row["peak_bytes"]
+    return dict(device=device_label(device), torch=torch.__version__, python=platform.python_version(),
+                machine=platform.machine(), cpus=os.cpu_count(), sizes=sizes, dtype=dtype_name, repeats=repeats,
+                command=" ".join(["python -m mmlatent.bench"] + sys.argv[1:]), rows=rows)
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Device `{result['device']}`, torch {result['torch']}, dtype {result['dtype']}, "
+             f"median of {result['repeats']} runs; command: `{result['command']}`", "",
+             "| op | shape | impl | median ms | peak MiB | mmlatent speed-up | mmlatent memory ratio | HW |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for r in result["rows"]:
+        peak = "" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.1f}"
+        speed = f"{r['speedup_of_mmlatent']:.2f}x" if "speedup_of_mmlatent" in r else ""
+        mem = f"{r['memory_ratio_of_mmlatent']:.3f}" if "memory_ratio_of_mmlatent" in r else ""
+        hw = ""
+        if "tflops" in r:
+            hw = f"{r['tflops']:.0f} TFLOP/s ({100 * r['fraction_of_bf16_ceiling']:.0f}%)"
+        if "gbps" in r:
+            hw = f"{r['gbps']:.0f} GB/s" + (f" ({100 * r['fraction_of_hbm']:.0f}% HBM)" if "fraction_of_hbm" in r else "")
+        lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['median_s'] * 1e3:.3f} | {peak} | {speed} | "
+                     f"{mem} | {hw} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in result["rows"] if "speedup_of_mmlatent" in r]
+    labels = [f"{r['op']}\n{r['shape']}\nvs {r['impl']}" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 0.55 * len(rows) + 2), sharey=True)
+    axes[0].barh(labels, [r["speedup_of_mmlatent"] for r in rows], color="tab:blue")
+    axes[0].axvline(1.0, color="k", lw=0.8)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("speed-up of mmlatent (baseline time / ours), log scale")
+    axes[1].barh(labels, [r.get("memory_ratio_of_mmlatent", float("nan")) for r in rows], color="tab:green")
+    axes[1].axvline(1.0, color="k", lw=0.8)
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("peak memory of mmlatent / baseline, log scale")
+    for ax in axes:
+        ax.tick_params(axis="y", labelsize=7)
+    fig.suptitle(f"mmlatent kernels on {result['device']} ({result['dtype']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="mmlatent micro-benchmarks (ratios against same-run baselines)")
+    parser.add_argument("--sizes", choices=["default", "tiny", "gpu"], default=None,
+                        help="shape set: default (CPU), gpu (real sizes), tiny (smoke test)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per row (median reported)")
+    parser.add_argument("--dtype", default=None, help="input dtype (default: bfloat16 on GPU, float32 on CPU)")
+    parser.add_argument("--out", default=None, help="output folder (default benches/results/<device>/)")
+    parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    sizes = args.sizes or ("gpu" if gpu else "default")
+    dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    if args.memory_probe:  # child process of peak_memory_cpu_subprocess
+        index, impl = args.memory_probe.split(":", 1)
+        case = cases_for(sizes)[int(index)]
+        device = torch.device("cpu")
+        _impl(case, impl)(case.make(device, getattr(torch, dtype)))  # warm-up: lazy initialisation is not the op's
+        inputs = case.make(device, getattr(torch, dtype))
+        print(peak_memory_here(_impl(case, impl), inputs, device))
+        return 0
+    repeats = args.repeats or (20 if gpu else 3)
+    print(f"mmlatent.bench: sizes={sizes} dtype={dtype} repeats={repeats}", flush=True)
+    result = run(sizes, repeats, dtype, memory=not args.no_memory)
+    out = args.out or os.path.join("benches", "results", result["device"])
+    os.makedirs(out, exist_ok=True)
+    stem = "kernels" if sizes != "tiny" else "kernels-tiny"
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    table = markdown(result)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(table)
+    plot(result, os.path.join(out, f"{stem}.png"))
+    print()
+    print(table)
+    print(f"wrote {out}/{stem}.json, .md, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
