@@ -1,7 +1,8 @@
 """Argument checks shared by the public ops: every failure names the argument and what was expected.
 
-Shape, dtype and device checks are traceable (they run under torch.compile too); ``check_index_range`` reads the
-values and so runs only in eager mode, inside the op.
+Shape, dtype and device checks are traceable (they run in the public wrappers, under torch.compile too);
+``check_index_range`` reads the values, so it runs inside the registered op, which executes eagerly even in a
+compiled graph.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def number(name: str, value, *, positive: bool = False) -> float:
 
 
 def check_index_range(name: str, index: torch.Tensor, upper: int) -> None:
-    """Entries must be -1 (padding) or in [0, upper). One host sync; skipped under torch.compile tracing."""
+    """Entries must be -1 (padding) or in [0, upper). Costs one host sync."""
     if index.numel() == 0:
         return
     lo, hi = torch.aminmax(index)
