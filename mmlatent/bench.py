@@ -240,7 +240,7 @@ def device_label(device: torch.device) -> str:
     return f"cpu-{os.cpu_count()}core"
 
 
-def run(sizes: str, repeats: int, dtype_name: str, memory: bool = True) -> dict:
+def run(sizes: str, repeats: int, dtype_name: str, memory: bool = True, command: str = "") -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, dtype_name)
     rows = []
@@ -277,7 +277,7 @@ def run(sizes: str, repeats: int, dtype_name: str, memory: bool = True) -> dict:
                 row["memory_ratio_of_mmlatent"] = ours["peak_bytes"] / row["peak_bytes"]
     return dict(device=device_label(device), torch=torch.__version__, python=platform.python_version(),
                 machine=platform.machine(), cpus=os.cpu_count(), sizes=sizes, dtype=dtype_name, repeats=repeats,
-                command=" ".join(["python -m mmlatent.bench"] + sys.argv[1:]), rows=rows)
+                command=command, rows=rows)
 
 
 def markdown(result: dict) -> str:
@@ -343,9 +343,11 @@ def main(argv=None) -> int:
         inputs = case.make(device, getattr(torch, dtype))
         print(peak_memory_here(_impl(case, impl), inputs, device))
         return 0
-    repeats = args.repeats or (20 if gpu else 3)
+    repeats = args.repeats or (20 if gpu else 5)
     print(f"mmlatent.bench: sizes={sizes} dtype={dtype} repeats={repeats}", flush=True)
-    result = run(sizes, repeats, dtype, memory=not args.no_memory)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = " ".join(["python -m mmlatent.bench", *argv])
+    result = run(sizes, repeats, dtype, memory=not args.no_memory, command=command)
     out = args.out or os.path.join("benches", "results", result["device"])
     os.makedirs(out, exist_ok=True)
     stem = "kernels" if sizes != "tiny" else "kernels-tiny"
