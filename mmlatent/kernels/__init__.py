@@ -3,6 +3,8 @@
     row_attention_mass      image-token attention mass of one query row, accumulated in place
     attention_with_scores   flash-style attention that accumulates the same mass in the same pass
     select_topk_tokens      fused eligibility mask + deterministic top-k + gather + exclusion update
+    linear_cross_entropy    cross-entropy of hidden @ weight.T + bias in row chunks, never building [T, V] logits
+    linear_log_probs        log-softmax of the same logits at given tokens (policy gradients), same memory bound
 """
 from .dispatch import BACKENDS, BackendUnavailableError, requested_backend  # noqa: F401
 from .dispatch import _native_module
@@ -12,10 +14,12 @@ _native_module()
 
 from .attention import ATTENTION_WITH_SCORES, ROW_ATTENTION_MASS, attention_with_scores, row_attention_mass  # noqa: E402
 from .selection import SELECT_TOPK_TOKENS, register_native_fake, select_topk_tokens  # noqa: E402
+from .losses import LINEAR_CROSS_ENTROPY, LINEAR_LOG_PROBS, linear_cross_entropy, linear_log_probs  # noqa: E402
 
 register_native_fake()
 
-OPS = {op.name: op for op in (ROW_ATTENTION_MASS, ATTENTION_WITH_SCORES, SELECT_TOPK_TOKENS)}
+OPS = {op.name: op for op in (ROW_ATTENTION_MASS, ATTENTION_WITH_SCORES, SELECT_TOPK_TOKENS, LINEAR_CROSS_ENTROPY,
+                              LINEAR_LOG_PROBS)}
 
 
 def backend_report(op: str, **ctx) -> dict:
@@ -23,5 +27,6 @@ def backend_report(op: str, **ctx) -> dict:
     return OPS[op].report(**ctx)
 
 
-__all__ = ["row_attention_mass", "attention_with_scores", "select_topk_tokens", "BACKENDS",
+__all__ = ["row_attention_mass", "attention_with_scores", "select_topk_tokens", "linear_cross_entropy",
+           "linear_log_probs", "BACKENDS",
            "BackendUnavailableError", "requested_backend", "backend_report", "OPS"]

@@ -2,11 +2,13 @@
 
 Memory-lean by construction: attention streams over key blocks with an online softmax (and over query chunks),
 so no [B, H, M, N] or [B, H, N, N] tensor is ever built; the image-token mass of a score row is computed from the
-row's log-sum-exp and the image keys only. Math is float32 (float64 for float64 inputs). Arguments arrive
+row's log-sum-exp and the image keys only. Linear-softmax losses walk row chunks of the logits and never build
+[T, V]. Math is float32 (float64 for float64 inputs). Arguments arrive
 validated by the public wrappers in :mod:`mmlatent.kernels`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -183,5 +185,157 @@ def select_topk_tokens(scores, k: int, *, exclude=None, valid=None, embeds=None,
     return idx, gathered
 
 
-__all__ = ["attention_with_scores", "row_attention_mass", "row_lse", "select_topk_tokens", "rank_eligible", "eligible_tokens"]
 
+
+
+# ------------------------------------------------------------------------------------------------- linear losses
+#
+# A linear-softmax loss reads logits z = hidden @ weight.T + bias [T, V] one row chunk at a time: the chunk's logits,
+# softmax and gradient live in one [chunk_rows, V] buffer that is overwritten in place and freed before the next
+# chunk, so the extra memory is O(chunk_rows * V), never O(T * V).
+
+@dataclass(frozen=True)
+class SoftmaxLossSpec:
+    """What one row of a linear-softmax loss computes from its logits z (row of hidden @ weight.T + bias).
+
+    s = softcap * tanh(z / softcap) when ``softcap`` is set, else z / temperature; lse = logsumexp_j s_j;
+    ``kind`` "ce": value = lse - (1 - label_smoothing) * s_y - label_smoothing * mean_j s_j (PyTorch's
+    label-smoothed cross-entropy); ``kind`` "logp": value = s_y - lse (the log-probability of token y).
+    """
+
+    kind: str
+    label_smoothing: float = 0.0
+    softcap: Optional[float] = None
+    temperature: float = 1.0
+
+
+def softmax_loss_chunk(logits: torch.Tensor, targets: torch.Tensor, spec: SoftmaxLossSpec, *,
+                       lse: Optional[torch.Tensor] = None, coef: Optional[torch.Tensor] = None):
+    """One row chunk of a linear-softmax loss; overwrites ``logits``.
+
+    Args:
+        logits: [C, V] the chunk's z, any float dtype; its memory is reused for the softmax and the gradient.
+        targets: [C] int64 in [0, V).
+        lse: [C] float32 from an earlier pass (the backward of a per-row loss): skips the values.
+        coef: [C] or [1] float32, the gradient each row's value is multiplied by; None: no gradient.
+
+    Returns:
+        (values [C] float32 or None when ``lse`` was given, lse [C] float32,
+        d(coef * value)/dz [C, V] in logits' dtype or None).
+    """
+    V = logits.shape[1]
+    z = logits.to(_math_dtype(logits.dtype))  # the same memory when logits are already float32
+    tanh = None
+    if spec.softcap is not None:
+        tanh = z.div_(spec.softcap).tanh_()
+        s = tanh * spec.softcap  # a second buffer: the derivative needs tanh
+    else:
+        s = z.div_(spec.temperature) if spec.temperature != 1.0 else z
+    values = None
+    if lse is None:
+        s_y = s.gather(1, targets[:, None]).squeeze(1)
+        smoothed = spec.kind == "ce" and spec.label_smoothing > 0
+        mean_s = s.mean(dim=1) if smoothed else None
+        m = s.amax(dim=1)
+        p = s.sub_(m[:, None]).exp_()
+        sum_exp = p.sum(dim=1)
+        lse = m + sum_exp.log()
+        p.div_(sum_exp[:, None])
+        if spec.kind == "ce":
+            values = lse - (1.0 - spec.label_smoothing) * s_y
+            if smoothed:
+                values = values - spec.label_smoothing * mean_s
+        else:
+            values = s_y - lse
+        values, lse = values.to(torch.float32), lse.to(torch.float32)
+    else:
+        p = s.sub_(lse.to(s.dtype)[:, None]).exp_()
+    if coef is None:
+        return values, lse, None
+    grad = p  # d value / d s, built in place from the softmax
+    one_hot = torch.ones(targets.shape[0], 1, dtype=grad.dtype, device=grad.device)
+    if spec.kind == "ce":
+        if spec.label_smoothing > 0:
+            grad.sub_(spec.label_smoothing / V)
+        grad.scatter_add_(1, targets[:, None], one_hot.mul_(-(1.0 - spec.label_smoothing)))
+    else:
+        grad.neg_().scatter_add_(1, targets[:, None], one_hot)
+    grad.mul_(coef.to(grad.dtype)[:, None])
+    if tanh is not None:
+        grad.mul_(tanh.square_().neg_().add_(1.0))  # ds/dz = 1 - tanh^2
+    elif spec.temperature != 1.0:
+        grad.div_(spec.temperature)
+    return values, lse, grad.to(logits.dtype)
+
+
+def linear_softmax_loss(hidden, weight, bias, targets, spec: SoftmaxLossSpec, chunk_rows: int, *,
+                        lse: Optional[torch.Tensor] = None, coef: Optional[torch.Tensor] = None,
+                        needs=(False, False, False), chunk_fn=softmax_loss_chunk):
+    """Walks ``hidden`` in chunks of ``chunk_rows`` rows: logits by one GEMM, then ``chunk_fn`` (this module's
+    :func:`softmax_loss_chunk` or a Triton kernel with the same contract), then the chunk's gradient GEMMs.
+
+    Args:
+        hidden: [T, H]; weight: [V, H]; bias: [V] or None (all one dtype); targets: [T] int64 in [0, V).
+        lse: [T] float32 from the forward pass (recompute mode, for per-row upstream gradients), or None.
+        coef: [T] or [1] float32 multiplier of each row's gradient; None: no gradients.
+        needs: which of (hidden, weight, bias) receive gradients (with ``coef``).
+
+    Returns:
+        (values [T] float32 or None, lse [T] float32, grad_hidden, grad_weight, grad_bias): each gradient in its
+        input's dtype, or None when not needed. With 16-bit weights and more than one chunk, grad_weight
+        accumulates in a float32 buffer (4 * V * H bytes) and is rounded once at the end.
+    """
+    T = hidden.shape[0]
+    want_h, want_w, want_b = (bool(n) and coef is not None for n in needs)
+    values = torch.empty(T, dtype=torch.float32, device=hidden.device) if lse is None else None
+    lse_out = torch.empty(T, dtype=torch.float32, device=hidden.device) if lse is None else lse
+    grad_h = torch.empty_like(hidden) if want_h else None
+    grad_w = None
+    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if want_b else None
+    weight_t = weight.t()
+    for r0 in range(0, T, chunk_rows):
+        r1 = min(T, r0 + chunk_rows)
+        h = hidden[r0:r1]
+        logits = h @ weight_t if bias is None else torch.addmm(bias, h, weight_t)
+        row_coef = None if coef is None else (coef if coef.shape[0] == 1 else coef[r0:r1])
+        v, l, g = chunk_fn(logits, targets[r0:r1], spec, lse=None if lse is None else lse[r0:r1], coef=row_coef)
+        del logits
+        if values is not None:
+            values[r0:r1] = v
+            lse_out[r0:r1] = l
+        if g is None:
+            continue
+        if want_h:
+            torch.mm(g, weight, out=grad_h[r0:r1])
+        if want_w:
+            if grad_w is None:
+                accumulate_fp32 = weight.dtype in (torch.float16, torch.bfloat16) and r1 < T
+                grad_w = torch.zeros(weight.shape, dtype=torch.float32 if accumulate_fp32 else weight.dtype,
+                                     device=weight.device)
+            _accumulate_mm(grad_w, g.t(), h)
+        if want_b:
+            grad_b += g.sum(dim=0, dtype=torch.float32)
+    if grad_b is not None:
+        grad_b = grad_b.to(weight.dtype)
+    if grad_w is not None and grad_w.dtype != weight.dtype:
+        grad_w = grad_w.to(weight.dtype)
+    return values, lse_out, grad_h, grad_w, grad_b
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, with acc float32 while a and b are 16-bit when the sum spans several chunks: one rounding to
+    the weight's dtype at the end, as the naive single GEMM has (bf16 sums over n chunks lose ~sqrt(n) more)."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda:
+        try:  # cuBLAS writes the float32 sum directly from 16-bit operands (torch >= 2.8)
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+__all__ = ["attention_with_scores", "row_attention_mass", "row_lse", "select_topk_tokens", "rank_eligible",
+           "eligible_tokens", "SoftmaxLossSpec", "softmax_loss_chunk", "linear_softmax_loss"]

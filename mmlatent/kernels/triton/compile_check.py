@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from mmlatent.kernels.triton import attention, selection  # noqa: E402
+from mmlatent.kernels.triton import attention, losses, selection  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 227 * 1024  # bytes a Hopper thread block may use
@@ -73,6 +73,32 @@ def _selection_case(cfg_name, ni, score_dtype, embed_dtype):
             signature, constexprs, dict(num_warps=cfg["num_warps"], num_stages=1), attrs)
 
 
+def _loss_case(dtype, kind, softcap, compute_values, write_grad):
+    cfg = losses.LOSS_CONFIGS["v4096"]
+    signature = {"Logits": f"*{dtype}", "Targets": "*i64", "Coef": "*fp32", "Values": "*fp32", "LSE": "*fp32",
+                 "V": "i32", "stride_row": "i32", "stride_coef": "i32", "label_smoothing": "fp32", "softcap": "fp32",
+                 "inv_temperature": "fp32"}
+    constexprs = dict(KIND=kind, HAS_SOFTCAP=softcap, COMPUTE_VALUES=compute_values, WRITE_GRAD=write_grad,
+                      BLOCK_V=cfg["BLOCK_V"], EMULATE_BF16_RTNE=False)
+    for name in constexprs:
+        signature[name] = "constexpr"
+    signature, constexprs, attrs = _runtime_specialization(
+        signature, constexprs, aligned=("Logits", "Targets", "Coef", "Values", "LSE", "stride_row"))
+    what = ("ce" if kind == losses.KIND_CE else "logp") + ("+softcap" if softcap else "")
+    passes = "+".join(p for p, on in (("values", compute_values), ("grad", write_grad)) if on)
+    return (f"softmax_loss_rows[v4096] {dtype} {what} {passes}", losses._softmax_loss_rows, signature, constexprs,
+            dict(num_warps=cfg["num_warps"], num_stages=1), attrs)
+
+
+def _loss_cases():
+    for dtype in ("bf16", "fp16", "fp32"):
+        yield _loss_case(dtype, losses.KIND_CE, False, True, True)  # scalar cross-entropy: forward with gradient
+    yield _loss_case("bf16", losses.KIND_CE, True, True, True)
+    yield _loss_case("bf16", losses.KIND_CE, False, True, False)  # evaluation, or reduction="none" forward
+    yield _loss_case("bf16", losses.KIND_LOGP, False, True, False)  # linear_log_probs forward
+    yield _loss_case("bf16", losses.KIND_LOGP, False, False, True)  # its recomputing backward
+
+
 def _helper_cases():
     yield ("combine_splits D=128", attention._combine_splits,
            {"PartO": "*fp32", "PartLSE": "*fp32", "O": "*bf16", "LSE": "*fp32", "S": "i32",
@@ -101,6 +127,7 @@ def all_cases():
     for cfg_name, ni in (("ni1024", 1024), ("ni4096", 4096), ("ni8192", 8192)):
         yield _selection_case(cfg_name, ni, "fp32", "bf16")
     yield _selection_case("ni4096", 4096, "bf16", "fp32")
+    yield from _loss_cases()
     yield from _helper_cases()
 
 

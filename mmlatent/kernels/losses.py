@@ -1,0 +1,366 @@
+"""Memory-lean linear-softmax losses: ``linear_cross_entropy`` and ``linear_log_probs`` (contracts in issue #3).
+
+Both compute softmax quantities of z = hidden @ weight.T + bias without ever holding the [T, V] logits: row
+chunks of ``chunk_rows`` rows are computed, reduced and freed one at a time (see
+:func:`mmlatent.kernels.reference.linear_softmax_loss`). Per-chunk softmax math runs in float32 on the reference
+(torch) or the Triton backend; the GEMMs are torch's (cuBLAS on a GPU).
+
+Two gradient strategies:
+
+- A scalar loss (``reduction`` "mean" or "sum") computes its gradients during the forward pass, while each chunk's
+  softmax is at hand: forward + backward costs the naive path's three GEMMs and one read of the logits. The
+  backward only scales the stored gradients by the upstream scalar.
+- A per-row result (``reduction="none"``, ``linear_log_probs``) has a different upstream gradient per row, which
+  the weight gradient cannot absorb after the fact: the forward keeps each row's log-sum-exp [T] and the backward
+  recomputes the chunks' logits (one GEMM more than the naive path, no [T, V] memory).
+
+Rows whose label is ``ignore_index`` are dropped before any GEMM (prompt tokens in SFT cost nothing).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from . import checks, reference
+from .dispatch import OpDispatch, triton_reason
+from .reference import SoftmaxLossSpec
+
+# Bytes of one chunk's logits buffer that the default chunk_rows aims at. On the CPU, the float32 chunk should sit
+# in the last-level cache more or less; on a GPU the chunk's GEMM must stay large enough to run near peak and to
+# amortise the read-modify-write of grad_weight that every chunk's accumulation costs.
+_CHUNK_BYTES = {"cpu": 32 * 2**20, "cuda": 256 * 2**20}
+_MIN_CHUNK_ROWS, _MAX_CHUNK_ROWS, _CHUNK_ALIGN = 16, 8192, 16
+
+
+def default_chunk_rows(vocab: int, element_size: int, device: torch.device) -> int:
+    """Rows per chunk when ``chunk_rows`` is None: as many as fit the device's chunk budget (a multiple of 16)."""
+    budget = _CHUNK_BYTES.get(device.type, _CHUNK_BYTES["cpu"])
+    per_row = vocab * max(element_size, 4 if device.type == "cpu" else element_size)
+    rows = budget // max(per_row, 1) // _CHUNK_ALIGN * _CHUNK_ALIGN
+    return int(min(_MAX_CHUNK_ROWS, max(_MIN_CHUNK_ROWS, rows)))
+
+
+def _triton_loss_reason(device, dtype) -> Optional[str]:
+    why = triton_reason(device)
+    if why is None and dtype == torch.float64:
+        return "float64 inputs are computed in float64 only by the reference"
+    return why
+
+
+LINEAR_CROSS_ENTROPY = OpDispatch("linear_cross_entropy", {
+    "triton": _triton_loss_reason,
+    "reference": lambda **_: None,
+})
+LINEAR_LOG_PROBS = OpDispatch("linear_log_probs", {
+    "triton": _triton_loss_reason,
+    "reference": lambda **_: None,
+})
+
+
+def _chunk_fn(op: OpDispatch, hidden: torch.Tensor):
+    if op.choose(device=hidden.device, dtype=hidden.dtype) == "triton":
+        from .triton.losses import softmax_loss_chunk
+        return softmax_loss_chunk
+    return reference.softmax_loss_chunk
+
+
+def _spec(kind: str, label_smoothing: float, softcap: Optional[float], temperature: float) -> SoftmaxLossSpec:
+    return SoftmaxLossSpec(kind, label_smoothing, softcap, temperature)
+
+
+def _kept_rows(targets: torch.Tensor, vocab: int, ignore_index: Optional[int], name: str):
+    """(row indices to compute or None for all, number kept). Raises naming ``name`` when a target is outside
+    [0, vocab) and is not ``ignore_index``. One host sync (two when rows are dropped)."""
+    keep = torch.ones_like(targets, dtype=torch.bool) if ignore_index is None else targets != ignore_index
+    bad = keep & ((targets < 0) | (targets >= vocab))
+    kept, n_bad = torch.stack([keep.sum(), bad.sum()]).tolist()
+    if n_bad:
+        first = int(bad.nonzero()[0, 0])
+        allowed = f"[0, {vocab})" + ("" if ignore_index is None else f" or ignore_index = {ignore_index}")
+        raise ValueError(f"{name}: expected values in {allowed}, found {int(targets[first])} at position {first} "
+                         f"({n_bad} such entries)")
+    if kept == targets.shape[0]:
+        return None, kept
+    return keep.nonzero().squeeze(1), kept
+
+
+def _scatter_rows(full_shape, rows, values, like: torch.Tensor):
+    out = like.new_zeros(full_shape)
+    out.index_copy_(0, rows, values)
+    return out
+
+
+def _empty_if_none(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+# ------------------------------------------------------------------------ scalar cross-entropy, fused gradients
+
+def _fused_ce_impl(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, logit_softcap,
+                   chunk_rows, needs):
+    T = hidden.shape[0]
+    rows, kept = _kept_rows(labels, weight.shape[0], ignore_index, "labels")
+    want = [bool(n) for n in needs]
+    if kept == 0:  # every label ignored: loss 0 and zero gradients, never 0/0
+        zero = hidden.new_zeros((), dtype=torch.float32)
+        return (zero, hidden.new_zeros(hidden.shape) if want[0] else hidden.new_empty(0),
+                torch.zeros_like(weight) if want[1] else weight.new_empty(0),
+                torch.zeros_like(bias) if (want[2] and bias is not None) else weight.new_empty(0))
+    h, y = (hidden, labels) if rows is None else (hidden.index_select(0, rows), labels.index_select(0, rows))
+    scale = 1.0 / kept if reduction == "mean" else 1.0
+    coef = torch.full((1,), scale, dtype=torch.float32, device=hidden.device) if any(want) else None
+    values, _, gh, gw, gb = reference.linear_softmax_loss(
+        h, weight, bias, y, _spec("ce", label_smoothing, logit_softcap, 1.0), chunk_rows, coef=coef,
+        needs=want, chunk_fn=_chunk_fn(LINEAR_CROSS_ENTROPY, hidden))
+    loss = values.sum() * scale
+    if gh is not None and rows is not None:
+        gh = _scatter_rows((T, hidden.shape[1]), rows, gh, hidden)
+    return loss, _empty_if_none(gh, hidden), _empty_if_none(gw, weight), _empty_if_none(gb, weight)
+
+
+@torch.library.custom_op("mmlatent::linear_cross_entropy_fused", mutates_args=())
+def _fused_ce_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+                 ignore_index: int, reduction: str, label_smoothing: float, logit_softcap: Optional[float],
+                 chunk_rows: int, needs: List[bool]
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fused_ce_impl(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, logit_softcap,
+                          chunk_rows, needs)
+
+
+@_fused_ce_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, logit_softcap, chunk_rows, needs):
+    return (hidden.new_empty((), dtype=torch.float32),
+            hidden.new_empty(hidden.shape) if needs[0] else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if needs[1] else weight.new_empty(0),
+            weight.new_empty(weight.shape[0]) if (needs[2] and bias is not None) else weight.new_empty(0))
+
+
+def _fused_ce_setup(ctx, inputs, output):
+    _, grad_h, grad_w, grad_b = output
+    ctx.needs = inputs[-1]
+    ctx.has_bias = inputs[2] is not None
+    ctx.save_for_backward(grad_h, grad_w, grad_b)
+
+
+def _fused_ce_backward(ctx, grad_loss, *_unused):
+    grad_h, grad_w, grad_b = ctx.saved_tensors
+    g = grad_loss.to(torch.float32)
+    out_h = (grad_h * g).to(grad_h.dtype) if ctx.needs[0] else None
+    out_w = (grad_w * g).to(grad_w.dtype) if ctx.needs[1] else None
+    out_b = (grad_b * g).to(grad_b.dtype) if (ctx.needs[2] and ctx.has_bias) else None
+    return out_h, out_w, out_b, None, None, None, None, None, None, None
+
+
+_fused_ce_op.register_autograd(_fused_ce_backward, setup_context=_fused_ce_setup)
+
+
+# --------------------------------------------------------------------- per-row results, recomputing backward
+
+def _rows_forward_impl(hidden, weight, bias, targets, kind, ignore_index, label_smoothing, softcap, temperature,
+                       chunk_rows):
+    T = hidden.shape[0]
+    name = "labels" if kind == "ce" else "tokens"
+    op = LINEAR_CROSS_ENTROPY if kind == "ce" else LINEAR_LOG_PROBS
+    rows, kept = _kept_rows(targets, weight.shape[0], ignore_index, name)
+    values = torch.zeros(T, dtype=torch.float32, device=hidden.device)
+    lse = torch.zeros(T, dtype=torch.float32, device=hidden.device)
+    if kept == 0:
+        return values, lse
+    h, y = (hidden, targets) if rows is None else (hidden.index_select(0, rows), targets.index_select(0, rows))
+    v, l, *_ = reference.linear_softmax_loss(h, weight, bias, y, _spec(kind, label_smoothing, softcap, temperature),
+                                             chunk_rows, chunk_fn=_chunk_fn(op, hidden))
+    if rows is None:
+        return v, l
+    return values.index_copy_(0, rows, v), lse.index_copy_(0, rows, l)
+
+
+def _rows_backward_impl(grad_values, hidden, weight, bias, targets, lse, kind, ignore_index, label_smoothing,
+                        softcap, temperature, chunk_rows, needs):
+    want = [bool(n) for n in needs]
+    want[2] = want[2] and bias is not None
+    T = hidden.shape[0]
+    keep = None if ignore_index is None else targets != ignore_index
+    rows = None if keep is None or bool(keep.all()) else keep.nonzero().squeeze(1)
+    grad_h = hidden.new_zeros(hidden.shape) if want[0] else None
+    if rows is not None and rows.numel() == 0:
+        return (_empty_if_none(grad_h, hidden), torch.zeros_like(weight) if want[1] else weight.new_empty(0),
+                weight.new_zeros(weight.shape[0]) if want[2] else weight.new_empty(0))
+    pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+    op = LINEAR_CROSS_ENTROPY if kind == "ce" else LINEAR_LOG_PROBS
+    _, _, gh, gw, gb = reference.linear_softmax_loss(
+        pick(hidden), weight, bias, pick(targets), _spec(kind, label_smoothing, softcap, temperature), chunk_rows,
+        lse=pick(lse), coef=pick(grad_values.to(torch.float32)), needs=want, chunk_fn=_chunk_fn(op, hidden))
+    if gh is not None:
+        grad_h = gh if rows is None else grad_h.index_copy_(0, rows, gh)
+    return _empty_if_none(grad_h, hidden), _empty_if_none(gw, weight), _empty_if_none(gb, weight)
+
+
+@torch.library.custom_op("mmlatent::linear_softmax_rows", mutates_args=())
+def _rows_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+             kind: str, ignore_index: Optional[int], label_smoothing: float, softcap: Optional[float],
+             temperature: float, chunk_rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _rows_forward_impl(hidden, weight, bias, targets, kind, ignore_index, label_smoothing, softcap,
+                              temperature, chunk_rows)
+
+
+@_rows_op.register_fake
+def _(hidden, weight, bias, targets, kind, ignore_index, label_smoothing, softcap, temperature, chunk_rows):
+    T = hidden.shape[0]
+    return hidden.new_empty(T, dtype=torch.float32), hidden.new_empty(T, dtype=torch.float32)
+
+
+@torch.library.custom_op("mmlatent::linear_softmax_rows_backward", mutates_args=())
+def _rows_backward_op(grad_values: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor], targets: torch.Tensor, lse: torch.Tensor, kind: str,
+                      ignore_index: Optional[int], label_smoothing: float, softcap: Optional[float],
+                      temperature: float, chunk_rows: int, needs: List[bool]
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _rows_backward_impl(grad_values, hidden, weight, bias, targets, lse, kind, ignore_index,
+                               label_smoothing, softcap, temperature, chunk_rows, needs)
+
+
+@_rows_backward_op.register_fake
+def _(grad_values, hidden, weight, bias, targets, lse, kind, ignore_index, label_smoothing, softcap, temperature,
+      chunk_rows, needs):
+    return (hidden.new_empty(hidden.shape) if needs[0] else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if needs[1] else weight.new_empty(0),
+            weight.new_empty(weight.shape[0]) if (needs[2] and bias is not None) else weight.new_empty(0))
+
+
+def _rows_setup(ctx, inputs, output):
+    hidden, weight, bias, targets, *options = inputs
+    ctx.options = options
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(hidden, weight, bias, targets, output[1])
+
+
+def _rows_backward(ctx, grad_values, _grad_lse):
+    hidden, weight, bias, targets, lse = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    gh, gw, gb = _rows_backward_op(grad_values, hidden, weight, bias, targets, lse, *ctx.options, needs)
+    return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None,
+            None, None, None, None, None, None, None)
+
+
+_rows_op.register_autograd(_rows_backward, setup_context=_rows_setup)
+
+
+# -------------------------------------------------------------------------------------------- public functions
+
+def _check_linear(hidden, weight, bias, targets, targets_name: str, chunk_rows):
+    checks.tensor("hidden", hidden, dims=2, dtypes=checks.FLOAT_DTYPES)
+    T, H = hidden.shape
+    if T == 0:
+        raise ValueError("hidden: expected at least one row (T >= 1), got shape (0, H)")
+    checks.tensor("weight", weight, dims=2, device=hidden.device)
+    checks.same_dtype("weight", weight, "hidden", hidden)
+    if weight.shape[1] != H or weight.shape[0] == 0:
+        raise ValueError(f"weight: expected shape [V, H] = [*, {H}] with V >= 1 (H from hidden), "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None:
+        checks.tensor("bias", bias, dims=1, device=hidden.device)
+        checks.same_dtype("bias", bias, "hidden", hidden)
+        checks.shape("bias", bias, (weight.shape[0],), "[V]")
+    checks.tensor(targets_name, targets, dims=1, dtypes=(torch.int64, torch.int32), device=hidden.device)
+    checks.shape(targets_name, targets, (T,), "[T] like hidden's rows")
+    if chunk_rows is None:
+        return default_chunk_rows(weight.shape[0], hidden.element_size(), hidden.device)
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows: expected a positive int or None, got {chunk_rows!r}")
+    return chunk_rows
+
+
+def _autocast(hidden, weight, bias):
+    """Under torch.autocast, run in the autocast dtype as F.linear would (the casts are differentiable)."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = (lambda t: t if t is None or t.dtype == dtype or t.dtype == torch.float64 else t.to(dtype))
+    return cast(hidden), cast(weight), cast(bias)
+
+
+def _needs(hidden, weight, bias) -> List[bool]:
+    if not torch.is_grad_enabled():
+        return [False, False, False]
+    return [hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad]
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                         bias: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
+                         label_smoothing: float = 0.0, logit_softcap: Optional[float] = None,
+                         chunk_rows: Optional[int] = None) -> torch.Tensor:
+    """Cross-entropy of the logits ``hidden @ weight.T + bias`` against ``labels``, without building the logits.
+
+    Equals ``F.cross_entropy(hidden @ weight.T + bias, labels, ignore_index=..., reduction=...,
+    label_smoothing=...)`` (with ``logit_softcap`` c, of ``c * tanh(logits / c)`` first), with softmax math in
+    float32, and peak extra memory O(chunk_rows * V) in the forward and the backward.
+
+    Args:
+        hidden: [T, H] float16/bfloat16/float32/float64, T >= 1.
+        weight: [V, H] same dtype (an ``lm_head.weight``).
+        labels: [T] int64 (int32 accepted) in [0, V), or ``ignore_index``.
+        bias: [V] or None.
+        ignore_index: label of rows that add nothing (no GEMM is spent on them).
+        reduction: "mean" over the non-ignored rows, "sum", or "none" ([T] float32, 0 at ignored rows).
+            With every label ignored: 0 for "mean" and "sum" (never NaN), zero gradients.
+        label_smoothing: in [0, 1], PyTorch's definition.
+        logit_softcap: c > 0 or None (Gemma-2's final logit soft-capping).
+        chunk_rows: rows per chunk; None picks one from V and the device (see :func:`default_chunk_rows`).
+
+    Returns:
+        float32 loss: a scalar, or [T] with ``reduction="none"``. Differentiable in hidden, weight and bias.
+
+    Scalar reductions compute the gradients during the forward pass (when any input requires grad), so their
+    backward costs nothing but a scale; ``reduction="none"`` recomputes each chunk's logits in the backward.
+    Under torch.autocast the inputs are cast to the autocast dtype, as ``F.linear`` would.
+    """
+    hidden, weight, bias = _autocast(hidden, weight, bias)
+    chunk_rows = _check_linear(hidden, weight, bias, labels, "labels", chunk_rows)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+    label_smoothing = checks.number("label_smoothing", label_smoothing)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing: expected a number in [0, 1], got {label_smoothing}")
+    if logit_softcap is not None:
+        logit_softcap = checks.number("logit_softcap", logit_softcap, positive=True)
+    labels = labels.long()
+    if reduction == "none":
+        values, _ = _rows_op(hidden, weight, bias, labels, "ce", ignore_index, label_smoothing, logit_softcap, 1.0,
+                             chunk_rows)
+        return values
+    loss, *_ = _fused_ce_op(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, logit_softcap,
+                            chunk_rows, _needs(hidden, weight, bias))
+    return loss
+
+
+def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, *,
+                     bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                     chunk_rows: Optional[int] = None) -> torch.Tensor:
+    """log_softmax((hidden @ weight.T + bias) / temperature)[t, tokens[t]] for every row, without the logits.
+
+    What policy-gradient losses (GRPO, PPO) need: the log-probability of each sampled token.
+
+    Args:
+        hidden: [T, H] float16/bfloat16/float32/float64, T >= 1.
+        weight: [V, H] same dtype; bias: [V] or None.
+        tokens: [T] int64 (int32 accepted) in [0, V).
+        temperature: > 0, divides the logits.
+        chunk_rows: rows per chunk; None picks one from V and the device.
+
+    Returns:
+        logp [T] float32, differentiable in hidden, weight and bias (the backward recomputes each chunk's logits;
+        peak extra memory O(chunk_rows * V)).
+    """
+    hidden, weight, bias = _autocast(hidden, weight, bias)
+    chunk_rows = _check_linear(hidden, weight, bias, tokens, "tokens", chunk_rows)
+    temperature = checks.number("temperature", temperature, positive=True)
+    values, _ = _rows_op(hidden, weight, bias, tokens.long(), "logp", None, 0.0, None, temperature, chunk_rows)
+    return values
+
+
+__all__ = ["linear_cross_entropy", "linear_log_probs", "default_chunk_rows", "LINEAR_CROSS_ENTROPY",
+           "LINEAR_LOG_PROBS"]
