@@ -9,7 +9,13 @@ next to its baseline at the same shape. Baselines:
   transformers' eager attention returns it with output_attentions), then the score row's image-token mass;
 - ``sdpa``: torch's scaled_dot_product_attention, the same attention with no scores;
 - ``torch row``: one query row's softmax over all keys by plain torch, then a gather;
-- ``torch topk``: masked_fill + torch.topk + sort + gather + scatter (index_put) of the exclusion mask.
+- ``torch topk``: masked_fill + torch.topk + sort + gather + scatter (index_put) of the exclusion mask;
+- ``logits+F.cross_entropy``: the naive loss as transformers computes it: full logits, upcast to float32, then
+  F.cross_entropy (or log_softmax + gather for log-probs), forward + backward;
+- ``liger``: Liger-Kernel's fused linear cross-entropy, when liger-kernel is installed.
+
+Loss rows run forward + backward and return the gradients (torch.autograd.grad), so their peak memory includes
+the gradients themselves; "frozen head" rows are the LoRA case (no weight gradient).
 
 Peak memory: on CUDA, the allocator's peak above the inputs; on CPU, the process's peak resident memory above its
 level before the call, measured in a fresh subprocess per row (with glibc's mmap threshold fixed so freed blocks
@@ -33,7 +39,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from mmlatent.kernels import attention_with_scores, row_attention_mass, select_topk_tokens
+from mmlatent.kernels import (attention_with_scores, linear_cross_entropy, linear_log_probs, row_attention_mass,
+                              select_topk_tokens)
 
 # Measured ceilings (DESIGN.md): dense bf16 matmul, and HBM bandwidth by device.
 BF16_TFLOPS_CEILING = 790.0
@@ -157,10 +164,68 @@ def select_case(B, Ni, k, Dm):
                 {"torch topk": _torch_topk})
 
 
+def _loss_inputs(T, H, V, trainable_head):
+    def make(device, dtype):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        hidden = torch.randn(T, H, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        weight = (torch.randn(V, H, generator=g) * H ** -0.5).to(device=device, dtype=dtype)
+        labels = torch.randint(0, V, (T,), generator=g).to(device)
+        return dict(hidden=hidden, weight=weight.requires_grad_(trainable_head), labels=labels,
+                    upstream=torch.randn(T, generator=g).to(device))
+    return make
+
+
+def _grads(a, loss):
+    params = [a["hidden"]] + ([a["weight"]] if a["weight"].requires_grad else [])
+    return torch.autograd.grad(loss, params)
+
+
+def _naive_cross_entropy(a):
+    logits = (a["hidden"] @ a["weight"].T).float()  # transformers' ForCausalLMLoss upcasts the logits
+    return _grads(a, F.cross_entropy(logits, a["labels"]))
+
+
+def _liger_cross_entropy(a):
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    return _grads(a, liger_fused_linear_cross_entropy(a["hidden"], a["weight"], a["labels"]))
+
+
+def _liger_available() -> bool:
+    try:
+        import liger_kernel.transformers.functional  # noqa: F401
+    except Exception:  # not installed (it needs a CUDA torch), or broken
+        return False
+    return torch.cuda.is_available()
+
+
+def cross_entropy_case(T, H, V, trainable_head=True):
+    baselines = {"logits+F.cross_entropy": _naive_cross_entropy}
+    if _liger_available():
+        baselines["liger"] = _liger_cross_entropy
+    head = "trainable head" if trainable_head else "frozen head"
+    gemms = 3 if trainable_head else 2  # logits, grad_hidden (, grad_weight)
+    return Case("linear_cross_entropy", f"T{T} H{H} V{V} {head}", _loss_inputs(T, H, V, trainable_head),
+                lambda a: _grads(a, linear_cross_entropy(a["hidden"], a["weight"], a["labels"])), baselines,
+                flops=2.0 * gemms * T * H * V)
+
+
+def _naive_log_probs(a):
+    logp = torch.log_softmax((a["hidden"] @ a["weight"].T).float(), -1).gather(1, a["labels"][:, None]).squeeze(1)
+    return _grads(a, (logp * a["upstream"]).sum())
+
+
+def log_probs_case(T, H, V, trainable_head=False):
+    head = "trainable head" if trainable_head else "frozen head"
+    return Case("linear_log_probs", f"T{T} H{H} V{V} {head}", _loss_inputs(T, H, V, trainable_head),
+                lambda a: _grads(a, (linear_log_probs(a["hidden"], a["weight"], a["labels"]) * a["upstream"]).sum()),
+                {"logits+log_softmax": _naive_log_probs}, flops=2.0 * (3 if trainable_head else 2) * T * H * V)
+
+
 def cases_for(sizes: str) -> List[Case]:
     if sizes == "tiny":  # the smoke test: every op and baseline, seconds on a CPU
         return [attention_case(1, 4, 2, 64, 64, 32, 16), attention_case(1, 4, 2, 1, 128, 32, 16),
-                row_mass_case(1, 4, 2, 128, 32, 16), select_case(2, 64, 8, 16)]
+                row_mass_case(1, 4, 2, 128, 32, 16), select_case(2, 64, 8, 16),
+                cross_entropy_case(64, 32, 500), log_probs_case(64, 32, 500), log_probs_case(64, 32, 500, True)]
     if sizes == "gpu":
         out = []
         for M in (1, 33, 512):
@@ -168,11 +233,16 @@ def cases_for(sizes: str) -> List[Case]:
                 out.append(attention_case(1, 28, 4, M, N, 128, min(N, 1024), with_eager=N <= 8192))
         out += [row_mass_case(1, 28, 4, N, 128, min(N, 1024)) for N in (2048, 8192, 16384, 65536)]
         out += [select_case(2, ni, k, 3584) for ni in (256, 1024, 4096) for k in (32, 64)]
+        for T in (1024, 8192, 32768):  # Qwen2-7B's head: H 3584, V 152064
+            out += [cross_entropy_case(T, 3584, 152064, True), cross_entropy_case(T, 3584, 152064, False)]
+        out += [log_probs_case(T, 3584, 152064, trainable) for T in (1024, 8192) for trainable in (False, True)]
         return out
     # default (CPU, what `make demo` runs): the issue's CPU target first
     return [attention_case(1, 16, 4, 4096, 4096, 64, 1024), attention_case(1, 16, 4, 1, 4096, 64, 1024),
             row_mass_case(2, 16, 4, 4096, 64, 1024),
-            select_case(2, 1024, 32, 1024), select_case(2, 4096, 64, 1024)]
+            select_case(2, 1024, 32, 1024), select_case(2, 4096, 64, 1024),
+            cross_entropy_case(2048, 256, 32000, True), cross_entropy_case(2048, 256, 32000, False),
+            log_probs_case(2048, 256, 32000), log_probs_case(2048, 256, 32000, trainable_head=True)]
 
 
 # --------------------------------------------------------------------------------------------------- measurement
@@ -240,6 +310,31 @@ def device_label(device: torch.device) -> str:
     return f"cpu-{os.cpu_count()}core"
 
 
+def _measure(case: Case, index: int, name: str, sizes: str, device, dtype, dtype_name: str, repeats: int,
+             memory: bool) -> dict:
+    args = case.make(device, dtype)
+    times = time_call(_impl(case, name), args, device, repeats)
+    del args
+    if not memory:
+        peak = None
+    elif device.type == "cuda":
+        peak = peak_memory_here(_impl(case, name), case.make(device, dtype), device)
+    else:
+        peak = peak_memory_cpu_subprocess(sizes, index, name, dtype_name)
+    median = statistics.median(times)
+    row = dict(median_s=median, min_s=min(times), max_s=max(times), repeats=repeats, peak_bytes=peak)
+    if name == "mmlatent" and device.type == "cuda":
+        if case.flops:
+            row["tflops"] = case.flops / median / 1e12
+            row["fraction_of_bf16_ceiling"] = row["tflops"] / BF16_TFLOPS_CEILING
+        if case.bytes_moved:
+            row["gbps"] = case.bytes_moved / median / 1e9
+            hbm = HBM_TBPS.get(device_label(device).replace("nvidia-", ""))
+            if hbm:
+                row["fraction_of_hbm"] = row["gbps"] / (hbm * 1e3)
+    return row
+
+
 def run(sizes: str, repeats: int, dtype_name: str, memory: bool = True, command: str = "") -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, dtype_name)
@@ -247,32 +342,22 @@ def run(sizes: str, repeats: int, dtype_name: str, memory: bool = True, command:
     for index, case in enumerate(cases_for(sizes)):
         impls = ["mmlatent", *case.baselines]
         for name in impls:
-            args = case.make(device, dtype)
-            times = time_call(_impl(case, name), args, device, repeats)
-            if not memory:
-                peak = None
-            elif device.type == "cuda":
-                peak = peak_memory_here(_impl(case, name), case.make(device, dtype), device)
-            else:
-                peak = peak_memory_cpu_subprocess(sizes, index, name, dtype_name)
-            median = statistics.median(times)
-            row = dict(op=case.op, shape=case.shape, impl=name, device=device_label(device), dtype=dtype_name,
-                       median_s=median, min_s=min(times), max_s=max(times), repeats=repeats, peak_bytes=peak)
-            if name == "mmlatent" and device.type == "cuda":
-                if case.flops:
-                    row["tflops"] = case.flops / median / 1e12
-                    row["fraction_of_bf16_ceiling"] = row["tflops"] / BF16_TFLOPS_CEILING
-                if case.bytes_moved:
-                    row["gbps"] = case.bytes_moved / median / 1e9
-                    hbm = HBM_TBPS.get(device_label(device).replace("nvidia-", ""))
-                    if hbm:
-                        row["fraction_of_hbm"] = row["gbps"] / (hbm * 1e3)
+            row = dict(op=case.op, shape=case.shape, impl=name, device=device_label(device), dtype=dtype_name)
+            try:
+                row.update(_measure(case, index, name, sizes, device, dtype, dtype_name, repeats, memory))
+            except torch.OutOfMemoryError:  # the naive baselines of the largest shapes do not fit: say so
+                row.update(median_s=None, peak_bytes=None, error="out of memory")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             rows.append(row)
-            print(f"  {case.op:22s} {case.shape:38s} {name:24s} {median * 1e3:10.3f} ms "
+            timing = "out of memory" if row["median_s"] is None else f"{row['median_s'] * 1e3:10.3f} ms"
+            peak = row["peak_bytes"]
+            print(f"  {case.op:22s} {case.shape:38s} {name:24s} {timing} "
                   f"{'' if peak is None else f'{peak / 2**20:10.1f} MiB'}", flush=True)
         ours = rows[-len(impls)]
         for row in rows[-len(impls) + 1:]:
-            row["speedup_of_mmlatent"] = row["median_s"] / ours["median_s"]
+            if row["median_s"] is not None and ours["median_s"] is not None:
+                row["speedup_of_mmlatent"] = row["median_s"] / ours["median_s"]
             if row["peak_bytes"] and ours["peak_bytes"] is not None:
                 row["memory_ratio_of_mmlatent"] = ours["peak_bytes"] / row["peak_bytes"]
     return dict(device=device_label(device), torch=torch.__version__, python=platform.python_version(),
@@ -294,7 +379,8 @@ def markdown(result: dict) -> str:
             hw = f"{r['tflops']:.0f} TFLOP/s ({100 * r['fraction_of_bf16_ceiling']:.0f}%)"
         if "gbps" in r:
             hw = f"{r['gbps']:.0f} GB/s" + (f" ({100 * r['fraction_of_hbm']:.0f}% HBM)" if "fraction_of_hbm" in r else "")
-        lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['median_s'] * 1e3:.3f} | {peak} | {speed} | "
+        median = "out of memory" if r["median_s"] is None else f"{r['median_s'] * 1e3:.3f}"
+        lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {median} | {peak} | {speed} | "
                      f"{mem} | {hw} |")
     return "\n".join(lines) + "\n"
 

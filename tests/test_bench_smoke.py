@@ -12,10 +12,23 @@ def test_bench_tiny_writes_json_markdown_png(tmp_path):
     assert (tmp_path / "kernels-tiny.png").stat().st_size > 1000
     table = (tmp_path / "kernels-tiny.md").read_text()
     ops = {r["op"] for r in result["rows"]}
-    assert ops == {"attention_with_scores", "row_attention_mass", "select_topk_tokens"}
+    assert ops == {"attention_with_scores", "row_attention_mass", "select_topk_tokens", "linear_cross_entropy",
+                   "linear_log_probs"}
     baselines = [r for r in result["rows"] if r["impl"] != "mmlatent"]
     assert baselines and all(r["speedup_of_mmlatent"] > 0 for r in baselines)
     assert "eager+output_attentions" in table and "sdpa" in table and "torch topk" in table
+    assert "logits+F.cross_entropy" in table and "logits+log_softmax" in table
+
+
+def test_loss_cases_return_the_same_gradients_as_their_baselines():
+    for case in bench.cases_for("tiny"):
+        if case.op not in ("linear_cross_entropy", "linear_log_probs"):
+            continue
+        args = case.make(torch.device("cpu"), torch.float32)
+        ours = case.ours(args)
+        for name, baseline in case.baselines.items():
+            for a, b in zip(ours, baseline(args)):
+                assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (case.shape, name)
 
 
 def test_cpu_peak_memory_probe_sees_an_allocation():

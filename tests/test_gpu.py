@@ -2,7 +2,10 @@
 import pytest
 import torch
 
-from mmlatent.kernels import attention_with_scores, row_attention_mass, select_topk_tokens
+import torch.nn.functional as F
+
+from mmlatent.kernels import (attention_with_scores, linear_cross_entropy, linear_log_probs, row_attention_mass,
+                              select_topk_tokens)
 
 from oracles import (LOW_PRECISION_ATOL, assert_close_fp32, assert_within_torch_error, dense_attention64,
                      image_index_for, image_mass64, padded_key_valid, plain_attention)
@@ -62,3 +65,45 @@ def test_select_topk_tokens_cuda(backend, Ni, k, dtype, use_backend):
     idx, gathered = select_topk_tokens(scores.cuda(), k, exclude=ex, valid=valid.cuda(), embeds=embeds.cuda())
     assert torch.equal(idx.cpu(), expected[0]) and torch.equal(gathered.cpu(), expected[1])
     assert torch.equal(ex.cpu(), expected_ex)
+
+
+def _rel_err(a, e):
+    return float((a.detach().double().cpu() - e.double()).abs().max() / e.double().abs().max())
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "log_probs"])
+@pytest.mark.parametrize("chunk_rows", [None, 128])
+def test_linear_losses_bf16_within_twice_naive_error(op, chunk_rows, use_backend):
+    """Triton row kernel + cuBLAS GEMMs (float32 grad_weight accumulation over chunks) against float64, next to the
+    naive bf16 path (logits in bf16, softmax in float32)."""
+    use_backend("triton")
+    g = torch.Generator().manual_seed(2)
+    T, H, V = 1024, 512, 32000
+    hidden = torch.randn(T, H, generator=g).to(torch.bfloat16)
+    weight = (torch.randn(V, H, generator=g) * H ** -0.5 * 2).to(torch.bfloat16)
+    targets = torch.randint(0, V, (T,), generator=g)
+    upstream = torch.randn(T, generator=g) if op == "log_probs" else torch.tensor(1.0)
+    if op == "cross_entropy":
+        targets[::3] = -100
+
+    def objective(h, w, y, naive):
+        if naive:
+            logits = (h @ w.T).float()
+            if op == "cross_entropy":
+                return F.cross_entropy(logits, y)
+            return (torch.log_softmax(logits, -1).gather(1, y[:, None]).squeeze(1) * upstream.to(h.device)).sum()
+        if op == "cross_entropy":
+            return linear_cross_entropy(h, w, y, chunk_rows=chunk_rows)
+        return (linear_log_probs(h, w, y, chunk_rows=chunk_rows) * upstream.to(h.device)).sum()
+
+    results = {}
+    for name, device, dtype, naive in (("ours", "cuda", None, False), ("naive", "cuda", None, True),
+                                       ("exact", "cpu", torch.float64, True)):
+        h = hidden.to(device=device, dtype=dtype or hidden.dtype).requires_grad_()
+        w = weight.to(device=device, dtype=dtype or weight.dtype).requires_grad_()
+        value = objective(h, w, targets.to(device), naive)
+        results[name] = [value.detach().cpu(), *torch.autograd.grad(value, (h, w))]
+    for i, what in enumerate(("value", "grad_hidden", "grad_weight")):
+        ours, naive = _rel_err(results["ours"][i], results["exact"][i]), _rel_err(results["naive"][i],
+                                                                                 results["exact"][i])
+        assert ours <= 2 * naive + 1e-6, (what, ours, naive)

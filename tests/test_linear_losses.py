@@ -115,17 +115,48 @@ def test_log_probs_fp32_matches_float64(backend, temperature, use_backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_log_probs_fp16_within_twice_naive_error(backend, use_backend):
+@pytest.mark.parametrize("op", ["log_probs", "cross_entropy_none"])
+def test_per_row_results_with_frozen_head(backend, op, use_backend):
+    """Frozen head (LoRA): the hidden gradient is computed in the forward pass and scaled per row."""
+    use_backend(backend)
+    hidden, weight, bias, labels = make(33, 16, 300, seed=5, ignore_every=4 if op != "log_probs" else 0)
+    weight.requires_grad_(False)
+    bias.requires_grad_(False)
+    upstream = torch.randn(33)
+    if op == "log_probs":
+        out = linear_log_probs(hidden, weight, labels, bias=bias, temperature=1.3, chunk_rows=8)
+        h64 = hidden.detach().double().requires_grad_()
+        exact = torch.log_softmax((h64 @ weight.double().T + bias.double()) / 1.3, -1)
+        exact = exact.gather(1, labels[:, None]).squeeze(1)
+    else:
+        out = linear_cross_entropy(hidden, weight, labels, bias=bias, reduction="none", label_smoothing=0.1,
+                                   chunk_rows=8)
+        h64 = hidden.detach().double().requires_grad_()
+        exact = F.cross_entropy(h64 @ weight.double().T + bias.double(), labels, reduction="none",
+                                label_smoothing=0.1)
+    (grad,) = grads_of(out, upstream, [hidden])
+    (grad64,) = grads_of(exact, upstream.double(), [h64])
+    assert rel_err(out, exact) <= 1e-5 and rel_err(grad, grad64) <= 1e-5
+    assert weight.grad is None and bias.grad is None
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_log_probs_fp16_within_twice_naive_error(backend, frozen_head, use_backend):
     use_backend(backend)
     hidden, weight, bias, tokens = make(64, 32, 600, dtype=torch.float16, seed=4)
     upstream = torch.randn(64)
+    trained = [hidden] if frozen_head else [hidden, weight, bias]
+    if frozen_head:
+        weight.requires_grad_(False)
+        bias.requires_grad_(False)
     logp = linear_log_probs(hidden, weight, tokens, bias=bias, chunk_rows=16)
-    ours = grads_of(logp, upstream, [hidden, weight, bias])
+    ours = grads_of(logp, upstream, trained)
     naive_logp = torch.log_softmax((hidden @ weight.T + bias).float(), -1).gather(1, tokens[:, None]).squeeze(1)
-    naive = grads_of(naive_logp, upstream, [hidden, weight, bias])
-    params = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    naive = grads_of(naive_logp, upstream, trained)
+    params = [t.detach().double().requires_grad_(t.requires_grad) for t in (hidden, weight, bias)]
     ref_logp = torch.log_softmax(params[0] @ params[1].T + params[2], -1).gather(1, tokens[:, None]).squeeze(1)
-    ref = grads_of(ref_logp, upstream.double(), params)
+    ref = grads_of(ref_logp, upstream.double(), [p for p in params if p.requires_grad])
     assert rel_err(logp, ref_logp) <= 2 * rel_err(naive_logp, ref_logp) + 1e-6
     for name, a, n, e in zip(("hidden", "weight", "bias"), ours, naive, ref):
         assert rel_err(a, e) <= 2 * rel_err(n, e), name
@@ -243,13 +274,15 @@ def test_never_builds_the_logits(backend, use_backend):
     runs = {
         "fused": lambda: losses._fused_ce_impl(hidden, weight, bias, labels, -100, "mean", 0.1, 5.0, chunk, needs),
         "rows": lambda: losses._rows_forward_impl(hidden, weight, bias, labels.clamp(min=0), "logp", None, 0.0,
-                                                  None, 0.8, chunk),
+                                                  None, 0.8, chunk, False),
+        "rows, frozen head": lambda: losses._rows_forward_impl(hidden, weight, bias, labels, "ce", -100, 0.0, None,
+                                                               1.0, chunk, True),
     }
     for name, run in runs.items():
         with torch.no_grad(), LargestTensor() as probe:
             out = run()
         assert probe.largest <= chunk * V * 4, (name, probe.largest)
-    values, lse = runs["rows"]()
+    values, lse, _ = runs["rows"]()
     with torch.no_grad(), LargestTensor() as probe:
         losses._rows_backward_impl(torch.randn(T), hidden, weight, bias, labels.clamp(min=0), lse, "logp", None,
                                    0.0, None, 0.8, chunk, needs)
@@ -276,8 +309,10 @@ def test_opcheck_loss_ops():
          (hidden, weight, bias, labels, -100, "mean", 0.1, None, 4, [True, True, True])),
         (torch.ops.mmlatent.linear_cross_entropy_fused.default,
          (hidden, weight, None, labels, -100, "sum", 0.0, 2.0, 64, [True, False, False])),
-        (torch.ops.mmlatent.linear_softmax_rows.default, (hidden, weight, bias, labels, "ce", -100, 0.0, None, 1.0, 4)),
-        (torch.ops.mmlatent.linear_softmax_rows.default, (hidden, weight, None, tokens, "logp", None, 0.0, None, 0.5, 4)),
+        (torch.ops.mmlatent.linear_softmax_rows.default,
+         (hidden, weight, bias, labels, "ce", -100, 0.0, None, 1.0, 4, False)),
+        (torch.ops.mmlatent.linear_softmax_rows.default,
+         (hidden, weight, None, tokens, "logp", None, 0.0, None, 0.5, 4, True)),
         (torch.ops.mmlatent.linear_softmax_rows_backward.default,
          (torch.randn(13), hidden.detach(), weight.detach(), bias.detach(), tokens, lse, "logp", None, 0.0, None, 1.0,
           4, [True, True, True])),

@@ -10,9 +10,11 @@ Two gradient strategies:
 - A scalar loss (``reduction`` "mean" or "sum") computes its gradients during the forward pass, while each chunk's
   softmax is at hand: forward + backward costs the naive path's three GEMMs and one read of the logits. The
   backward only scales the stored gradients by the upstream scalar.
-- A per-row result (``reduction="none"``, ``linear_log_probs``) has a different upstream gradient per row, which
-  the weight gradient cannot absorb after the fact: the forward keeps each row's log-sum-exp [T] and the backward
-  recomputes the chunks' logits (one GEMM more than the naive path, no [T, V] memory).
+- A per-row result (``reduction="none"``, ``linear_log_probs``) has a different upstream gradient per row. With a
+  frozen head (LoRA), the hidden gradient of row t is that scalar times a vector known in the forward pass, so
+  the forward computes those rows [T, H] and the backward scales them (two GEMMs, as the naive path). A trainable
+  head's gradient cannot absorb per-row scalars after the fact: the forward then keeps each row's log-sum-exp [T]
+  and the backward recomputes the chunks' logits (one GEMM more than the naive path, no [T, V] memory).
 
 Rows whose label is ``ignore_index`` are dropped before any GEMM (prompt tokens in SFT cost nothing).
 """
@@ -29,12 +31,15 @@ from .reference import SoftmaxLossSpec
 # Bytes of one chunk's logits buffer that the default chunk_rows aims at. On the CPU, the float32 chunk should sit
 # in the last-level cache more or less; on a GPU the chunk's GEMM must stay large enough to run near peak and to
 # amortise the read-modify-write of grad_weight that every chunk's accumulation costs.
-_CHUNK_BYTES = {"cpu": 32 * 2**20, "cuda": 256 * 2**20}
+# 512 MiB on a GPU keeps T = 1024 rows of Qwen2's 152064-word vocabulary in one chunk (no float32 grad_weight
+# accumulator, see reference.linear_softmax_loss) and costs at most 0.1x of the naive path's logits at T >= 8192.
+_CHUNK_BYTES = {"cpu": 32 * 2**20, "cuda": 512 * 2**20}
 _MIN_CHUNK_ROWS, _MAX_CHUNK_ROWS, _CHUNK_ALIGN = 16, 8192, 16
 
 
 def default_chunk_rows(vocab: int, element_size: int, device: torch.device) -> int:
-    """Rows per chunk when ``chunk_rows`` is None: as many as fit the device's chunk budget (a multiple of 16)."""
+    """Most rows per chunk when ``chunk_rows`` is None: as many as fit the device's chunk budget (a multiple of 16).
+    The walk then splits T rows into equal chunks of at most this many."""
     budget = _CHUNK_BYTES.get(device.type, _CHUNK_BYTES["cpu"])
     per_row = vocab * max(element_size, 4 if device.type == "cpu" else element_size)
     rows = budget // max(per_row, 1) // _CHUNK_ALIGN * _CHUNK_ALIGN
@@ -158,21 +163,26 @@ _fused_ce_op.register_autograd(_fused_ce_backward, setup_context=_fused_ce_setup
 # --------------------------------------------------------------------- per-row results, recomputing backward
 
 def _rows_forward_impl(hidden, weight, bias, targets, kind, ignore_index, label_smoothing, softcap, temperature,
-                       chunk_rows):
+                       chunk_rows, row_grad_hidden):
     T = hidden.shape[0]
     name = "labels" if kind == "ce" else "tokens"
     op = LINEAR_CROSS_ENTROPY if kind == "ce" else LINEAR_LOG_PROBS
     rows, kept = _kept_rows(targets, weight.shape[0], ignore_index, name)
     values = torch.zeros(T, dtype=torch.float32, device=hidden.device)
     lse = torch.zeros(T, dtype=torch.float32, device=hidden.device)
+    grad_h = hidden.new_zeros(hidden.shape) if row_grad_hidden else hidden.new_empty(0)
     if kept == 0:
-        return values, lse
+        return values, lse, grad_h
     h, y = (hidden, targets) if rows is None else (hidden.index_select(0, rows), targets.index_select(0, rows))
-    v, l, *_ = reference.linear_softmax_loss(h, weight, bias, y, _spec(kind, label_smoothing, softcap, temperature),
-                                             chunk_rows, chunk_fn=_chunk_fn(op, hidden))
+    coef = torch.ones(1, dtype=torch.float32, device=hidden.device) if row_grad_hidden else None
+    v, l, gh, _, _ = reference.linear_softmax_loss(h, weight, bias, y, _spec(kind, label_smoothing, softcap, temperature),
+                                                   chunk_rows, coef=coef, needs=(True, False, False),
+                                                   chunk_fn=_chunk_fn(op, hidden))
     if rows is None:
-        return v, l
-    return values.index_copy_(0, rows, v), lse.index_copy_(0, rows, l)
+        return v, l, (gh if row_grad_hidden else grad_h)
+    if row_grad_hidden:
+        grad_h.index_copy_(0, rows, gh)
+    return values.index_copy_(0, rows, v), lse.index_copy_(0, rows, l), grad_h
 
 
 def _rows_backward_impl(grad_values, hidden, weight, bias, targets, lse, kind, ignore_index, label_smoothing,
@@ -199,15 +209,18 @@ def _rows_backward_impl(grad_values, hidden, weight, bias, targets, lse, kind, i
 @torch.library.custom_op("mmlatent::linear_softmax_rows", mutates_args=())
 def _rows_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
              kind: str, ignore_index: Optional[int], label_smoothing: float, softcap: Optional[float],
-             temperature: float, chunk_rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
+             temperature: float, chunk_rows: int, row_grad_hidden: bool
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _rows_forward_impl(hidden, weight, bias, targets, kind, ignore_index, label_smoothing, softcap,
-                              temperature, chunk_rows)
+                              temperature, chunk_rows, row_grad_hidden)
 
 
 @_rows_op.register_fake
-def _(hidden, weight, bias, targets, kind, ignore_index, label_smoothing, softcap, temperature, chunk_rows):
+def _(hidden, weight, bias, targets, kind, ignore_index, label_smoothing, softcap, temperature, chunk_rows,
+      row_grad_hidden):
     T = hidden.shape[0]
-    return hidden.new_empty(T, dtype=torch.float32), hidden.new_empty(T, dtype=torch.float32)
+    grad_h = hidden.new_empty(hidden.shape) if row_grad_hidden else hidden.new_empty(0)
+    return hidden.new_empty(T, dtype=torch.float32), hidden.new_empty(T, dtype=torch.float32), grad_h
 
 
 @torch.library.custom_op("mmlatent::linear_softmax_rows_backward", mutates_args=())
@@ -229,18 +242,25 @@ def _(grad_values, hidden, weight, bias, targets, lse, kind, ignore_index, label
 
 
 def _rows_setup(ctx, inputs, output):
-    hidden, weight, bias, targets, *options = inputs
+    hidden, weight, bias, targets, *options, row_grad_hidden = inputs
     ctx.options = options
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(hidden, weight, bias, targets, output[1])
+    ctx.row_grad_hidden = row_grad_hidden
+    if row_grad_hidden:  # d value_t / d hidden_t, computed in the forward: the backward only scales rows
+        ctx.save_for_backward(output[2])
+    else:
+        ctx.save_for_backward(hidden, weight, bias, targets, output[1])
 
 
-def _rows_backward(ctx, grad_values, _grad_lse):
+def _rows_backward(ctx, grad_values, _grad_lse, _grad_row_grads):
+    nothing = (None,) * 8
+    if ctx.row_grad_hidden:
+        (row_grads,) = ctx.saved_tensors
+        return ((row_grads * grad_values.to(torch.float32)[:, None]).to(row_grads.dtype), None, None) + nothing
     hidden, weight, bias, targets, lse = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
     gh, gw, gb = _rows_backward_op(grad_values, hidden, weight, bias, targets, lse, *ctx.options, needs)
-    return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None,
-            None, None, None, None, None, None, None)
+    return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None) + nothing
 
 
 _rows_op.register_autograd(_rows_backward, setup_context=_rows_setup)
@@ -287,6 +307,12 @@ def _needs(hidden, weight, bias) -> List[bool]:
     return [hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad]
 
 
+def _only_hidden_needs_grad(hidden, weight, bias) -> bool:
+    """The frozen-head case (LoRA, GRPO on adapters): each row's hidden gradient is its upstream scalar times a
+    vector known in the forward pass, so per-row results can compute it there as scalar losses do."""
+    return _needs(hidden, weight, bias) == [True, False, False]
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          bias: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, logit_softcap: Optional[float] = None,
@@ -329,8 +355,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         logit_softcap = checks.number("logit_softcap", logit_softcap, positive=True)
     labels = labels.long()
     if reduction == "none":
-        values, _ = _rows_op(hidden, weight, bias, labels, "ce", ignore_index, label_smoothing, logit_softcap, 1.0,
-                             chunk_rows)
+        values, *_ = _rows_op(hidden, weight, bias, labels, "ce", ignore_index, label_smoothing, logit_softcap, 1.0,
+                              chunk_rows, _only_hidden_needs_grad(hidden, weight, bias))
         return values
     loss, *_ = _fused_ce_op(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, logit_softcap,
                             chunk_rows, _needs(hidden, weight, bias))
@@ -358,7 +384,8 @@ def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.T
     hidden, weight, bias = _autocast(hidden, weight, bias)
     chunk_rows = _check_linear(hidden, weight, bias, tokens, "tokens", chunk_rows)
     temperature = checks.number("temperature", temperature, positive=True)
-    values, _ = _rows_op(hidden, weight, bias, tokens.long(), "logp", None, 0.0, None, temperature, chunk_rows)
+    values, *_ = _rows_op(hidden, weight, bias, tokens.long(), "logp", None, 0.0, None, temperature, chunk_rows,
+                          _only_hidden_needs_grad(hidden, weight, bias))
     return values
 
 

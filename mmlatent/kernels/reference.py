@@ -293,6 +293,7 @@ def linear_softmax_loss(hidden, weight, bias, targets, spec: SoftmaxLossSpec, ch
     grad_w = None
     grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if want_b else None
     weight_t = weight.t()
+    chunk_rows = balanced_chunk_rows(T, chunk_rows)
     for r0 in range(0, T, chunk_rows):
         r1 = min(T, r0 + chunk_rows)
         h = hidden[r0:r1]
@@ -320,6 +321,15 @@ def linear_softmax_loss(hidden, weight, bias, targets, spec: SoftmaxLossSpec, ch
     if grad_w is not None and grad_w.dtype != weight.dtype:
         grad_w = grad_w.to(weight.dtype)
     return values, lse_out, grad_h, grad_w, grad_b
+
+
+def balanced_chunk_rows(total: int, limit: int, align: int = 16) -> int:
+    """Rows per chunk, at most ``limit``, that split ``total`` rows into as few chunks as ``limit`` allows, of equal
+    size (a multiple of ``align`` where that stays within the limit): no GEMM on a thin tail chunk."""
+    chunks = -(-total // limit)
+    rows = -(-total // chunks)
+    aligned = -(-rows // align) * align
+    return aligned if aligned <= limit else rows
 
 
 def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
