@@ -30,7 +30,8 @@ def left_padded_batch(vocab=97, B=3, L=13, seed=1):
 
 
 def rel_err(a, e):
-    return float((a.detach().double() - e.detach().double()).abs().max() / e.detach().double().abs().max().clamp_min(1e-30))
+    a, e = a.detach().double(), e.detach().double()
+    return float((a - e).abs().max() / e.abs().max().clamp_min(1e-30))
 
 
 def param_grads(model):

@@ -70,10 +70,6 @@ def _chunk_fn(op: OpDispatch, hidden: torch.Tensor):
     return reference.softmax_loss_chunk
 
 
-def _spec(kind: str, label_smoothing: float, softcap: Optional[float], temperature: float) -> SoftmaxLossSpec:
-    return SoftmaxLossSpec(kind, label_smoothing, softcap, temperature)
-
-
 def _kept_rows(targets: torch.Tensor, vocab: int, ignore_index: Optional[int], name: str):
     """(row indices to compute or None for all, number kept). Raises naming ``name`` when a target is outside
     [0, vocab) and is not ``ignore_index``. One host sync (two when rows are dropped)."""
@@ -90,12 +86,6 @@ def _kept_rows(targets: torch.Tensor, vocab: int, ignore_index: Optional[int], n
     return keep.nonzero().squeeze(1), kept
 
 
-def _scatter_rows(full_shape, rows, values, like: torch.Tensor):
-    out = like.new_zeros(full_shape)
-    out.index_copy_(0, rows, values)
-    return out
-
-
 def _empty_if_none(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0) if t is None else t
 
@@ -104,7 +94,6 @@ def _empty_if_none(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tenso
 
 def _fused_ce_impl(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, logit_softcap,
                    chunk_rows, needs):
-    T = hidden.shape[0]
     rows, kept = _kept_rows(labels, weight.shape[0], ignore_index, "labels")
     want = [bool(n) for n in needs]
     if kept == 0:  # every label ignored: loss 0 and zero gradients, never 0/0
@@ -116,11 +105,11 @@ def _fused_ce_impl(hidden, weight, bias, labels, ignore_index, reduction, label_
     scale = 1.0 / kept if reduction == "mean" else 1.0
     coef = torch.full((1,), scale, dtype=torch.float32, device=hidden.device) if any(want) else None
     values, _, gh, gw, gb = reference.linear_softmax_loss(
-        h, weight, bias, y, _spec("ce", label_smoothing, logit_softcap, 1.0), chunk_rows, coef=coef,
+        h, weight, bias, y, SoftmaxLossSpec("ce", label_smoothing, logit_softcap, 1.0), chunk_rows, coef=coef,
         needs=want, chunk_fn=_chunk_fn(LINEAR_CROSS_ENTROPY, hidden))
     loss = values.sum() * scale
     if gh is not None and rows is not None:
-        gh = _scatter_rows((T, hidden.shape[1]), rows, gh, hidden)
+        gh = hidden.new_zeros(hidden.shape).index_copy_(0, rows, gh)
     return loss, _empty_if_none(gh, hidden), _empty_if_none(gw, weight), _empty_if_none(gb, weight)
 
 
@@ -175,9 +164,9 @@ def _rows_forward_impl(hidden, weight, bias, targets, kind, ignore_index, label_
         return values, lse, grad_h
     h, y = (hidden, targets) if rows is None else (hidden.index_select(0, rows), targets.index_select(0, rows))
     coef = torch.ones(1, dtype=torch.float32, device=hidden.device) if row_grad_hidden else None
-    v, l, gh, _, _ = reference.linear_softmax_loss(h, weight, bias, y, _spec(kind, label_smoothing, softcap, temperature),
-                                                   chunk_rows, coef=coef, needs=(True, False, False),
-                                                   chunk_fn=_chunk_fn(op, hidden))
+    spec = SoftmaxLossSpec(kind, label_smoothing, softcap, temperature)
+    v, l, gh, _, _ = reference.linear_softmax_loss(h, weight, bias, y, spec, chunk_rows, coef=coef,
+                                                   needs=(True, False, False), chunk_fn=_chunk_fn(op, hidden))
     if rows is None:
         return v, l, (gh if row_grad_hidden else grad_h)
     if row_grad_hidden:
@@ -189,21 +178,21 @@ def _rows_backward_impl(grad_values, hidden, weight, bias, targets, lse, kind, i
                         softcap, temperature, chunk_rows, needs):
     want = [bool(n) for n in needs]
     want[2] = want[2] and bias is not None
-    T = hidden.shape[0]
     keep = None if ignore_index is None else targets != ignore_index
     rows = None if keep is None or bool(keep.all()) else keep.nonzero().squeeze(1)
-    grad_h = hidden.new_zeros(hidden.shape) if want[0] else None
     if rows is not None and rows.numel() == 0:
-        return (_empty_if_none(grad_h, hidden), torch.zeros_like(weight) if want[1] else weight.new_empty(0),
+        return (hidden.new_zeros(hidden.shape) if want[0] else hidden.new_empty(0),
+                torch.zeros_like(weight) if want[1] else weight.new_empty(0),
                 weight.new_zeros(weight.shape[0]) if want[2] else weight.new_empty(0))
     pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
     op = LINEAR_CROSS_ENTROPY if kind == "ce" else LINEAR_LOG_PROBS
+    spec = SoftmaxLossSpec(kind, label_smoothing, softcap, temperature)
     _, _, gh, gw, gb = reference.linear_softmax_loss(
-        pick(hidden), weight, bias, pick(targets), _spec(kind, label_smoothing, softcap, temperature), chunk_rows,
-        lse=pick(lse), coef=pick(grad_values.to(torch.float32)), needs=want, chunk_fn=_chunk_fn(op, hidden))
-    if gh is not None:
-        grad_h = gh if rows is None else grad_h.index_copy_(0, rows, gh)
-    return _empty_if_none(grad_h, hidden), _empty_if_none(gw, weight), _empty_if_none(gb, weight)
+        pick(hidden), weight, bias, pick(targets), spec, chunk_rows, lse=pick(lse),
+        coef=pick(grad_values.to(torch.float32)), needs=want, chunk_fn=_chunk_fn(op, hidden))
+    if gh is not None and rows is not None:
+        gh = hidden.new_zeros(hidden.shape).index_copy_(0, rows, gh)
+    return _empty_if_none(gh, hidden), _empty_if_none(gw, weight), _empty_if_none(gb, weight)
 
 
 @torch.library.custom_op("mmlatent::linear_softmax_rows", mutates_args=())
