@@ -1,5 +1,7 @@
-"""nn.Modules built on mmlatent.kernels: language-model heads and Hugging Face integration (IVT-LR, the diffusion
-head, Modal-mixed CoT and DPMM-CoT follow in their issues)."""
+"""nn.Modules built on mmlatent.kernels: IVT-LR on Hugging Face VLMs, language-model heads, tiny configs (the
+diffusion head, Modal-mixed CoT and DPMM-CoT follow in their issues)."""
+from .ivtlr import IVTLR, IVTLROutput, IVTLRReference, ivtlr_reference
 from .lm_head import CausalLMLoss, LinearCrossEntropyHead, causal_lm_loss, head_for, next_token_labels
 
-__all__ = ["LinearCrossEntropyHead", "causal_lm_loss", "head_for", "next_token_labels", "CausalLMLoss"]
+__all__ = ["IVTLR", "IVTLROutput", "IVTLRReference", "ivtlr_reference", "LinearCrossEntropyHead", "causal_lm_loss",
+           "head_for", "next_token_labels", "CausalLMLoss"]

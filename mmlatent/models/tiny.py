@@ -1,0 +1,153 @@
+"""Tiny random-weight vision-language models built from transformers' own config classes, and batches laid out
+exactly as their processors lay them out. For tests, benchmarks and the demo: nothing is downloaded.
+
+Token ids of the tiny vocabularies (all models): 0 pad, 1 bos, 2 eos, 3 the latent token (``LATENT_ID``), 4 and 5
+start/end of latent reasoning; the image placeholder and vision start/end ids sit at the top of the vocabulary.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+PAD_ID, BOS_ID, EOS_ID, LATENT_ID = 0, 1, 2, 3
+FIRST_TEXT_ID = 6
+
+
+def _qwen_text_config(vocab, hidden, layers, heads, kv_heads, intermediate):
+    head_dim = hidden // heads
+    section = [head_dim // 8, head_dim // 8 * 3 // 2, 0]  # t, h, w halves of the rotary dims: sums to head_dim / 2
+    section[2] = head_dim // 2 - section[0] - section[1]
+    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=32768,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+                bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+
+
+def tiny_qwen2_vl(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_depth=2,
+                  vision_dim=32, patch=4, seed=0):
+    """A random-weight ``Qwen2VLForConditionalGeneration`` (image ids: vocab-4 image pad, vocab-3 video pad,
+    vocab-2 vision start, vocab-1 vision end)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    vision = dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden, num_heads=2, mlp_ratio=2,
+                  in_channels=3, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2)
+    config = Qwen2VLConfig(text_config=_qwen_text_config(vocab, hidden, layers, heads, kv_heads, intermediate),
+                           vision_config=vision, **_vision_ids(vocab))
+    torch.manual_seed(seed)
+    return Qwen2VLForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+
+
+def tiny_qwen2_5_vl(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_depth=2,
+                    vision_dim=32, patch=4, seed=0):
+    """A random-weight ``Qwen2_5_VLForConditionalGeneration`` (window attention in its vision tower)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    vision = dict(depth=vision_depth, hidden_size=vision_dim, out_hidden_size=hidden, intermediate_size=2 * vision_dim,
+                  num_heads=2, in_channels=3, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2,
+                  window_size=4 * patch, fullatt_block_indexes=[vision_depth - 1])
+    config = Qwen2_5_VLConfig(text_config=_qwen_text_config(vocab, hidden, layers, heads, kv_heads, intermediate),
+                              vision_config=vision, **_vision_ids(vocab))
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+
+
+def _vision_ids(vocab):
+    return dict(image_token_id=vocab - 4, video_token_id=vocab - 3, vision_start_token_id=vocab - 2,
+                vision_end_token_id=vocab - 1)
+
+
+def tiny_chameleon(text_vocab=200, codebook=32, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
+                   resolution=32, seed=0):
+    """A random-weight ``ChameleonForConditionalGeneration`` with a small VQ-GAN: ``resolution / 4`` squared image
+    tokens per image. Image token ids ``text_vocab + i`` for codebook entry i; ``<image>`` placeholder, begin/end
+    of image after them."""
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+    vocabulary_map = {f"tok{i}": i for i in range(text_vocab)}
+    for i in range(codebook):  # the BPE names Chameleon's tokenizer gives VQ codes: digits spelled as A-J
+        vocabulary_map["IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(i)) + "Z"] = text_vocab + i
+    image_id = text_vocab + codebook
+    vocabulary_map.update({"<image>": image_id, "<racm3:break>": image_id + 1, "<eoss>": image_id + 2})
+    vq = dict(embed_dim=8, num_embeddings=codebook, latent_channels=8, resolution=resolution, base_channels=32,
+              channel_multiplier=[1, 2, 2], num_res_blocks=1, attn_resolutions=[])
+    config = ChameleonConfig(vocab_size=image_id + 3, hidden_size=hidden, intermediate_size=intermediate,
+                             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                             vq_config=vq, vocabulary_map=vocabulary_map, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+                             pad_token_id=PAD_ID, max_position_embeddings=32768)
+    torch.manual_seed(seed)
+    return ChameleonForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+
+
+def image_tokens_per_image(vlm, image_hw) -> int:
+    """Image tokens the language model sees for one image of ``image_hw`` pixels."""
+    config = vlm.config
+    if config.model_type == "chameleon":
+        vq = config.vq_config
+        return (vq.resolution // 2 ** (len(vq.channel_multiplier) - 1)) ** 2
+    patch = config.vision_config.patch_size
+    merge = config.vision_config.spatial_merge_size
+    return (image_hw[0] // patch) * (image_hw[1] // patch) // merge ** 2
+
+
+def synthetic_batch(vlm, *, images: Sequence[Sequence[Sequence[int]]], prompt_lengths: Sequence[int],
+                    answer_lengths: Sequence[int], num_latents: Sequence[int], seed: int = 0,
+                    latent_id: int = LATENT_ID) -> Dict[str, torch.Tensor]:
+    """Random inputs for ``vlm`` in its processor's layout, left-padded, with latent tokens and labels.
+
+    Sample b is: bos, its images (each wrapped in the model's vision start/end tokens, one placeholder per image
+    token), ``prompt_lengths[b]`` random text tokens, ``num_latents[b]`` latent tokens, ``answer_lengths[b]``
+    random answer tokens, eos. Labels are the answer and eos (-100 elsewhere, as IVT-LR's curriculum sets them).
+
+    Args:
+        images: per sample, a list of (height, width) pixel sizes (Qwen: multiples of 2 x patch; Chameleon: the
+            VQ-GAN resolution).
+
+    Returns:
+        dict with input_ids, attention_mask, labels [B, S] and pixel_values (and image_grid_thw for Qwen).
+    """
+    g = torch.Generator().manual_seed(seed)
+    config = vlm.config
+    chameleon = config.model_type == "chameleon"
+    vocab = (config.vocabulary_map and min(v for k, v in config.vocabulary_map.items() if k.startswith("IMGIMG"))) \
+        if chameleon else config.text_config.vocab_size - 4
+    image_id = config.image_token_id
+    start_id, end_id = ((config.vocabulary_map["<racm3:break>"], config.vocabulary_map["<eoss>"]) if chameleon
+                        else (config.vision_start_token_id, config.vision_end_token_id))
+    rows: List[List[int]] = []
+    label_rows: List[List[int]] = []
+    pixels, grids = [], []
+    for b, sample_images in enumerate(images):
+        ids = [BOS_ID]
+        for hw in sample_images:
+            ids += [start_id] + [image_id] * image_tokens_per_image(vlm, hw) + [end_id]
+            if chameleon:
+                pixels.append(torch.rand(3, hw[0], hw[1], generator=g) * 2 - 1)
+            else:
+                patch = config.vision_config.patch_size
+                temporal = config.vision_config.temporal_patch_size
+                gh, gw = hw[0] // patch, hw[1] // patch
+                grids.append([1, gh, gw])
+                pixels.append(torch.rand(gh * gw, 3 * temporal * patch * patch, generator=g))
+        text = lambda n: torch.randint(FIRST_TEXT_ID, vocab, (n,), generator=g).tolist()  # noqa: E731
+        ids += text(prompt_lengths[b]) + [latent_id] * num_latents[b]
+        answer = text(answer_lengths[b]) + [EOS_ID]
+        label_rows.append([-100] * len(ids) + answer)
+        rows.append(ids + answer)
+    S = max(map(len, rows))
+    B = len(rows)
+    input_ids = torch.full((B, S), PAD_ID, dtype=torch.long)
+    attention_mask = torch.zeros(B, S, dtype=torch.long)
+    labels = torch.full((B, S), -100, dtype=torch.long)
+    for b, (ids, lab) in enumerate(zip(rows, label_rows)):
+        input_ids[b, S - len(ids):] = torch.tensor(ids)
+        attention_mask[b, S - len(ids):] = 1
+        labels[b, S - len(ids):] = torch.tensor(lab)
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    if chameleon:
+        batch["pixel_values"] = torch.stack(pixels)
+    else:
+        batch["pixel_values"] = torch.cat(pixels)
+        batch["image_grid_thw"] = torch.tensor(grids)
+    return batch
+
+
+__all__ = ["tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_chameleon", "synthetic_batch", "image_tokens_per_image",
+           "LATENT_ID", "PAD_ID", "BOS_ID", "EOS_ID"]
