@@ -64,6 +64,7 @@ class Case:
     baselines: Dict[str, Callable[[dict], object]]
     flops: float = 0.0
     bytes_moved: float = 0.0
+    repeats: Optional[int] = None  # fewer timed runs for whole-model rows
 
 
 def _attention_inputs(B, Hq, Hkv, M, N, D, Ni):
@@ -221,11 +222,98 @@ def log_probs_case(T, H, V, trainable_head=False):
                 {"logits+log_softmax": _naive_log_probs}, flops=2.0 * (3 if trainable_head else 2) * T * H * V)
 
 
+# ---------------------------------------------------------------------------------------------------------- IVT-LR
+
+LATENT_STEPS = 3
+
+
+def _ivtlr_inputs(build, images, prompt_lengths, answer_lengths, k, lora_rank, prompt_only, checkpointing):
+    def make(device, dtype):
+        from mmlatent.models import IVTLR, ivtlr_reference
+        from mmlatent.models.tiny import LATENT_ID, synthetic_batch
+        model = build(device=device, dtype=dtype)
+        for name, p in model.named_parameters():  # vision tower and embeddings frozen, as IVT-LR trains
+            p.requires_grad_(lora_rank is None and "language_model.layers" in name)
+        batch = synthetic_batch(model, images=images, prompt_lengths=prompt_lengths, answer_lengths=answer_lengths,
+                                num_latents=[LATENT_STEPS] * len(images), with_answer=not prompt_only)
+        batch = {key: value.to(device) for key, value in batch.items()}
+        if prompt_only:
+            del batch["labels"]
+        if lora_rank:
+            import peft
+            model = peft.get_peft_model(model, peft.LoraConfig(
+                r=lora_rank, lora_alpha=16, lora_dropout=0.0,
+                target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
+        if checkpointing:  # as IVT-LR's public training runs
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()
+        return dict(model=model, batch=batch, mmlatent=IVTLR(model, LATENT_ID, k=k),
+                    reference=ivtlr_reference(model, LATENT_ID, k=k))
+    return make
+
+
+def _ivtlr_train_step(which):
+    def step(a):
+        loss = a[which](**a["batch"]).loss
+        return torch.autograd.grad(loss, [p for p in a["model"].parameters() if p.requires_grad])
+    return step
+
+
+def _ivtlr_generate(which):
+    def generate(a):
+        return a[which].generate(**a["batch"], max_new_tokens=32, eos_token_id=-1)  # never stops early
+    return generate
+
+
+def ivtlr_case(kind, build, shape, images, prompt_lengths, answer_lengths, k=32, lora_rank=None, repeats=None,
+               checkpointing=False):
+    """IVT-LR at stage 3 against ivtlr_reference: a training step (forward + backward, gradients returned) or
+    inference (3 latent steps, then 32 new tokens)."""
+    train = kind == "train"
+    make = _ivtlr_inputs(build, images, prompt_lengths, answer_lengths, k, lora_rank, prompt_only=not train,
+                         checkpointing=checkpointing)
+    step = _ivtlr_train_step if train else _ivtlr_generate
+    label = f"{shape} B{len(images)} k{k} {LATENT_STEPS} latent steps" + (f" LoRA r{lora_rank}" if lora_rank else "")
+    op = "ivtlr inference (+32 tokens)"
+    if train:
+        op = "ivtlr training step" + (", grad checkpointing" if checkpointing else "")
+    return Case(op, label, make, step("mmlatent"), {"ivtlr_reference (public code)": step("reference")},
+                repeats=repeats)
+
+
+def _cpu_ivtlr_model(device=None, dtype=None):
+    from mmlatent.models.tiny import tiny_qwen2_vl
+    return tiny_qwen2_vl(vocab=8192, hidden=256, layers=4, heads=8, kv_heads=2, intermediate=1024, vision_dim=64,
+                         device=device, dtype=dtype)
+
+
+def _gpu_ivtlr_model(device=None, dtype=None):
+    from mmlatent.models.tiny import qwen2_vl_7b_shapes
+    return qwen2_vl_7b_shapes(device=device, dtype=dtype)
+
+
+def ivtlr_cases(sizes: str) -> List[Case]:
+    if sizes == "gpu":  # Qwen2-VL-7B shapes, 1000 image tokens per sample (560 x 1400 pixels at patch 14)
+        args = (_gpu_ivtlr_model, "Qwen2-VL-7B shapes", [[(560, 1400)]] * 2, [60, 90], [30, 20])
+        return [ivtlr_case("train", *args, lora_rank=64, repeats=5, checkpointing=True),
+                ivtlr_case("train", *args, lora_rank=64, repeats=5), ivtlr_case("inference", *args, repeats=5)]
+    if sizes == "tiny":
+        from mmlatent.models.tiny import tiny_qwen2_vl
+        args = (tiny_qwen2_vl, "tiny Qwen2-VL", [[(16, 32)]] * 2, [3, 5], [4, 2])
+        return [ivtlr_case("train", *args, k=2, checkpointing=True), ivtlr_case("train", *args, k=2),
+                ivtlr_case("inference", *args, k=2)]
+    # hidden 256, 4 layers, 8 heads, 2 KV heads, 1000 image tokens per sample (160 x 400 pixels at patch 4)
+    args = (_cpu_ivtlr_model, "Qwen2-VL h256 L4 H8 KV2 V8192", [[(160, 400)]] * 2, [60, 90], [30, 20])
+    return [ivtlr_case("train", *args, checkpointing=True), ivtlr_case("train", *args),
+            ivtlr_case("inference", *args)]
+
+
 def cases_for(sizes: str) -> List[Case]:
     if sizes == "tiny":  # the smoke test: every op and baseline, seconds on a CPU
         return [attention_case(1, 4, 2, 64, 64, 32, 16), attention_case(1, 4, 2, 1, 128, 32, 16),
                 row_mass_case(1, 4, 2, 128, 32, 16), select_case(2, 64, 8, 16),
-                cross_entropy_case(64, 32, 500), log_probs_case(64, 32, 500), log_probs_case(64, 32, 500, True)]
+                cross_entropy_case(64, 32, 500), log_probs_case(64, 32, 500), log_probs_case(64, 32, 500, True),
+                *ivtlr_cases("tiny")]
     if sizes == "gpu":
         out = []
         for M in (1, 33, 512):
@@ -236,13 +324,14 @@ def cases_for(sizes: str) -> List[Case]:
         for T in (1024, 8192, 32768):  # Qwen2-7B's head: H 3584, V 152064
             out += [cross_entropy_case(T, 3584, 152064, True), cross_entropy_case(T, 3584, 152064, False)]
         out += [log_probs_case(T, 3584, 152064, trainable) for T in (1024, 8192) for trainable in (False, True)]
-        return out
+        return out + ivtlr_cases("gpu")
     # default (CPU, what `make demo` runs): the issue's CPU target first
     return [attention_case(1, 16, 4, 4096, 4096, 64, 1024), attention_case(1, 16, 4, 1, 4096, 64, 1024),
             row_mass_case(2, 16, 4, 4096, 64, 1024),
             select_case(2, 1024, 32, 1024), select_case(2, 4096, 64, 1024),
             cross_entropy_case(2048, 256, 32000, True), cross_entropy_case(2048, 256, 32000, False),
-            log_probs_case(2048, 256, 32000), log_probs_case(2048, 256, 32000, trainable_head=True)]
+            log_probs_case(2048, 256, 32000), log_probs_case(2048, 256, 32000, trainable_head=True),
+            *ivtlr_cases("default")]
 
 
 # --------------------------------------------------------------------------------------------------- measurement
@@ -312,6 +401,7 @@ def device_label(device: torch.device) -> str:
 
 def _measure(case: Case, index: int, name: str, sizes: str, device, dtype, dtype_name: str, repeats: int,
              memory: bool) -> dict:
+    repeats = case.repeats or repeats
     args = case.make(device, dtype)
     times = time_call(_impl(case, name), args, device, repeats)
     del args

@@ -118,11 +118,30 @@ def test_rollout_runs_the_fused_kernels(models, monkeypatch):
     out = IVTLR(model, LATENT_ID, k=K)(**batch)
     layers = model.config.text_config.num_hidden_layers
     assert calls == {"row": layers, "fused": 2 * layers}
-    assert out.loss.requires_grad and model.config.text_config._attn_implementation == "sdpa"  # restored
+    assert out.loss.requires_grad and model.config.text_config._attn_implementation == "mmlatent_sdpa"
     calls.update(row=0, fused=0)
     with torch.no_grad():
         IVTLR(model, LATENT_ID, k=K).generate(**{k: v for k, v in batch.items() if k != "labels"}, max_new_tokens=2)
     assert calls == {"row": 0, "fused": 3 * layers}
+
+
+def test_wrapping_keeps_the_model_outputs():
+    """Outside a rollout the wrapped language model runs its previous implementation (SDPA here, eager too)."""
+    for implementation in ("sdpa", "eager"):
+        model = tiny_qwen2_vl(seed=2)
+        model.set_attn_implementation(implementation)
+        batch = synthetic_batch(model, images=IMAGES["qwen2_vl"], prompt_lengths=[3, 6], answer_lengths=[4, 2],
+                                num_latents=[0, 0])
+        inputs = dict(batch, mm_token_type_ids=(batch["input_ids"] == model.config.image_token_id).int())
+        del inputs["labels"]
+        with torch.no_grad():
+            before = model(**inputs).logits
+            IVTLR(model, LATENT_ID, k=K)
+            after = model(**inputs).logits
+        assert model.config.text_config._attn_implementation == f"mmlatent_{implementation}"
+        assert model.config.vision_config._attn_implementation == implementation
+        real = batch["attention_mask"].bool()
+        assert torch.allclose(before[real], after[real], atol=1e-6)
 
 
 def test_default_k_and_local_checkpoint(models, tmp_path):
@@ -188,3 +207,27 @@ def test_bad_input_names_sample_and_argument(models):
     with pytest.raises(ValueError, match="left-padded"):
         right = dict(batch, attention_mask=batch["attention_mask"].flip(1))
         fast.generate(**{k: v for k, v in right.items() if k != "labels"})
+
+
+def test_gradient_checkpointing_in_training_mode(models):
+    """As the public code trains (gradient checkpointing, train mode): transformers drops the KV cache of
+    checkpointed layers, so the rollout pauses checkpointing (it has no graph) and the loss pass re-reads the
+    prompt; results equal the reference's."""
+    model = tiny_qwen2_vl(seed=7)
+    for name, p in model.named_parameters():
+        p.requires_grad_("language_model.layers" in name)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    try:
+        batch = synthetic_batch(model, images=IMAGES["qwen2_vl"], prompt_lengths=[3, 6], answer_lengths=[4, 2],
+                                num_latents=[3, 3])
+        ours, grads = run(IVTLR(model, LATENT_ID, k=K), model, batch)
+        theirs, ref_grads = run(ivtlr_reference(model, LATENT_ID, k=K), model, batch)
+        assert [s.tolist() for s in ours.selected] == [s.tolist() for s in theirs.selected]
+        assert rel_err(ours.loss, theirs.loss) <= 1e-5
+        for n in grads:
+            assert rel_err(grads[n], ref_grads[n]) <= 1e-4, n
+        layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+        assert layers and all(m.gradient_checkpointing for m in layers if type(m).__name__.endswith("DecoderLayer"))
+    finally:
+        model.eval()

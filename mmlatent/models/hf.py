@@ -2,13 +2,15 @@
 
 :class:`VLMBackbone` gives one interface over the supported families (Qwen2-VL, Qwen2.5-VL, Chameleon): their
 language model, their image embeddings (vision-merger outputs, or Chameleon's embedded VQ tokens), their
-positions and their output head. Nothing in transformers is patched: the rollout attention is registered with
-``AttentionInterface`` (and the SDPA mask with ``AttentionMaskInterface``) under :data:`ROLLOUT_ATTENTION`, and
-the language model is switched to it only for the duration of a rollout (:meth:`VLMBackbone.attention`).
+positions and their output head. Nothing in transformers is patched: :func:`mmlatent_attention` is registered
+with ``AttentionInterface`` (with the previous implementation's mask function in ``AttentionMaskInterface``) and
+set as the language model's implementation; keyword arguments of each call select the rollout kernels or eager
+probabilities, and every other call runs the previous implementation.
 """
 from __future__ import annotations
 
-import contextlib
+import functools
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,7 +19,7 @@ from torch import nn
 
 from mmlatent.kernels import attention_with_scores, row_attention_mass
 
-ROLLOUT_ATTENTION = "mmlatent_rollout"
+ATTENTION_PREFIX = "mmlatent_"
 
 
 @dataclass
@@ -36,25 +38,71 @@ class RolloutScores:
     weight: float
 
 
-def rollout_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None, dropout: float = 0.0,
-                      mmlatent_rollout: Optional[RolloutScores] = None, **kwargs):
-    """transformers attention function: query [B, Hq, M, D], key/value [B, Hkv, N, D] (the whole cache) ->
-    ([B, M, Hq, D], None).
+@dataclass
+class EagerProbabilities:
+    """Passed as ``mmlatent_eager``: this call's attention is eager and returns its probabilities [B, H, M, N]
+    (what ``output_attentions`` collects), as IVT-LR's public code computes them. key_valid [B, N] bool; causal,
+    bottom-right aligned."""
 
-    With ``mmlatent_rollout``, the last query row's image-token mass is added into the rollout's score buffer:
-    under no_grad by :func:`mmlatent.kernels.attention_with_scores` in the same pass as the attention (no
-    attention matrix is kept); when the call is differentiable (the training prefill), the output is torch's SDPA
-    and the mass comes from :func:`mmlatent.kernels.row_attention_mass` (one more read of K, for one row).
-    Without it (the vision tower, or a call outside a rollout) this is torch's SDPA."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    key_valid: torch.Tensor
+
+
+def eager_attention(module: nn.Module, query, key, value, additive_mask, scaling, dropout):
+    """Plain attention, as transformers' eager path computes it: ([B, M, Hq, D], probabilities [B, Hq, M, N])."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if additive_mask is not None:
+        weights = weights + additive_mask[:, :, :, : key.shape[-2]]
+    weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def _additive_mask(key_valid: torch.Tensor, rows: int, dtype) -> torch.Tensor:
+    N = key_valid.shape[1]
+    causal = torch.ones(rows, N, dtype=torch.bool, device=key_valid.device).tril(N - rows)
+    allowed = causal[None, None] & key_valid[:, None, None, :]
+    return torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device).masked_fill(~allowed,
+                                                                                        torch.finfo(dtype).min)
+
+
+def _fallback_attention(fallback: str, module, query, key, value, attention_mask, scaling, dropout, **kwargs):
+    """The implementation the model had before IVT-LR wrapped it, with the mask its own mask function built."""
+    if fallback == "eager":
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~attention_mask, torch.finfo(query.dtype).min)
+        return eager_attention(module, query, key, value, attention_mask, scaling, dropout)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    return ALL_ATTENTION_FUNCTIONS[fallback](module, query, key, value, attention_mask, scaling=scaling,
+                                             dropout=dropout, **kwargs)
+
+
+def mmlatent_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None, dropout: float = 0.0,
+                       *, fallback: str = "sdpa", mmlatent_rollout: Optional[RolloutScores] = None,
+                       mmlatent_eager: Optional[EagerProbabilities] = None, **kwargs):
+    """The language model's attention function once wrapped: query [B, Hq, M, D], key/value [B, Hkv, N, D] (the
+    whole cache) -> ([B, M, Hq, D], probabilities or None). What it does is chosen by the call's keyword arguments,
+    so a checkpointed layer replays the same choice in its backward:
+
+    - ``mmlatent_rollout``: adds the last query row's image-token mass into the rollout's score buffer. Under
+      no_grad by :func:`mmlatent.kernels.attention_with_scores`, in the same pass as the attention (no attention
+      matrix); when differentiable (the training prefill) the output comes from ``fallback`` and the mass from
+      :func:`mmlatent.kernels.row_attention_mass` (one more read of K, for one row).
+    - ``mmlatent_eager``: eager attention returning its probabilities (the reference's latent passes).
+    - neither (the loss pass, decoding, the vision tower): ``fallback``, the model's previous implementation.
+    """
+    causal = getattr(module, "is_causal", True)
+    if mmlatent_eager is not None and causal:
+        mask = _additive_mask(mmlatent_eager.key_valid, query.shape[2], query.dtype)
+        return eager_attention(module, query, key, value, mask, scaling, dropout)
     ctx = mmlatent_rollout
-    if ctx is None or not getattr(module, "is_causal", True):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+    if ctx is None or not causal:
+        return _fallback_attention(fallback, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                     **kwargs)
+        out = _fallback_attention(fallback, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
         with torch.no_grad():
             row_attention_mass(query[:, :, -1].detach(), key.detach(), ctx.image_index, ctx.scores,
                                key_valid=ctx.key_valid, scale=scaling, weight=ctx.weight)
@@ -65,14 +113,18 @@ def rollout_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     return o.transpose(1, 2), None
 
 
-def _register() -> None:
+def attention_name(fallback: str) -> str:
+    """Registers (once) mmlatent's attention function over ``fallback`` with ``fallback``'s mask function, and
+    returns its name."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    AttentionInterface.register(ROLLOUT_ATTENTION, rollout_attention)
-    AttentionMaskInterface.register(ROLLOUT_ATTENTION, sdpa_mask)  # without it the masks would silently vanish
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    name = ATTENTION_PREFIX + re.sub(r"\W", "_", fallback)
+    if name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionInterface.register(name, functools.partial(mmlatent_attention, fallback=fallback))
+        # the mask the fallback expects (without a registered mask function the masks would silently vanish)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[fallback])
+    return name
 
-
-_register()
 
 _FAMILIES = {
     "Qwen2VLForConditionalGeneration": ("qwen", 32),
@@ -190,24 +242,19 @@ class VLMBackbone:
         return positions[0]
 
     # ------------------------------------------------------------------------------------------- attention
-    @contextlib.contextmanager
-    def attention(self, implementation: str):
-        """Runs the language model with attention ``implementation`` (a registered name), restoring the previous
-        one after; the vision tower keeps its own."""
-        previous = self.text_config._attn_implementation
-        if previous == implementation:
-            yield
-            return
-        self._set_text_attention(implementation)
-        try:
-            yield
-        finally:
-            self._set_text_attention(previous)
-
-    def _set_text_attention(self, implementation: str) -> None:
-        # only the language model's config: the vision tower (or Chameleon's VQ-GAN) keeps its implementation
+    def install_attention(self) -> str:
+        """Routes the language model's attention through :func:`mmlatent_attention` (for good: per-call switching
+        would break gradient checkpointing, whose backward recomputes layers with whatever is set then). Calls
+        without mmlatent's keyword arguments still run the implementation the model had; the vision tower (or
+        Chameleon's VQ-GAN) keeps its own."""
+        current = self.text_config._attn_implementation
+        if current.startswith(ATTENTION_PREFIX):
+            return current
+        name = attention_name(current)
         key = "text_config" if self.family == "qwen" else ""
-        self.model.set_attn_implementation({key: implementation})
+        self.model.set_attn_implementation({key: name})
+        return name
 
 
-__all__ = ["VLMBackbone", "RolloutScores", "rollout_attention", "ROLLOUT_ATTENTION"]
+__all__ = ["VLMBackbone", "RolloutScores", "EagerProbabilities", "mmlatent_attention", "eager_attention",
+           "attention_name", "ATTENTION_PREFIX"]

@@ -26,7 +26,7 @@ from torch import nn
 
 from mmlatent.kernels import select_topk_tokens
 
-from .hf import ROLLOUT_ATTENTION, RolloutScores, VLMBackbone
+from .hf import EagerProbabilities, RolloutScores, VLMBackbone
 from .lm_head import head_for
 
 POSITION_MODES = ("linear", "mrope")
@@ -163,6 +163,7 @@ class _IVTLRBase(nn.Module):
         super().__init__()
         self.vlm = vlm
         self.backbone = VLMBackbone(vlm)
+        self.backbone.install_attention()
         self.latent_token_id = int(latent_token_id)
         self.k = _resolve_k(self.backbone, k)
         if position_mode not in POSITION_MODES:
@@ -318,14 +319,21 @@ class IVTLR(_IVTLRBase):
         if plan.num_steps == 0:
             selected, hidden = [], self._final_pass(plan, embeds, filled, positions)
         else:
-            rollout = self._rollout(plan, embeds, filled, positions)
-            selected, hidden = rollout.selected, self._rest_of_sequence(plan, embeds, filled, positions, rollout)
+            # a checkpointed layer cannot keep a cache with its graph (its forward runs again in the backward), so
+            # under gradient checkpointing the prompt is read twice: under no_grad for the rollout, then with grad
+            share_prefix = not _checkpointing_layers(self.backbone.language_model)
+            rollout = self._rollout(plan, embeds, filled, positions, differentiable_prefix=share_prefix)
+            selected = rollout.selected
+            hidden = (self._rest_of_sequence(plan, embeds, filled, positions, rollout) if share_prefix
+                      else self._final_pass(plan, embeds, filled, positions))
         loss, logits = self._loss(plan, hidden, labels, return_logits)
         return IVTLROutput(loss=loss, logits=logits, selected=selected, inputs_embeds=filled)
 
-    def _rollout(self, plan: _Plan, embeds: torch.Tensor, filled: torch.Tensor, positions: torch.Tensor) -> _Rollout:
-        """Reads each sample's prompt up to its first latent token (differentiable when grad is enabled), then runs
-        the latent steps under no_grad; fills the inserted embeddings and latent states into ``filled``."""
+    def _rollout(self, plan: _Plan, embeds: torch.Tensor, filled: torch.Tensor, positions: torch.Tensor,
+                 differentiable_prefix: bool) -> _Rollout:
+        """Reads each sample's prompt up to its first latent token (with grad when ``differentiable_prefix`` and
+        grad is enabled), then runs the latent steps under no_grad; fills the inserted embeddings and latent
+        states into ``filled``."""
         from transformers import DynamicCache
         B = filled.shape[0]
         lm = self.backbone.language_model
@@ -338,11 +346,12 @@ class IVTLR(_IVTLRBase):
         offset = width - torch.tensor(starts, device=filled.device)
         state.image_index = torch.where(state.image_valid, state.bank_columns + offset[:, None], -1)
         key_valid = torch.zeros(B, 0, dtype=torch.bool, device=filled.device)
-        with self.backbone.attention(ROLLOUT_ATTENTION):
-            source = _assemble_with_grad(plan, embeds, filled)
-            prefix_hidden, key_valid = self._read(lm, cache, key_valid, source, plan, positions,
-                                                  [slice(0, s) for s in starts], width,
-                                                  (state.image_index, state.scores.zero_(), weight))
+        with _checkpointing_paused(lm):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and differentiable_prefix):
+                source = _assemble_with_grad(plan, embeds, filled)
+                prefix_hidden, key_valid = self._read(lm, cache, key_valid, source, plan, positions,
+                                                      [slice(0, s) for s in starts], width,
+                                                      (state.image_index, state.scores.zero_(), weight))
             state.prefix = (prefix_hidden, [(layer.keys, layer.values) for layer in cache.layers], key_valid, starts)
             with torch.no_grad():
                 state.select(0, prefix_hidden.detach())
@@ -406,7 +415,7 @@ class IVTLR(_IVTLRBase):
                                                         image_grid_thw)
         B = filled.shape[0]
         if plan.num_steps:
-            rollout = self._rollout(plan, embeds, filled, positions)
+            rollout = self._rollout(plan, embeds, filled, positions, differentiable_prefix=False)
             cache, key_valid, read = rollout.cache, rollout.key_valid, rollout.read
         else:
             cache = DynamicCache(config=self.backbone.text_config)
@@ -417,6 +426,29 @@ class IVTLR(_IVTLRBase):
         eos, pad = self._eos_and_pad(eos_token_id)
         return _decode(self, lm, cache, key_valid, positions, hidden[:, -1], max_new_tokens, do_sample,
                        temperature, eos.to(filled.device), pad)
+
+
+def _checkpointing_layers(module: nn.Module) -> List[nn.Module]:
+    """The layers transformers would checkpoint now (gradient checkpointing on, training mode)."""
+    if not module.training:
+        return []
+    return [m for m in module.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
+class _checkpointing_paused:
+    """Gradient checkpointing off for a no-grad rollout: it would only drop the KV cache there (transformers
+    disables caching in checkpointed layers), and with no graph there is nothing to save."""
+
+    def __init__(self, module: nn.Module):
+        self.layers = _checkpointing_layers(module)
+
+    def __enter__(self):
+        for layer in self.layers:
+            layer.gradient_checkpointing = False
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            layer.gradient_checkpointing = True
 
 
 def _decode(model: _IVTLRBase, lm, cache, key_valid, positions, last_hidden, max_new_tokens, do_sample,
@@ -442,41 +474,55 @@ def _decode(model: _IVTLRBase, lm, cache, key_valid, positions, last_hidden, max
 
 
 class IVTLRReference(_IVTLRBase):
-    """IVT-LR as its public code computes it: eager attention with ``output_attentions``, the whole assembled
-    prefix recomputed from token 0 at every latent step, full logits and ``F.cross_entropy``. Same arguments and
-    outputs as :class:`IVTLR`; the oracle of the tests and the baseline of the benchmarks."""
+    """IVT-LR as its public code computes it: each latent step recomputes the whole assembled prefix from token 0
+    with eager attention and ``output_attentions`` (the [B, H, S, S] probabilities of every layer, of which one
+    row is used) and with grad, then one pass over the assembled sequence; the logits of all passes go into one
+    ``F.cross_entropy`` (the latent passes' labelled -100, so the loss and gradients are the final pass's, but
+    the backward runs through every pass). Same arguments and outputs as :class:`IVTLR`; the oracle of the tests
+    and the baseline of the benchmarks.
+
+    The latent passes' attention is eager (it must return probabilities); the loss pass runs with the model's own
+    implementation (the public code loads the model with eager attention for everything: pass such a model to
+    reproduce that)."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 pixel_values: Optional[torch.Tensor] = None, image_grid_thw: Optional[torch.Tensor] = None,
                 return_logits: bool = False) -> IVTLROutput:
         plan, embeds, positions, filled = self._prepare(input_ids, attention_mask, labels, pixel_values,
                                                         image_grid_thw)
-        with self.backbone.attention("eager"):
-            selected = self._latent_passes(plan, filled, positions)
-            hidden = self._final_pass(plan, embeds, filled, positions)
+        selected, pass_logits = self._latent_passes(plan, filled, positions)
+        hidden = self._final_pass(plan, embeds, filled, positions)
         logits = self.backbone.lm_head(hidden)
         loss = None
         if labels is not None:
+            # as the public code: the logits of every pass go into one cross-entropy, the latent passes' labelled
+            # -100; their gradient is zero, but autograd still runs the backward through every latent pass
             targets = _assembled_labels(plan, labels.long())
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten(), ignore_index=-100)
+            flat_logits = torch.cat([p.flatten(0, 1) for p in pass_logits] + [logits[:, :-1].flatten(0, 1)])
+            flat_targets = torch.cat([targets.new_full((p.shape[0] * p.shape[1],), -100) for p in pass_logits]
+                                     + [targets[:, 1:].flatten()])
+            loss = F.cross_entropy(flat_logits.float(), flat_targets, ignore_index=-100)
         return IVTLROutput(loss=loss, logits=logits if return_logits else None, selected=selected,
                            inputs_embeds=filled)
 
-    def _latent_passes(self, plan: _Plan, filled: torch.Tensor, positions: torch.Tensor) -> List[torch.Tensor]:
+    def _latent_passes(self, plan: _Plan, filled: torch.Tensor, positions: torch.Tensor):
+        """One pass from token 0 per latent step, with grad as in the public code (which has no no_grad there).
+        Returns (selected, each pass's logits [B_active, width, V])."""
         B = filled.shape[0]
         chosen = [torch.zeros(len(plan.images[b]), dtype=torch.bool, device=filled.device) for b in range(B)]
-        selected = []
+        selected, pass_logits = [], []
         for step in range(plan.num_steps):
             active = [b for b in range(B) if plan.counts[b] > step]
             ends = [plan.starts[b][step] for b in active]
             width = max(ends)
-            with torch.no_grad():
-                out = self.backbone.language_model(
-                    inputs_embeds=_left_pad([filled[b, :e] for b, e in zip(active, ends)], width),
-                    attention_mask=_left_pad([plan.valid[b, :e] for b, e in zip(active, ends)], width, False).long(),
-                    position_ids=self.backbone.position_ids(
-                        _left_pad([positions[:, b, :e].t() for b, e in zip(active, ends)], width, 1).permute(2, 0, 1)),
-                    output_attentions=True, use_cache=False)
+            key_valid = _left_pad([plan.valid[b, :e] for b, e in zip(active, ends)], width, False)
+            out = self.backbone.language_model(
+                inputs_embeds=_left_pad([filled[b, :e] for b, e in zip(active, ends)], width),
+                attention_mask=key_valid.long(),
+                position_ids=self.backbone.position_ids(
+                    _left_pad([positions[:, b, :e].t() for b, e in zip(active, ends)], width, 1).permute(2, 0, 1)),
+                output_attentions=True, use_cache=False, mmlatent_eager=EagerProbabilities(key_valid))
+            pass_logits.append(self.backbone.lm_head(out.last_hidden_state))
             # mean over all layers and all query heads of the last row's attention probabilities
             last_row = torch.stack([a[:, :, -1].float() for a in out.attentions]).mean(dim=(0, 2))  # [B_act, width]
             step_selected = torch.full((B, self.k), -1, dtype=torch.long, device=filled.device)
@@ -488,9 +534,9 @@ class IVTLRReference(_IVTLRBase):
                 step_selected[b] = top
                 latent_col = plan.latent_column(b, step)
                 filled[b, latent_col - self.k: latent_col] = filled[b, plan.image_columns(b)[top]]
-                filled[b, latent_col] = out.last_hidden_state[i, -1]
+                filled[b, latent_col] = out.last_hidden_state[i, -1].detach()
             selected.append(step_selected)
-        return selected
+        return selected, pass_logits
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -504,13 +550,12 @@ class IVTLRReference(_IVTLRBase):
         plan, _, positions, filled = self._prepare(input_ids, attention_mask, None, pixel_values, image_grid_thw)
         lm = self.backbone.language_model
         eos, pad = self._eos_and_pad(eos_token_id)
-        with self.backbone.attention("eager"):
-            self._latent_passes(plan, filled, positions)
-            cache = DynamicCache(config=self.backbone.text_config)
-            out = lm(inputs_embeds=filled, attention_mask=plan.valid.long(),
-                     position_ids=self.backbone.position_ids(positions), past_key_values=cache, use_cache=True)
-            return _decode(self, lm, cache, plan.valid, positions, out.last_hidden_state[:, -1], max_new_tokens,
-                           do_sample, temperature, eos.to(filled.device), pad)
+        self._latent_passes(plan, filled, positions)
+        cache = DynamicCache(config=self.backbone.text_config)
+        out = lm(inputs_embeds=filled, attention_mask=plan.valid.long(),
+                 position_ids=self.backbone.position_ids(positions), past_key_values=cache, use_cache=True)
+        return _decode(self, lm, cache, plan.valid, positions, out.last_hidden_state[:, -1], max_new_tokens,
+                       do_sample, temperature, eos.to(filled.device), pad)
 
 
 def ivtlr_reference(vlm: nn.Module, latent_token_id: int, *, k: Optional[int] = None,

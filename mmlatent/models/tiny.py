@@ -24,21 +24,34 @@ def _qwen_text_config(vocab, hidden, layers, heads, kv_heads, intermediate):
                 bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
 
 
+def _build(cls, config, seed, device, dtype):
+    torch.manual_seed(seed)
+    with torch.device(device or "cpu"):  # initialised where it will run: an 8B model is built on the GPU in seconds
+        return cls._from_config(config, attn_implementation="sdpa", dtype=dtype or torch.float32).eval()
+
+
 def tiny_qwen2_vl(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_depth=2,
-                  vision_dim=32, patch=4, seed=0):
+                  vision_dim=32, vision_heads=2, mlp_ratio=2, patch=4, seed=0, device=None, dtype=None):
     """A random-weight ``Qwen2VLForConditionalGeneration`` (image ids: vocab-4 image pad, vocab-3 video pad,
     vocab-2 vision start, vocab-1 vision end)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    vision = dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden, num_heads=2, mlp_ratio=2,
-                  in_channels=3, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2)
+    vision = dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden, num_heads=vision_heads,
+                  mlp_ratio=mlp_ratio, in_channels=3, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2)
     config = Qwen2VLConfig(text_config=_qwen_text_config(vocab, hidden, layers, heads, kv_heads, intermediate),
                            vision_config=vision, **_vision_ids(vocab))
-    torch.manual_seed(seed)
-    return Qwen2VLForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+    return _build(Qwen2VLForConditionalGeneration, config, seed, device, dtype)
+
+
+def qwen2_vl_7b_shapes(seed=0, device=None, dtype=None):
+    """Qwen2-VL-7B's shapes (language model: hidden 3584, 28 layers, 28 heads, 4 KV heads, MLP 18944, vocabulary
+    152064; vision: 32 layers of width 1280, 16 heads, patch 14) with random weights."""
+    return tiny_qwen2_vl(vocab=152064, hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944,
+                         vision_depth=32, vision_dim=1280, vision_heads=16, mlp_ratio=4, patch=14, seed=seed,
+                         device=device, dtype=dtype)
 
 
 def tiny_qwen2_5_vl(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_depth=2,
-                    vision_dim=32, patch=4, seed=0):
+                    vision_dim=32, patch=4, seed=0, device=None, dtype=None):
     """A random-weight ``Qwen2_5_VLForConditionalGeneration`` (window attention in its vision tower)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     vision = dict(depth=vision_depth, hidden_size=vision_dim, out_hidden_size=hidden, intermediate_size=2 * vision_dim,
@@ -46,8 +59,7 @@ def tiny_qwen2_5_vl(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, interme
                   window_size=4 * patch, fullatt_block_indexes=[vision_depth - 1])
     config = Qwen2_5_VLConfig(text_config=_qwen_text_config(vocab, hidden, layers, heads, kv_heads, intermediate),
                               vision_config=vision, **_vision_ids(vocab))
-    torch.manual_seed(seed)
-    return Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+    return _build(Qwen2_5_VLForConditionalGeneration, config, seed, device, dtype)
 
 
 def _vision_ids(vocab):
@@ -56,7 +68,7 @@ def _vision_ids(vocab):
 
 
 def tiny_chameleon(text_vocab=200, codebook=32, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
-                   resolution=32, seed=0):
+                   resolution=32, seed=0, device=None, dtype=None):
     """A random-weight ``ChameleonForConditionalGeneration`` with a small VQ-GAN: ``resolution / 4`` squared image
     tokens per image. Image token ids ``text_vocab + i`` for codebook entry i; ``<image>`` placeholder, begin/end
     of image after them."""
@@ -72,8 +84,7 @@ def tiny_chameleon(text_vocab=200, codebook=32, hidden=64, layers=2, heads=4, kv
                              num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                              vq_config=vq, vocabulary_map=vocabulary_map, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
                              pad_token_id=PAD_ID, max_position_embeddings=32768)
-    torch.manual_seed(seed)
-    return ChameleonForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+    return _build(ChameleonForConditionalGeneration, config, seed, device, dtype)
 
 
 def image_tokens_per_image(vlm, image_hw) -> int:
@@ -89,12 +100,13 @@ def image_tokens_per_image(vlm, image_hw) -> int:
 
 def synthetic_batch(vlm, *, images: Sequence[Sequence[Sequence[int]]], prompt_lengths: Sequence[int],
                     answer_lengths: Sequence[int], num_latents: Sequence[int], seed: int = 0,
-                    latent_id: int = LATENT_ID) -> Dict[str, torch.Tensor]:
+                    latent_id: int = LATENT_ID, with_answer: bool = True) -> Dict[str, torch.Tensor]:
     """Random inputs for ``vlm`` in its processor's layout, left-padded, with latent tokens and labels.
 
     Sample b is: bos, its images (each wrapped in the model's vision start/end tokens, one placeholder per image
     token), ``prompt_lengths[b]`` random text tokens, ``num_latents[b]`` latent tokens, ``answer_lengths[b]``
     random answer tokens, eos. Labels are the answer and eos (-100 elsewhere, as IVT-LR's curriculum sets them).
+    With ``with_answer=False`` the rows end at the latent tokens: a generation prompt.
 
     Args:
         images: per sample, a list of (height, width) pixel sizes (Qwen: multiples of 2 x patch; Chameleon: the
@@ -128,7 +140,7 @@ def synthetic_batch(vlm, *, images: Sequence[Sequence[Sequence[int]]], prompt_le
                 pixels.append(torch.rand(gh * gw, 3 * temporal * patch * patch, generator=g))
         text = lambda n: torch.randint(FIRST_TEXT_ID, vocab, (n,), generator=g).tolist()  # noqa: E731
         ids += text(prompt_lengths[b]) + [latent_id] * num_latents[b]
-        answer = text(answer_lengths[b]) + [EOS_ID]
+        answer = text(answer_lengths[b]) + [EOS_ID] if with_answer else []
         label_rows.append([-100] * len(ids) + answer)
         rows.append(ids + answer)
     S = max(map(len, rows))
@@ -149,5 +161,5 @@ def synthetic_batch(vlm, *, images: Sequence[Sequence[Sequence[int]]], prompt_le
     return batch
 
 
-__all__ = ["tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_chameleon", "synthetic_batch", "image_tokens_per_image",
+__all__ = ["tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_chameleon", "qwen2_vl_7b_shapes", "synthetic_batch", "image_tokens_per_image",
            "LATENT_ID", "PAD_ID", "BOS_ID", "EOS_ID"]
