@@ -229,6 +229,8 @@ LATENT_STEPS = 3
 
 def _ivtlr_inputs(build, images, prompt_lengths, answer_lengths, k, lora_rank, prompt_only, checkpointing):
     def make(device, dtype):
+        import copy
+
         from mmlatent.models import IVTLR, ivtlr_reference
         from mmlatent.models.tiny import LATENT_ID, synthetic_batch
         model = build(device=device, dtype=dtype)
@@ -239,23 +241,30 @@ def _ivtlr_inputs(build, images, prompt_lengths, answer_lengths, k, lora_rank, p
         batch = {key: value.to(device) for key, value in batch.items()}
         if prompt_only:
             del batch["labels"]
-        if lora_rank:
-            import peft
-            model = peft.get_peft_model(model, peft.LoraConfig(
-                r=lora_rank, lora_alpha=16, lora_dropout=0.0,
-                target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
-        if checkpointing:  # as IVT-LR's public training runs
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.train()
-        return dict(model=model, batch=batch, mmlatent=IVTLR(model, LATENT_ID, k=k),
-                    reference=ivtlr_reference(model, LATENT_ID, k=k))
+        # the public code loads the model with eager attention for everything: its twin gets the same weights
+        twin = copy.deepcopy(model)
+        twin.set_attn_implementation("eager")
+        models = {}
+        for which, m in (("mmlatent", model), ("reference", twin)):
+            if lora_rank:
+                import peft
+                torch.manual_seed(0)
+                m = peft.get_peft_model(m, peft.LoraConfig(
+                    r=lora_rank, lora_alpha=16, lora_dropout=0.0,
+                    target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
+            if checkpointing:  # as IVT-LR's public training runs
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                m.train()
+            models[which] = m
+        return dict(batch=batch, models=models, mmlatent=IVTLR(models["mmlatent"], LATENT_ID, k=k),
+                    reference=ivtlr_reference(models["reference"], LATENT_ID, k=k))
     return make
 
 
 def _ivtlr_train_step(which):
     def step(a):
         loss = a[which](**a["batch"]).loss
-        return torch.autograd.grad(loss, [p for p in a["model"].parameters() if p.requires_grad])
+        return torch.autograd.grad(loss, [p for p in a["models"][which].parameters() if p.requires_grad])
     return step
 
 

@@ -103,9 +103,12 @@ def one_sample(model, batch, b):
                 pixel_values=batch["pixel_values"][row0:row0 + sum(rows[first:first + starts[b]])])
 
 
-def test_rollout_runs_the_fused_kernels(models, monkeypatch):
-    """Training: one differentiable prefix read (SDPA + row_attention_mass per layer), then each later latent step
-    through attention_with_scores; no eager attention, no output_attentions."""
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_rollout_runs_the_fused_kernels(models, monkeypatch, use_backend, backend):
+    """No eager attention, no output_attentions: the image mass comes from mmlatent's kernels. The fused
+    attention_with_scores runs where it has a fast backend (Triton; here its interpreter); where it would run its
+    reference (CPU), SDPA + row_attention_mass is faster. A differentiable prefix read always takes the latter."""
+    use_backend(backend)
     model = models["qwen2_vl"]
     calls = {"row": 0, "fused": 0}
     real_row, real_fused = hf.row_attention_mass, hf.attention_with_scores
@@ -115,14 +118,19 @@ def test_rollout_runs_the_fused_kernels(models, monkeypatch):
                         or real_fused(*a, **kw))
     batch = synthetic_batch(model, images=IMAGES["qwen2_vl"], prompt_lengths=[3, 6], answer_lengths=[4, 2],
                             num_latents=[3, 3])
-    out = IVTLR(model, LATENT_ID, k=K)(**batch)
+    fast, ref = IVTLR(model, LATENT_ID, k=K), ivtlr_reference(model, LATENT_ID, k=K)
+    out = fast(**batch)
     layers = model.config.text_config.num_hidden_layers
-    assert calls == {"row": layers, "fused": 2 * layers}
+    fused = backend == "triton"
+    assert calls == {"row": layers * (1 if fused else 3), "fused": 2 * layers * fused}
     assert out.loss.requires_grad and model.config.text_config._attn_implementation == "mmlatent_sdpa"
+    expected = ref(**batch)
+    assert [s.tolist() for s in out.selected] == [s.tolist() for s in expected.selected]
+    assert rel_err(out.loss, expected.loss) <= 1e-5
     calls.update(row=0, fused=0)
-    with torch.no_grad():
-        IVTLR(model, LATENT_ID, k=K).generate(**{k: v for k, v in batch.items() if k != "labels"}, max_new_tokens=2)
-    assert calls == {"row": 0, "fused": 3 * layers}
+    prompt = {k: v for k, v in batch.items() if k != "labels"}
+    assert torch.equal(fast.generate(**prompt, max_new_tokens=3), ref.generate(**prompt, max_new_tokens=3))
+    assert calls == {"row": 3 * layers * (not fused), "fused": 3 * layers * fused}
 
 
 def test_wrapping_keeps_the_model_outputs():
