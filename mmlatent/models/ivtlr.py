@@ -452,13 +452,16 @@ class _checkpointing_paused:
 
 
 def _decode(model: _IVTLRBase, lm, cache, key_valid, positions, last_hidden, max_new_tokens, do_sample,
-            temperature, eos, pad) -> torch.Tensor:
-    """Greedy or sampled decoding with a KV cache from the prompt's last hidden state [B, D]."""
+            temperature, eos, pad, tokens: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+    """Greedy or sampled decoding with a KV cache, from the hidden state [B, D] of the last token fed (the
+    prompt's, or the last of ``tokens`` already generated)."""
     B = last_hidden.shape[0]
+    tokens = list(tokens or [])
     finished = torch.zeros(B, dtype=torch.bool, device=last_hidden.device)
-    tokens = []
+    for token in tokens:
+        finished |= torch.isin(token, eos)
     logits = model.backbone.lm_head(last_hidden)
-    for step in range(max_new_tokens):
+    for step in range(len(tokens), max_new_tokens):
         token = torch.where(finished, torch.full_like(finished, pad, dtype=torch.long),
                             model._pick(logits, do_sample, temperature))
         tokens.append(token)
@@ -543,19 +546,32 @@ class IVTLRReference(_IVTLRBase):
                  pixel_values: Optional[torch.Tensor] = None, image_grid_thw: Optional[torch.Tensor] = None,
                  max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
                  eos_token_id=None) -> torch.Tensor:
-        """The latent passes, one full pass over the assembled prompt, then decoding with a KV cache (as the public
-        code's generate does after its first step)."""
+        """As the public code's generate: the latent passes and the full pass of its forward give the first token;
+        its decoding loop then reads the assembled prompt and that token again without a cache, and continues with
+        the cache."""
         from transformers import DynamicCache
         self._check_generate(attention_mask, max_new_tokens, temperature)
         plan, _, positions, filled = self._prepare(input_ids, attention_mask, None, pixel_values, image_grid_thw)
         lm = self.backbone.language_model
         eos, pad = self._eos_and_pad(eos_token_id)
+        eos = eos.to(filled.device)
         self._latent_passes(plan, filled, positions)
-        cache = DynamicCache(config=self.backbone.text_config)
         out = lm(inputs_embeds=filled, attention_mask=plan.valid.long(),
-                 position_ids=self.backbone.position_ids(positions), past_key_values=cache, use_cache=True)
-        return _decode(self, lm, cache, plan.valid, positions, out.last_hidden_state[:, -1], max_new_tokens,
-                       do_sample, temperature, eos.to(filled.device), pad)
+                 position_ids=self.backbone.position_ids(positions), use_cache=False)
+        first = self._pick(self.backbone.lm_head(out.last_hidden_state[:, -1]), do_sample, temperature)
+        if max_new_tokens == 1 or bool(torch.isin(first, eos).all()):
+            return first[:, None]
+        # the public code's decoding loop starts without a cache: it reads the assembled prompt and the first
+        # token again, and caches from there
+        cache = DynamicCache(config=self.backbone.text_config)
+        key_valid = torch.cat([plan.valid, torch.ones_like(plan.valid[:, :1])], dim=1)
+        out = lm(inputs_embeds=torch.cat([filled, self.backbone.embed_tokens(first[:, None])], dim=1),
+                 attention_mask=key_valid.long(),
+                 position_ids=self.backbone.position_ids(torch.cat([positions, self._decode_positions(positions, 0)],
+                                                                   dim=2)),
+                 past_key_values=cache, use_cache=True)
+        return _decode(self, lm, cache, key_valid, positions, out.last_hidden_state[:, -1], max_new_tokens,
+                       do_sample, temperature, eos, pad, tokens=[first])
 
 
 def ivtlr_reference(vlm: nn.Module, latent_token_id: int, *, k: Optional[int] = None,
