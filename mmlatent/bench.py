@@ -25,6 +25,7 @@ Writes kernels.json, kernels.md and kernels.png into DIR (default benches/result
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -446,8 +447,9 @@ def run(sizes: str, repeats: int, dtype_name: str, memory: bool = True, command:
                 row.update(_measure(case, index, name, sizes, device, dtype, dtype_name, repeats, memory))
             except torch.OutOfMemoryError:  # the naive baselines of the largest shapes do not fit: say so
                 row.update(median_s=None, peak_bytes=None, error="out of memory")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            if row["median_s"] is None and device.type == "cuda":  # after the except block freed its traceback
+                gc.collect()
+                torch.cuda.empty_cache()
             rows.append(row)
             timing = "out of memory" if row["median_s"] is None else f"{row['median_s'] * 1e3:10.3f} ms"
             peak = row["peak_bytes"]

@@ -201,8 +201,9 @@ def test_bad_input_names_sample_and_argument(models):
     batch = _batch(models)
     with pytest.raises(ValueError, match="pixel_values: expected 48 rows .*, got 44"):
         fast(**dict(batch, pixel_values=batch["pixel_values"][:-4]))
-    with pytest.raises(ValueError, match="image_grid_thw: describes 24 image tokens, but input_ids hold 12"):  # consistent pixels, twice
-        fast(**dict(batch, pixel_values=torch.cat([batch["pixel_values"]] * 2),  # the tokens input_ids hold
+    # pixels consistent with a grid that describes twice the image tokens input_ids hold
+    with pytest.raises(ValueError, match="image_grid_thw: describes 24 image tokens, but input_ids hold 12"):
+        fast(**dict(batch, pixel_values=torch.cat([batch["pixel_values"]] * 2),
                     image_grid_thw=batch["image_grid_thw"] * torch.tensor([2, 1, 1])))
     with pytest.raises(ValueError, match="labels: expected shape"):
         fast(**dict(batch, labels=batch["labels"][:, 1:]))

@@ -190,8 +190,9 @@ class VLMBackbone:
             if pixel_values.dim() != 4:
                 raise ValueError(f"pixel_values: expected [images, 3, H, W], got {tuple(pixel_values.shape)}")
             if pixel_values.shape[0] * per_image != n_tokens:
-                raise ValueError(f"pixel_values: {pixel_values.shape[0]} images make {pixel_values.shape[0] * per_image}"
-                                 f" image tokens, but input_ids hold {n_tokens}")
+                images = pixel_values.shape[0]
+                raise ValueError(f"pixel_values: {images} images make {images * per_image} image tokens, but "
+                                 f"input_ids hold {n_tokens}")
             return
         if image_grid_thw is None:
             raise ValueError("image_grid_thw: required with pixel_values for Qwen2-VL / Qwen2.5-VL")

@@ -76,9 +76,10 @@ class _Plan:
                                  f"{counts[b] * k} its {counts[b]} latent steps select (k = {k} new tokens each)")
         self.counts = counts
         self.length = S + self.num_steps * k
-        inserted_before = torch.cumsum(is_latent.long(), dim=1) * k  # insertions at or before each column
+        # embeddings inserted at or before each original column (each latent token is shifted by its own k)
+        self.inserted_before = torch.cumsum(is_latent.long(), dim=1) * k  # [B, S]
         pad = torch.tensor([(self.num_steps - n) * k for n in counts], device=device)
-        self.orig_to_asm = torch.arange(S, device=device)[None] + inserted_before + pad[:, None]  # [B, S]
+        self.orig_to_asm = torch.arange(S, device=device)[None] + self.inserted_before + pad[:, None]  # [B, S]
         self.valid = torch.zeros(B, self.length, dtype=torch.bool, device=device)
         self.valid.scatter_(1, self.orig_to_asm, attention_mask.bool())
         self.inserted = torch.zeros(B, self.length, dtype=torch.bool, device=device)  # inserted or latent columns
@@ -103,9 +104,7 @@ class _Plan:
             return torch.arange(self.length, device=input_ids.device).expand(1, B, self.length).clone()
         original = backbone.model_positions(input_ids, attention_mask, image_grid_thw)  # [3, B, S]
         out = torch.ones(original.shape[0], B, self.length, dtype=original.dtype, device=original.device)
-        inserted = (self.orig_to_asm - torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-                    - torch.tensor([(self.num_steps - n) * self.k for n in self.counts], device=input_ids.device)[:, None])
-        out.scatter_(2, self.orig_to_asm[None].expand_as(original), original + inserted[None])
+        out.scatter_(2, self.orig_to_asm[None].expand_as(original), original + self.inserted_before[None])
         for b in range(B):
             for j, c in enumerate(self.latents[b]):
                 latent_col = int(self.orig_to_asm[b, c])
@@ -163,7 +162,6 @@ class _IVTLRBase(nn.Module):
         super().__init__()
         self.vlm = vlm
         self.backbone = VLMBackbone(vlm)
-        self.backbone.install_attention()
         self.latent_token_id = int(latent_token_id)
         self.k = _resolve_k(self.backbone, k)
         if position_mode not in POSITION_MODES:
@@ -172,6 +170,7 @@ class _IVTLRBase(nn.Module):
             raise ValueError("position_mode: 'mrope' needs an M-RoPE model (Qwen2-VL, Qwen2.5-VL); Chameleon's "
                              "positions are 1-D, use 'linear'")
         self.position_mode = position_mode
+        self.backbone.install_attention()  # last: a rejected argument leaves the model untouched
 
     def _prepare(self, input_ids, attention_mask, labels, pixel_values, image_grid_thw):
         _check_inputs(self.backbone, input_ids, attention_mask, labels, pixel_values, image_grid_thw)

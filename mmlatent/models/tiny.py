@@ -161,5 +161,6 @@ def synthetic_batch(vlm, *, images: Sequence[Sequence[Sequence[int]]], prompt_le
     return batch
 
 
-__all__ = ["tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_chameleon", "qwen2_vl_7b_shapes", "synthetic_batch", "image_tokens_per_image",
+__all__ = ["tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_chameleon", "qwen2_vl_7b_shapes", "synthetic_batch",
+           "image_tokens_per_image",
            "LATENT_ID", "PAD_ID", "BOS_ID", "EOS_ID"]
