@@ -1,0 +1,125 @@
+"""Batches for IVT-LR training and evaluation, laid out as IVT-LR's public code lays them out.
+
+A sample is ``bos, <vision_start> <image>*n <vision_end>, prompt, <latent>*s, rationale steps s.., answer, eos``
+(the public code: question + s latent tokens + the remaining steps + "Therefore, the answer is X" + eos), with
+labels -100 on everything up to the last latent token. Batches are left-padded. Modes:
+
+- ``"no_cot"``: the answer right after the prompt (no rationale);
+- ``"cot"``: the whole rationale, then the answer (IVT-LR's stage 0);
+- ``"ivtlr"``: stage s replaces the first s rationale steps by s latent tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .records import Record, answer_text, prompt_text
+
+MODES = ("no_cot", "cot", "ivtlr")
+
+
+def image_processor_for(vlm):
+    """The image processor a Qwen2-VL / Qwen2.5-VL model expects, built from its config (no download): pixels
+    rescaled to [0, 1] and not normalised (the tiny models are trained from scratch on that scale)."""
+    try:  # the PIL backend: torchvision is not a dependency
+        from transformers import Qwen2VLImageProcessorPil as Processor
+    except ImportError:
+        from transformers import Qwen2VLImageProcessor as Processor
+    vision = vlm.config.vision_config
+    side = vision.patch_size * vision.spatial_merge_size
+    return Processor(patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+                                 merge_size=vision.spatial_merge_size, image_mean=[0.0] * 3, image_std=[1.0] * 3,
+                                 min_pixels=side * side, max_pixels=1024 * 1024)
+
+
+def load_image(image, record_id: str) -> np.ndarray:
+    if isinstance(image, np.ndarray):
+        return image
+    if isinstance(image, str):
+        from PIL import Image
+        try:
+            with Image.open(image) as im:
+                return np.asarray(im.convert("RGB"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"record {record_id}: image: no file at {image}") from None
+    raise ValueError(f"record {record_id}: image: expected an RGB array or a path, got {type(image).__name__}")
+
+
+@dataclass
+class VLMCollator:
+    """Records -> a left-padded batch dict (input_ids, attention_mask, labels, pixel_values, image_grid_thw).
+
+    Args:
+        tokenizer: a :class:`mmlatent.data.tokenizer.WordTokenizer` (or anything with ``encode`` and the
+            pad/bos/eos/latent/image/vision_start/vision_end ids).
+        image_processor: a Qwen2-VL image processor (see :func:`image_processor_for`).
+        mode: "no_cot", "cot" or "ivtlr"; stage: latent steps for "ivtlr"; max_latent_steps: the rationale is cut
+            into at most this many steps.
+        prompt_only: stop after the latent tokens (generation prompts); labels are then omitted.
+    """
+
+    tokenizer: object
+    image_processor: object
+    mode: str = "ivtlr"
+    stage: int = 0
+    max_latent_steps: int = 3
+    prompt_only: bool = False
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.stage < 0 or self.stage > self.max_latent_steps:
+            raise ValueError(f"stage: expected 0..{self.max_latent_steps}, got {self.stage}")
+
+    def sample(self, record: Record, image_tokens: int):
+        t = self.tokenizer
+        prompt = [t.bos_id, t.vision_start_id] + [t.image_id] * image_tokens + [t.vision_end_id]
+        prompt += t.encode(prompt_text(record))
+        steps = record.steps(self.max_latent_steps)
+        latents = self.stage if self.mode == "ivtlr" else 0
+        prompt += [t.latent_id] * latents
+        if self.prompt_only:
+            return prompt, None
+        target: List[int] = []
+        if self.mode != "no_cot":
+            for step in steps[latents:]:
+                target += t.encode(step)
+        target += t.encode(answer_text(record)) + [t.eos_id]
+        return prompt + target, [-100] * len(prompt) + target
+
+    def __call__(self, records: Sequence[Record]) -> Dict[str, torch.Tensor]:
+        images = [load_image(r.image, r.id) for r in records]
+        processed = self.image_processor(images=images, return_tensors="pt")
+        grid = processed["image_grid_thw"]
+        merge = self.image_processor.merge_size
+        rows, label_rows = [], []
+        for record, thw in zip(records, grid.tolist()):
+            ids, labels = self.sample(record, thw[0] * thw[1] * thw[2] // merge ** 2)
+            rows.append(ids)
+            label_rows.append(labels)
+        width = max(map(len, rows))
+        B = len(rows)
+        input_ids = torch.full((B, width), self.tokenizer.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros(B, width, dtype=torch.long)
+        labels = torch.full((B, width), -100, dtype=torch.long)
+        for b, (ids, lab) in enumerate(zip(rows, label_rows)):
+            input_ids[b, width - len(ids):] = torch.tensor(ids)
+            attention_mask[b, width - len(ids):] = 1
+            if lab is not None:
+                labels[b, width - len(ids):] = torch.tensor(lab)
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=processed["pixel_values"],
+                     image_grid_thw=grid)
+        if not self.prompt_only:
+            batch["labels"] = labels
+        return batch
+
+
+def stage_for_epoch(epoch: int, epochs_per_stage: int, max_stage: int) -> int:
+    """IVT-LR's curriculum: stage = epoch // epochs_per_stage, capped at the last stage."""
+    return min(epoch // epochs_per_stage, max_stage)
+
+
+__all__ = ["VLMCollator", "image_processor_for", "load_image", "stage_for_epoch", "MODES"]

@@ -1,0 +1,57 @@
+"""A word-level tokenizer (Hugging Face ``tokenizers``) whose special ids line up with the tiny models of
+:mod:`mmlatent.models.tiny`: 0 pad, 1 bos, 2 eos, 3 latent, 4/5 start/end of latent reasoning, 6 unknown, the
+words, then the image pad, video pad, vision start and vision end tokens at the top of the vocabulary."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, List
+
+from tokenizers import Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import WordLevel
+
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<|latent|>", "<|start-latent|>", "<|end-latent|>", "<unk>"]
+VISION = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+
+
+class WordTokenizer:
+    """Lower-cased words and punctuation marks; ``encode`` gives ids, ``decode`` joins words with spaces."""
+
+    def __init__(self, words: Iterable[str]):
+        words = [w for w in dict.fromkeys(words) if w not in SPECIALS + VISION]
+        self.tokens: List[str] = SPECIALS + words + VISION
+        vocab = {token: i for i, token in enumerate(self.tokens)}
+        self._tokenizer = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+        self._tokenizer.normalizer = normalizers.Lowercase()
+        # words, and every punctuation mark on its own ("]:{" is three tokens), as synthetic.vocabulary splits
+        self._tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                                 pre_tokenizers.Punctuation(),
+                                                                 pre_tokenizers.Digits(individual_digits=False)])
+        self.pad_id, self.bos_id, self.eos_id, self.latent_id = 0, 1, 2, 3
+        self.start_latent_id, self.end_latent_id, self.unk_id = 4, 5, 6
+        size = len(self.tokens)
+        self.image_id, self.video_id, self.vision_start_id, self.vision_end_id = size - 4, size - 3, size - 2, size - 1
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, text: str) -> List[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        hidden = set(range(7)) | {self.image_id, self.video_id, self.vision_start_id, self.vision_end_id}
+        return " ".join(self.tokens[i] for i in ids if not (skip_special and i in hidden) and 0 <= i < len(self))
+
+    def save(self, path: str) -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"words": self.tokens[len(SPECIALS):-len(VISION)]}, f)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "WordTokenizer":
+        with open(path) as f:
+            return cls(json.load(f)["words"])
+
+
+__all__ = ["WordTokenizer", "SPECIALS", "VISION"]
