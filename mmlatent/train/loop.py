@@ -1,0 +1,306 @@
+"""One lean training loop for every method: bf16 autocast on GPU, gradient checkpointing, gradient accumulation,
+torch's fused AdamW, gradient clipping, warmup + cosine schedule, a progress bar (loss, tokens/s, peak memory),
+periodic evaluation, and atomic safetensors checkpoints that resume exactly (model, optimizer, scheduler, RNG
+states, data position)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (IVT-LR's public defaults: lr 4e-5, weight decay 0.01, clip 0.7)."""
+
+    max_steps: int
+    lr: float = 4e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_accum: int = 1
+    clip: float = 0.7
+    bf16: Optional[bool] = None  # None: on when training on a GPU
+    gradient_checkpointing: bool = False
+    eval_every: int = 0
+    save_every: int = 0
+    output_dir: Optional[str] = None
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("max_steps", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)}")
+        if self.lr <= 0 or self.clip < 0:
+            raise ValueError(f"lr, clip: expected lr > 0 and clip >= 0, got {self.lr}, {self.clip}")
+
+
+class EpochBatches:
+    """A deterministic stream of batches: each epoch visits the records in an order drawn from (seed, epoch), in
+    batches of ``batch_size`` built by ``collate(records, epoch)``. Its position is part of every checkpoint."""
+
+    def __init__(self, records: Sequence, batch_size: int, collate: Callable, seed: int = 0, drop_last: bool = True):
+        if batch_size < 1 or batch_size > len(records):
+            raise ValueError(f"batch_size: expected 1..{len(records)} (the number of records), got {batch_size}")
+        self.records, self.batch_size, self.collate, self.seed = records, batch_size, collate, seed
+        self.per_epoch = len(records) // batch_size if drop_last else math.ceil(len(records) / batch_size)
+        self.epoch, self.index = 0, 0
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
+
+    def __next__(self):
+        if self.index >= self.per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        order = self._order(self.epoch)
+        chosen = order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        self.index += 1
+        return self.collate([self.records[i] for i in chosen], self.epoch)
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warmup over ``warmup`` steps, then cosine from 1 to ``min_ratio``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Runs ``loss_fn(model, batch) -> scalar loss`` over ``batches`` for ``config.max_steps`` optimizer steps.
+
+    Only the parameters that require grad are optimized and checkpointed (LoRA adapters, or everything when
+    training from scratch). ``eval_fn(model) -> dict`` runs every ``eval_every`` steps; ``history`` keeps every
+    step's loss, learning rate and throughput, and every evaluation.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, batches: EpochBatches, config: TrainConfig,
+                 eval_fn: Optional[Callable] = None, on_epoch: Optional[Callable[[int], None]] = None,
+                 describe: str = "train"):
+        self.model, self.loss_fn, self.batches, self.config = model, loss_fn, batches, config
+        self.eval_fn, self.on_epoch, self.describe = eval_fn, on_epoch, describe
+        self.device = next(model.parameters()).device
+        self.bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
+        self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not self.named_params:
+            raise ValueError("model: no parameter requires grad; nothing to train")
+        self.step = 0
+        self.history: Dict[str, List] = {"train": [], "eval": []}
+        self._seen_epoch = None
+        self.reset_optimizer()
+        if config.gradient_checkpointing:
+            enable = getattr(model, "gradient_checkpointing_enable", None)
+            if enable is None:
+                raise ValueError("gradient_checkpointing: the model has no gradient_checkpointing_enable()")
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def reset_optimizer(self) -> None:
+        """A fresh AdamW (fused) and schedule continuing from the current step (IVT-LR may reset per stage)."""
+        params = [p for _, p in self.named_params]
+        self.optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay,
+                                           fused=all(p.dtype.is_floating_point for p in params))
+        c = self.config
+        factor = lambda s: warmup_cosine(s, c.warmup_steps, c.max_steps, c.min_lr_ratio)  # noqa: E731
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor, last_epoch=-1)
+        if self.step:  # keep the schedule where the run is
+            self.scheduler.last_epoch = self.step
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor(self.step)
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    # ------------------------------------------------------------------------------------------------ training
+    def fit(self, until: Optional[int] = None) -> Dict[str, List]:
+        """Trains to ``config.max_steps`` (or stops after step ``until``: an interruption, for tests and
+        time-boxed runs; the schedule is still the one of max_steps)."""
+        from tqdm.auto import tqdm
+        c = self.config
+        last = c.max_steps if until is None else min(until, c.max_steps)
+        if self.step == 0:  # a resumed run restores its RNG states instead
+            torch.manual_seed(c.seed)
+        self.model.train()
+        bar = tqdm(total=c.max_steps, initial=self.step, desc=self.describe, disable=not c.progress, leave=True)
+        while self.step < last:
+            t0 = time.perf_counter()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            total_loss, tokens = 0.0, 0
+            for _ in range(c.grad_accum):
+                self._epoch_hook()
+                batch = next(self.batches)
+                batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    loss = self.loss_fn(self.model, batch)
+                (loss / c.grad_accum).backward()
+                total_loss += float(loss.detach()) / c.grad_accum
+                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+            params = [p for _, p in self.named_params]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.clip)) if c.clip > 0 else float("nan")
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            elapsed = time.perf_counter() - t0
+            peak = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
+                    else _rss_peak_bytes())
+            record = dict(step=self.step, loss=total_loss, lr=self.scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                          tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0, peak_memory_bytes=peak,
+                          epoch=self.batches.epoch, seconds=elapsed)
+            self.history["train"].append(record)
+            bar.set_postfix(loss=f"{total_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            peak=f"{peak / 2**20:.0f}MiB", epoch=self.batches.epoch)
+            bar.update(1)
+            if self.eval_fn is not None and c.eval_every and self.step % c.eval_every == 0:
+                self.evaluate()
+            if c.output_dir and c.save_every and self.step % c.save_every == 0:
+                self.save(os.path.join(c.output_dir, f"checkpoint-{self.step}"))
+        bar.close()
+        return self.history
+
+    def _epoch_hook(self):
+        epoch = self.batches.epoch if self.batches.index < self.batches.per_epoch else self.batches.epoch + 1
+        if self.on_epoch is not None and epoch != self._seen_epoch:
+            self.on_epoch(epoch)
+        self._seen_epoch = epoch
+
+    def evaluate(self) -> dict:
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            result = dict(step=self.step, **self.eval_fn(self.model))
+        self.model.train(was_training)
+        self.history["eval"].append(result)
+        return result
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def save(self, directory: str) -> str:
+        """Writes model.safetensors (trainable parameters), optimizer.safetensors, trainer.json (step, schedule,
+        data position, RNG states, history) into a temporary folder renamed to ``directory`` once complete."""
+        from safetensors.torch import save_file
+        tmp = directory.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        save_file({n: p.detach().contiguous().cpu() for n, p in self.named_params},
+                  os.path.join(tmp, "model.safetensors"))
+        opt_tensors, opt_meta = _flatten_optimizer(self.optimizer.state_dict())
+        save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["torch_cuda"] = torch.cuda.get_rng_state(self.device if self.device.type == "cuda" else None)
+        save_file(rng, os.path.join(tmp, "rng.safetensors"))
+        state = dict(step=self.step, scheduler=self.scheduler.state_dict(), data=self.batches.state_dict(),
+                     optimizer=opt_meta, python_rng=_jsonable(random.getstate()),
+                     numpy_rng=_jsonable(np.random.get_state()), config=asdict(self.config), history=self.history,
+                     seen_epoch=self._seen_epoch)
+        _atomic_write(os.path.join(tmp, "trainer.json"), lambda p: open(p, "w").write(json.dumps(state)))
+        if os.path.exists(directory):
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+        return directory
+
+    def resume(self, directory: str) -> None:
+        """Restores everything :meth:`save` wrote; the run then continues exactly where it stopped."""
+        from safetensors.torch import load_file
+        missing = [f for f in ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json")
+                   if not os.path.exists(os.path.join(directory, f))]
+        if missing:
+            raise FileNotFoundError(f"resume: {directory} is not a complete checkpoint (missing {', '.join(missing)})")
+        weights = load_file(os.path.join(directory, "model.safetensors"))
+        names = {n for n, _ in self.named_params}
+        if set(weights) != names:
+            raise ValueError(f"resume: the checkpoint's parameters differ from the model's trainable ones "
+                             f"({sorted(set(weights) ^ names)[:4]}...)")
+        with torch.no_grad():
+            for n, p in self.named_params:
+                p.copy_(weights[n].to(p.device, p.dtype))
+        with open(os.path.join(directory, "trainer.json")) as f:
+            state = json.load(f)
+        self.step = int(state["step"])
+        self.reset_optimizer()
+        self.optimizer.load_state_dict(_unflatten_optimizer(load_file(os.path.join(directory, "optimizer.safetensors")),
+                                                            state["optimizer"], self.device))
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.batches.load_state_dict(state["data"])
+        self.history = state["history"]
+        self._seen_epoch = state.get("seen_epoch")
+        rng = load_file(os.path.join(directory, "rng.safetensors"))
+        torch.set_rng_state(rng["torch_cpu"])
+        if "torch_cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["torch_cuda"])
+        random.setstate(_tuples(state["python_rng"]))
+        np.random.set_state(_tuples(state["numpy_rng"]))
+
+
+def _rss_peak_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _flatten_optimizer(state: dict):
+    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
+    for index, values in state["state"].items():
+        meta["state"][str(index)] = {}
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+                meta["state"][str(index)][key] = "tensor"
+            else:
+                meta["state"][str(index)][key] = value
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict, device) -> dict:
+    state = {}
+    for index, values in meta["state"].items():
+        state[int(index)] = {key: (tensors[f"{index}.{key}"].to(device) if kind == "tensor" else kind)
+                             for key, kind in values.items()}
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": value.tolist(), "dtype": str(value.dtype)}
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _tuples(value):
+    if isinstance(value, dict) and "__ndarray__" in value:
+        return np.asarray(value["__ndarray__"], dtype=value["dtype"])
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+__all__ = ["TrainConfig", "Trainer", "EpochBatches", "warmup_cosine"]
