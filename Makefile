@@ -37,6 +37,8 @@ gpu-check:
 	MMLATENT_CUDA=1 MMLATENT_CUDA_ARCHS=90a $(PYTHON) setup.py -q build_ext --inplace
 	$(PYTHON) -m pytest -q -m gpu tests
 	$(PYTHON) -m mmlatent.bench --sizes gpu
+	$(PYTHON) -m mmlatent.cli train --config configs/ivtlr-qwen2vl-7b-shapes-gpu.yaml \
+		--report benches/results/$$($(PYTHON) -c "import torch, mmlatent.bench as b; print(b.device_label(torch.device('cuda')))")/train-ivtlr-7b-shapes.json
 
 clean:
 	rm -rf build *.egg-info mmlatent/*.so

@@ -76,7 +76,8 @@ class VLMCollator:
 
     def sample(self, record: Record, image_tokens: int):
         t = self.tokenizer
-        prompt = [t.bos_id, t.vision_start_id] + [t.image_id] * image_tokens + [t.vision_end_id]
+        prompt = [] if t.bos_id is None else [t.bos_id]  # Qwen2's tokenizer has no bos token
+        prompt += [t.vision_start_id] + [t.image_id] * image_tokens + [t.vision_end_id]
         prompt += t.encode(prompt_text(record))
         steps = record.steps(self.max_latent_steps)
         latents = self.stage if self.mode == "ivtlr" else 0

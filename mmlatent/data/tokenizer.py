@@ -17,8 +17,13 @@ VISION = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
 class WordTokenizer:
     """Lower-cased words and punctuation marks; ``encode`` gives ids, ``decode`` joins words with spaces."""
 
-    def __init__(self, words: Iterable[str]):
+    def __init__(self, words: Iterable[str], size: int = None):
         words = [w for w in dict.fromkeys(words) if w not in SPECIALS + VISION]
+        if size is not None:  # pad with unused tokens to a model's vocabulary size (e.g. Qwen2-VL-7B's 152064)
+            if size < len(SPECIALS) + len(words) + len(VISION):
+                raise ValueError(f"size: {size} is smaller than the {len(SPECIALS) + len(words) + len(VISION)} "
+                                 f"tokens the words need")
+            words = words + [f"<unused{i}>" for i in range(size - len(SPECIALS) - len(words) - len(VISION))]
         self.tokens: List[str] = SPECIALS + words + VISION
         vocab = {token: i for i, token in enumerate(self.tokens)}
         self._tokenizer = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
@@ -45,13 +50,47 @@ class WordTokenizer:
     def save(self, path: str) -> None:
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"words": self.tokens[len(SPECIALS):-len(VISION)]}, f)
+            words = [w for w in self.tokens[len(SPECIALS):-len(VISION)] if not w.startswith("<unused")]
+            json.dump({"words": words, "size": len(self.tokens)}, f)
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str) -> "WordTokenizer":
         with open(path) as f:
-            return cls(json.load(f)["words"])
+            saved = json.load(f)
+        return cls(saved["words"], size=saved.get("size"))
 
 
-__all__ = ["WordTokenizer", "SPECIALS", "VISION"]
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer (a Qwen2-VL checkpoint's) behind the interface the collator uses; adds IVT-LR's
+    ``<|latent|>``, ``<|start-latent|>`` and ``<|end-latent|>`` tokens when missing (resize the model's embeddings
+    to ``len(tokenizer)`` then)."""
+
+    def __init__(self, tokenizer, image_token: str = "<|image_pad|>", vision_start: str = "<|vision_start|>",
+                 vision_end: str = "<|vision_end|>"):
+        missing = [t for t in ("<|latent|>", "<|start-latent|>", "<|end-latent|>")
+                   if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+        if missing:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing})
+        self.tokenizer = tokenizer
+        ids = tokenizer.convert_tokens_to_ids
+        self.latent_id, self.start_latent_id, self.end_latent_id = (ids("<|latent|>"), ids("<|start-latent|>"),
+                                                                    ids("<|end-latent|>"))
+        self.image_id, self.vision_start_id, self.vision_end_id = ids(image_token), ids(vision_start), ids(vision_end)
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.bos_id = tokenizer.bos_token_id
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def encode(self, text: str) -> List[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special)
+
+
+__all__ = ["WordTokenizer", "HFTokenizer", "SPECIALS", "VISION"]

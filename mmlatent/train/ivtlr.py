@@ -1,0 +1,304 @@
+"""IVT-LR training runs from a config file: the progressive curriculum, the no-CoT and explicit-CoT variants, the
+no-image control, evaluation (strict accuracy and, labelled separately, the public code's lenient scoring) and
+self-contained checkpoints (weights, tokenizer, config)."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from mmlatent.data import (MODES, VLMCollator, WordTokenizer, image_processor_for, lenient_correct, prompt_text,
+                           stage_for_epoch, strict_answer, synthetic)
+from mmlatent.data.records import Record
+from mmlatent.models import IVTLR
+from mmlatent.models import tiny as tiny_models
+
+from .loop import EpochBatches, TrainConfig, Trainer
+
+
+@dataclass
+class RunConfig:
+    """One training run (YAML keys are these fields; ``train`` holds :class:`TrainConfig` fields)."""
+
+    name: str = "run"
+    mode: str = "ivtlr"  # ivtlr | cot | no_cot
+    model: Dict = field(default_factory=lambda: {"tiny_qwen2_vl": {}})
+    data: Dict = field(default_factory=lambda: {"synthetic": {"n_train": 2000, "n_eval": 400, "seed": 0}})
+    epochs: int = 4
+    epochs_per_stage: int = 1
+    max_latent_steps: int = 3
+    batch_size: int = 16
+    k: int = 1
+    lora: Optional[Dict] = None
+    freeze_vision: bool = True
+    reset_optimizer_per_stage: bool = False
+    no_image: bool = False
+    max_new_tokens: int = 48
+    train: Dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("epochs", "epochs_per_stage", "batch_size", "k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)}")
+
+    @classmethod
+    def load(cls, path: str) -> "RunConfig":
+        import yaml
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown}; expected some of {sorted(known)}")
+        return cls(**raw)
+
+
+# ------------------------------------------------------------------------------------------------------ building
+
+def build_data(config: RunConfig):
+    """(tokenizer, train records, eval records)."""
+    if "synthetic" in config.data:
+        spec = dict(config.data["synthetic"])
+        kinds = tuple(spec.get("kinds", synthetic.KINDS))
+        weights = spec.get("weights")
+        train = synthetic.generate(spec.get("n_train", 2000), seed=spec.get("seed", 0), kinds=kinds, weights=weights)
+        evaluation = synthetic.generate(spec.get("n_eval", 400), seed=spec.get("seed", 0), kinds=kinds,
+                                        weights=weights, split="test")
+        if "image_size" in spec:  # nearest-neighbour upscaling: real-size image-token counts on the same task
+            train, evaluation = (_resized(records, spec["image_size"]) for records in (train, evaluation))
+        tokenizer = WordTokenizer(synthetic.vocabulary(), size=spec.get("vocab_size"))
+    else:
+        from mmlatent.data import readers
+        from mmlatent.data.tokenizer import HFTokenizer
+        if "path" not in config.model:
+            raise ValueError("model: a real dataset needs a model loaded from a local path (model: {path: ...}), "
+                             "whose tokenizer reads its text")
+        from transformers import AutoTokenizer
+        kind, spec = next(iter(config.data.items()))
+        train, evaluation = readers.load(kind, spec)
+        tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(config.model["path"]))
+    if config.no_image:  # the control that shows whether the task needs the image
+        train, evaluation = _blank(train), _blank(evaluation)
+    return tokenizer, train, evaluation
+
+
+def _resized(records: List[Record], size) -> List[Record]:
+    height, width = size
+    out = []
+    for r in records:
+        resized = copy.copy(r)
+        rows = np.arange(height) * r.image.shape[0] // height
+        cols = np.arange(width) * r.image.shape[1] // width
+        resized.image = r.image[rows][:, cols]
+        out.append(resized)
+    return out
+
+
+def _blank(records: List[Record]) -> List[Record]:
+    out = []
+    for r in records:
+        blank = copy.copy(r)
+        blank.image = np.zeros_like(r.image) if isinstance(r.image, np.ndarray) else r.image
+        out.append(blank)
+    return out
+
+
+def build_model(config: RunConfig, vocab_size: int, device):
+    (kind, spec), = config.model.items()
+    if kind == "tiny_qwen2_vl":
+        model = tiny_models.tiny_qwen2_vl(vocab=vocab_size, device=device, **spec)
+    elif kind == "qwen2_vl_7b_shapes":  # random weights, for memory and speed measurements on a GPU
+        model = tiny_models.qwen2_vl_7b_shapes(device=device, dtype=torch.bfloat16 if device.type == "cuda"
+                                               else torch.float32, **(spec or {}))
+        if vocab_size != model.config.text_config.vocab_size:
+            raise ValueError(f"data: the tokenizer has {vocab_size} tokens, the 7B-shaped model "
+                             f"{model.config.text_config.vocab_size}; set data.synthetic.vocab_size to match")
+    elif kind == "path":  # a local checkpoint (Qwen2-VL, Qwen2.5-VL)
+        from transformers import AutoModelForImageTextToText
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = AutoModelForImageTextToText.from_pretrained(spec, attn_implementation="sdpa", dtype=dtype).to(device)
+        if vocab_size > model.get_input_embeddings().num_embeddings:  # IVT-LR's latent tokens were added
+            model.resize_token_embeddings(vocab_size)
+    else:
+        raise ValueError(f"model: expected tiny_qwen2_vl, qwen2_vl_7b_shapes or path, got {kind!r}")
+    if config.freeze_vision:
+        for name, p in model.named_parameters():
+            if "visual" in name:
+                p.requires_grad_(False)
+    if config.lora:
+        import peft
+        lora = dict(config.lora)
+        modules = lora.pop("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj"])
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            target_modules=r".*language_model.*\.(" + "|".join(modules) + ")", **lora))
+    return model
+
+
+def collator(config: RunConfig, tokenizer, image_processor, stage: int, prompt_only: bool = False) -> VLMCollator:
+    return VLMCollator(tokenizer, image_processor, mode=config.mode, stage=stage if config.mode == "ivtlr" else 0,
+                       max_latent_steps=config.max_latent_steps, prompt_only=prompt_only)
+
+
+def final_stage(config: RunConfig) -> int:
+    return stage_for_epoch(config.epochs - 1, config.epochs_per_stage, config.max_latent_steps) \
+        if config.mode == "ivtlr" else 0
+
+
+# ------------------------------------------------------------------------------------------------------ running
+
+def train(config: RunConfig, device=None, resume: Optional[str] = None, progress: bool = True,
+          until: Optional[int] = None) -> dict:
+    """Trains one run and writes ``<output_dir>/final`` (model.safetensors, tokenizer.json, run.json). Returns
+    the trainer history and the final evaluation."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer, train_records, eval_records = build_data(config)
+    model = build_model(config, len(tokenizer), device)
+    image_processor = _image_processor(config, model)
+    wrapper = IVTLR(model, tokenizer.latent_id, k=config.k)
+    stage_of = lambda epoch: stage_for_epoch(epoch, config.epochs_per_stage, config.max_latent_steps)  # noqa: E731
+    collators = {}
+
+    def collate(records, epoch):
+        stage = stage_of(epoch) if config.mode == "ivtlr" else 0
+        if stage not in collators:
+            collators[stage] = collator(config, tokenizer, image_processor, stage)
+        return collators[stage](records)
+
+    batches = EpochBatches(train_records, config.batch_size, collate, seed=config.train.get("seed", 0))
+    options = dict(config.train)
+    options.setdefault("max_steps", max(1, config.epochs * batches.per_epoch // options.get("grad_accum", 1)))
+    train_config = TrainConfig(**options)
+    current = {"stage": None}
+
+    def on_epoch(epoch):
+        stage = stage_of(epoch)
+        if config.mode == "ivtlr" and current["stage"] is not None and stage != current["stage"] \
+                and config.reset_optimizer_per_stage:
+            trainer.reset_optimizer()
+        current["stage"] = stage
+
+    def loss_fn(m, batch):
+        return wrapper(**batch).loss
+
+    train_config.progress = progress and train_config.progress
+    trainer = Trainer(model, loss_fn, batches, train_config, on_epoch=on_epoch, describe=config.name)
+    if resume:
+        trainer.resume(resume)
+    t0 = time.perf_counter()
+    history = trainer.fit(until=until)
+    seconds = time.perf_counter() - t0
+    steps = history["train"]
+    result = dict(name=config.name, mode=config.mode, stage=final_stage(config), train_seconds=seconds,
+                  device=str(device), peak_memory_bytes=max((r["peak_memory_bytes"] for r in steps), default=0),
+                  median_step_seconds=float(np.median([r["seconds"] for r in steps])) if steps else None,
+                  history=history)
+    if train_config.output_dir:
+        save_run(os.path.join(train_config.output_dir, "final"), model, tokenizer, config, result)
+    return dict(result, model=model, wrapper=wrapper, tokenizer=tokenizer, eval_records=eval_records,
+                image_processor=image_processor)
+
+
+def save_run(directory: str, model, tokenizer: WordTokenizer, config: RunConfig, result: dict) -> None:
+    """A self-contained checkpoint, written into a temporary folder renamed once complete."""
+    from safetensors.torch import save_file
+    tmp = directory.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    state = model.state_dict()
+    if config.lora:  # the adapters only; the base weights come from model.path
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in trainable}
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))
+    if isinstance(tokenizer, WordTokenizer):
+        tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+    else:  # a checkpoint's tokenizer, with the latent tokens added
+        tokenizer.tokenizer.save_pretrained(tmp)
+    summary = {k: v for k, v in result.items() if k != "history"}
+    summary["train_loss"] = [r["loss"] for r in result["history"]["train"]]
+    with open(os.path.join(tmp, "run.json"), "w") as f:
+        json.dump({"config": asdict(config), "result": summary}, f, indent=1)
+    if os.path.exists(directory):
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+
+
+def load_run(directory: str, device=None):
+    """(IVTLR wrapper, tokenizer, RunConfig, image processor) from a folder written by :func:`save_run`."""
+    from safetensors.torch import load_file
+    device = torch.device(device or "cpu")
+    with open(os.path.join(directory, "run.json")) as f:
+        config = RunConfig(**json.load(f)["config"])
+    if "path" in config.model:
+        from transformers import AutoTokenizer
+
+        from mmlatent.data.tokenizer import HFTokenizer
+        tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(directory))
+    else:
+        tokenizer = WordTokenizer.load(os.path.join(directory, "tokenizer.json"))
+    model = build_model(config, len(tokenizer), device)
+    model.load_state_dict(load_file(os.path.join(directory, "model.safetensors"), device=str(device)),
+                          strict=not config.lora)
+    model.eval()
+    return IVTLR(model, tokenizer.latent_id, k=config.k), tokenizer, config, _image_processor(config, model)
+
+
+def _image_processor(config: RunConfig, model):
+    """A local checkpoint's own image processor (its normalisation), else one built from the tiny config."""
+    if "path" in config.model:
+        from transformers import AutoProcessor
+        return AutoProcessor.from_pretrained(config.model["path"]).image_processor
+    return image_processor_for(model.get_base_model() if hasattr(model, "get_base_model") else model)
+
+
+def evaluate(wrapper: IVTLR, tokenizer, image_processor, config: RunConfig, records: List[Record],
+             batch_size: int = 32, stage: Optional[int] = None, progress: bool = False) -> dict:
+    """Accuracy with the strict parse (the first "the answer is X" of the generated text must be the gold
+    letter), the public code's lenient scoring reported separately, latency and generated tokens per sample."""
+    from tqdm.auto import tqdm
+    stage = final_stage(config) if stage is None else stage
+    make = collator(config, tokenizer, image_processor, stage, prompt_only=True)
+    device = next(wrapper.parameters()).device
+    correct, lenient, tokens, seconds, per_kind, outputs = 0, 0, 0, 0.0, {}, []
+    for start in tqdm(range(0, len(records), batch_size), disable=not progress, desc=f"eval {config.name}"):
+        chunk = records[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in make(chunk).items()}
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            generated = wrapper.generate(**batch, max_new_tokens=config.max_new_tokens,
+                                         eos_token_id=tokenizer.eos_id)
+        seconds += time.perf_counter() - t0
+        for record, row in zip(chunk, generated.tolist()):
+            ids = row[:row.index(tokenizer.eos_id) + 1] if tokenizer.eos_id in row else row
+            text = tokenizer.decode(ids)
+            ok = strict_answer(text) == record.answer_letter
+            correct += ok
+            lenient += lenient_correct(tokenizer.decode(tokenizer.encode(prompt_text(record))) + " " + text,
+                                       record.answer_letter)
+            tokens += len(ids)
+            kind = record.meta.get("kind", "all")
+            per_kind.setdefault(kind, [0, 0])
+            per_kind[kind][0] += ok
+            per_kind[kind][1] += 1
+            outputs.append({"id": record.id, "gold": record.answer_letter, "output": text, "correct": bool(ok)})
+    n = len(records)
+    accuracy = correct / n if n else float("nan")
+    return dict(name=config.name, mode=config.mode, stage=stage, n=n, accuracy=accuracy,
+                accuracy_stderr=math.sqrt(accuracy * (1 - accuracy) / n) if n else float("nan"),
+                lenient_accuracy_public_code=lenient / n if n else float("nan"),
+                latency_per_sample_s=seconds / n if n else float("nan"),
+                tokens_per_answer=tokens / n if n else float("nan"),
+                accuracy_by_kind={k: v[0] / v[1] for k, v in per_kind.items()}, outputs=outputs)
+
+
+__all__ = ["RunConfig", "train", "evaluate", "save_run", "load_run", "build_data", "build_model"]

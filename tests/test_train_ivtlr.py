@@ -1,0 +1,87 @@
+"""IVT-LR runs from configs: the curriculum's stages, self-contained checkpoints, evaluation, the CLI."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mmlatent import cli
+from mmlatent.train import ivtlr as runs
+
+TINY = dict(model={"tiny_qwen2_vl": {"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 64}},
+            data={"synthetic": {"n_train": 48, "n_eval": 8, "seed": 0}}, batch_size=16, k=2, max_new_tokens=12,
+            train={"lr": 0.003, "warmup_steps": 1, "clip": 1.0, "seed": 0})
+
+
+def test_curriculum_stages_and_optimizer_reset(tmp_path, monkeypatch):
+    stages, resets = [], []
+    real = runs.collator
+
+    def spy(config, tokenizer, image_processor, stage, prompt_only=False):
+        if not prompt_only:
+            stages.append(stage)
+        return real(config, tokenizer, image_processor, stage, prompt_only)
+
+    monkeypatch.setattr(runs, "collator", spy)
+    monkeypatch.setattr(runs.Trainer, "reset_optimizer",
+                        lambda self, real_reset=runs.Trainer.reset_optimizer: resets.append(self.step)
+                        or real_reset(self))
+    config = runs.RunConfig(name="t", mode="ivtlr", epochs=5, epochs_per_stage=1, reset_optimizer_per_stage=True,
+                            **dict(TINY, train=dict(TINY["train"], output_dir=str(tmp_path))))
+    result = runs.train(config, progress=False)
+    assert stages == [0, 1, 2, 3]  # stage = epoch // epochs_per_stage, capped at max_latent_steps
+    assert resets == [0, 3, 6, 9]  # at construction, then at each new stage (3 steps per epoch)
+    assert result["stage"] == 3 and len(result["history"]["train"]) == 15
+    final = tmp_path / "final"
+    assert sorted(os.listdir(final)) == ["model.safetensors", "run.json", "tokenizer.json"]
+    metrics = runs.evaluate(result["wrapper"], result["tokenizer"], result["image_processor"], config,
+                            result["eval_records"])
+    wrapper, tokenizer, loaded, processor = runs.load_run(str(final))
+    again = runs.evaluate(wrapper, tokenizer, processor, loaded, result["eval_records"])
+    assert again["outputs"] == metrics["outputs"]  # the saved run reproduces the in-memory one
+    assert metrics["n"] == 8 and 0 <= metrics["accuracy"] <= 1 and metrics["tokens_per_answer"] > 0
+
+
+def test_no_image_control_blanks_every_image():
+    config = runs.RunConfig(no_image=True, **TINY)
+    _, train, evaluation = runs.build_data(config)
+    assert all(not np.any(r.image) for r in train + evaluation)
+
+
+def test_config_file_errors(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nlearning_rate: 3\n")
+    with pytest.raises(ValueError, match="unknown keys \\['learning_rate'\\]"):
+        runs.RunConfig.load(str(path))
+    with pytest.raises(ValueError, match="mode"):
+        runs.RunConfig(mode="latent")
+
+
+def test_cli_train_then_eval(tmp_path, capsys):
+    import yaml
+    config = dict(TINY, name="cli", mode="no_cot", epochs=1, train=dict(TINY["train"], output_dir=str(tmp_path / "r"),
+                                                                       progress=False))
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert cli.main(["train", "--config", str(path)]) == 0
+    assert "cli: accuracy" in capsys.readouterr().out
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "r" / "final"), "--n", "4",
+                     "--out", str(tmp_path / "e.json")]) == 0
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["n"] == 4 and "lenient_accuracy_public_code" in report
+    assert torch.is_tensor(torch.tensor(report["accuracy"]))
+
+
+def test_demo_end_to_end_on_tiny_settings(tmp_path, monkeypatch):
+    from mmlatent import demo
+    monkeypatch.setattr(demo, "BRIEF", dict(TINY, epochs=2, max_latent_steps=3))
+    monkeypatch.setattr(demo, "EVAL_N", 4)
+    shipped = tmp_path / "checkpoints"
+    config = dict(TINY, name="synthetic-no-cot", mode="no_cot", epochs=1,
+                  train=dict(TINY["train"], output_dir=str(shipped / "synthetic-no-cot"), progress=False))
+    runs.train(runs.RunConfig(**config), progress=False)
+    assert demo.main(out=str(tmp_path / "out"), bench=False, checkpoints=str(shipped)) == 0
+    table = (tmp_path / "out" / "demo.md").read_text()
+    assert table.count("trained now") == 3 and "shipped checkpoint" in table
+    assert (tmp_path / "out" / "demo.png").stat().st_size > 1000
