@@ -28,11 +28,13 @@ def test_curriculum_stages_and_optimizer_reset(tmp_path, monkeypatch):
                         lambda self, real_reset=runs.Trainer.reset_optimizer: resets.append(self.step)
                         or real_reset(self))
     config = runs.RunConfig(name="t", mode="ivtlr", epochs=5, epochs_per_stage=1, reset_optimizer_per_stage=True,
-                            **dict(TINY, train=dict(TINY["train"], output_dir=str(tmp_path))))
+                            eval_samples=4, **dict(TINY, train=dict(TINY["train"], output_dir=str(tmp_path),
+                                                                    eval_every=6)))
     result = runs.train(config, progress=False)
     assert stages == [0, 1, 2, 3]  # stage = epoch // epochs_per_stage, capped at max_latent_steps
     assert resets == [0, 3, 6, 9]  # at construction, then at each new stage (3 steps per epoch)
     assert result["stage"] == 3 and len(result["history"]["train"]) == 15
+    assert [(e["step"], e["stage"], e["n"]) for e in result["history"]["eval"]] == [(6, 1, 4), (12, 3, 4)]
     final = tmp_path / "final"
     assert sorted(os.listdir(final)) == ["model.safetensors", "run.json", "tokenizer.json"]
     metrics = runs.evaluate(result["wrapper"], result["tokenizer"], result["image_processor"], config,

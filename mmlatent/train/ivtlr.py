@@ -42,6 +42,7 @@ class RunConfig:
     reset_optimizer_per_stage: bool = False
     no_image: bool = False
     max_new_tokens: int = 48
+    eval_samples: int = 64  # held-out questions of the periodic evaluation (train.eval_every steps)
     train: Dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -191,8 +192,15 @@ def train(config: RunConfig, device=None, resume: Optional[str] = None, progress
     def loss_fn(m, batch):
         return wrapper(**batch).loss
 
+    def eval_fn(_model):  # periodic evaluation on the first held-out questions, at the current stage
+        stage = stage_of(batches.epoch) if config.mode == "ivtlr" else 0
+        metrics = evaluate(wrapper, tokenizer, image_processor, config, eval_records[:config.eval_samples],
+                           stage=stage)
+        return {k: metrics[k] for k in ("accuracy", "accuracy_stderr", "stage", "n")}
+
     train_config.progress = progress and train_config.progress
-    trainer = Trainer(model, loss_fn, batches, train_config, on_epoch=on_epoch, describe=config.name)
+    trainer = Trainer(model, loss_fn, batches, train_config, on_epoch=on_epoch, describe=config.name,
+                      eval_fn=eval_fn)
     if resume:
         trainer.resume(resume)
     t0 = time.perf_counter()
