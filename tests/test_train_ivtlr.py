@@ -87,3 +87,40 @@ def test_demo_end_to_end_on_tiny_settings(tmp_path, monkeypatch):
     table = (tmp_path / "out" / "demo.md").read_text()
     assert table.count("trained now") == 3 and "shipped checkpoint" in table
     assert (tmp_path / "out" / "demo.png").stat().st_size > 1000
+
+
+def test_real_data_path_with_a_local_checkpoint(tmp_path):
+    """The real-data route end to end, offline: a Qwen2-VL checkpoint folder (weights, a Hugging Face tokenizer,
+    an image processor) and ScienceQA in its official layout, trained through the curriculum and evaluated."""
+    import yaml
+    from transformers import PreTrainedTokenizerFast
+
+    from mmlatent.data import WordTokenizer, image_processor_for
+    from mmlatent.data.tokenizer import SPECIALS, VISION
+    from mmlatent.models.tiny import tiny_qwen2_vl
+    from test_data import _scienceqa_official
+
+    words = WordTokenizer(["which", "is", "red", "blue", "apple", "sky", "apples", "are", "the", "context", "look",
+                           "question", "options", "answer", "therefore", "a", "b"])
+    hf = PreTrainedTokenizerFast(tokenizer_object=words._tokenizer, bos_token="<bos>", eos_token="<eos>",
+                                 pad_token="<pad>", unk_token="<unk>",
+                                 additional_special_tokens=[t for t in SPECIALS + VISION
+                                                            if t not in ("<bos>", "<eos>", "<pad>", "<unk>")])
+    checkpoint = tmp_path / "qwen2-vl-tiny"
+    model = tiny_qwen2_vl(vocab=len(words))
+    model.save_pretrained(checkpoint)
+    hf.save_pretrained(checkpoint)
+    image_processor_for(model).save_pretrained(checkpoint)
+    data = tmp_path / "scienceqa"
+    data.mkdir()
+    _scienceqa_official(str(data))
+    config = dict(name="real", mode="ivtlr", model={"path": str(checkpoint)}, epochs=2, epochs_per_stage=1, k=1,
+                  batch_size=2, max_new_tokens=8,
+                  data={"scienceqa": {"root": str(data), "train_split": "train", "eval_split": "train"}},
+                  train={"lr": 1e-3, "seed": 0, "output_dir": str(tmp_path / "run"), "progress": False})
+    path = tmp_path / "real.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert cli.main(["train", "--config", str(path), "--report", str(tmp_path / "report.json")]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["steps"] == 2 and report["n_eval"] == 2 and report["stage"] == 1
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "run" / "final")]) == 0

@@ -264,8 +264,8 @@ def load_run(directory: str, device=None):
 def _image_processor(config: RunConfig, model):
     """A local checkpoint's own image processor (its normalisation), else one built from the tiny config."""
     if "path" in config.model:
-        from transformers import AutoProcessor
-        return AutoProcessor.from_pretrained(config.model["path"]).image_processor
+        from transformers import AutoImageProcessor
+        return AutoImageProcessor.from_pretrained(config.model["path"])
     return image_processor_for(model.get_base_model() if hasattr(model, "get_base_model") else model)
 
 
