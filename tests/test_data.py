@@ -171,3 +171,22 @@ def test_m3cot_jsonl_and_errors(tmp_path):
     assert read_m3cot(str(tmp_path / "m3cot.json"))[0][0].id == "m1"
     batch = VLMCollator(WordTokenizer(["x", "y", "q"]), image_processor_for(tiny_qwen2_vl()), mode="cot")(records)
     assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] and torch.is_tensor(batch["labels"])
+
+
+def test_chameleon_batches(tokenizer):
+    from mmlatent.data.collate import vlm_image_token_ids
+    from mmlatent.models import IVTLR, ivtlr_reference
+    from mmlatent.models.tiny import tiny_chameleon
+    model = tiny_chameleon()
+    records = synthetic.generate(2, seed=5, kinds=["relation"])
+    ids = vlm_image_token_ids(model)
+    batch = VLMCollator(tokenizer, image_processor_for(model), mode="ivtlr", stage=2, image_token_ids=ids)(records)
+    assert "image_grid_thw" not in batch and batch["pixel_values"].shape == (2, 3, 32, 32)
+    assert float(batch["pixel_values"].min()) >= -1 and float(batch["pixel_values"].max()) <= 1
+    for row in batch["input_ids"].tolist():
+        start = row.index(ids[1])
+        assert row[start + 1:start + 65] == [ids[0]] * 64 and row[start + 65] == ids[2]
+    ours = IVTLR(model, tokenizer.latent_id, k=2)(**batch)
+    theirs = ivtlr_reference(model, tokenizer.latent_id, k=2)(**batch)
+    assert [s.tolist() for s in ours.selected] == [s.tolist() for s in theirs.selected]
+    assert abs(float(ours.loss) - float(theirs.loss)) <= 1e-5 * float(theirs.loss)

@@ -124,3 +124,13 @@ def test_real_data_path_with_a_local_checkpoint(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["steps"] == 2 and report["n_eval"] == 2 and report["stage"] == 1
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "run" / "final")]) == 0
+
+
+def test_chameleon_run(tmp_path):
+    config = runs.RunConfig(name="cham", mode="ivtlr", epochs=2, epochs_per_stage=1,
+                            **dict(TINY, model={"tiny_chameleon": {"hidden": 32, "layers": 1, "heads": 2,
+                                                                   "kv_heads": 1, "intermediate": 64}}))
+    result = runs.train(config, progress=False)
+    metrics = runs.evaluate(result["wrapper"], result["tokenizer"], result["image_processor"], config,
+                            result["eval_records"][:4])
+    assert result["stage"] == 1 and metrics["n"] == 4

@@ -1,4 +1,5 @@
-"""Batches for IVT-LR training and evaluation, laid out as IVT-LR's public code lays them out.
+"""Batches for IVT-LR training and evaluation (Qwen2-VL, Qwen2.5-VL, Chameleon), laid out as IVT-LR's public
+code lays them out.
 
 A sample is ``bos, <vision_start> <image>*n <vision_end>, prompt, <latent>*s, rationale steps s.., answer, eos``
 (the public code: question + s latent tokens + the remaining steps + "Therefore, the answer is X" + eos), with
@@ -21,9 +22,40 @@ from .records import Record, answer_text, prompt_text
 MODES = ("no_cot", "cot", "ivtlr")
 
 
+class ChameleonImages:
+    """Chameleon's image inputs: each image resized to the VQ-GAN's resolution and scaled to [-1, 1] (as its
+    processor does); every image becomes ``tokens_per_image`` placeholders."""
+
+    def __init__(self, resolution: int, tokens_per_image: int):
+        self.resolution, self.tokens_per_image = resolution, tokens_per_image
+
+    def __call__(self, images, return_tensors="pt"):
+        from PIL import Image
+        out = []
+        for image in images:
+            resized = Image.fromarray(image).convert("RGB").resize((self.resolution, self.resolution),
+                                                                   Image.BICUBIC)
+            out.append(torch.from_numpy(np.asarray(resized, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
+        return {"pixel_values": torch.stack(out)}
+
+
+def vlm_image_token_ids(vlm):
+    """(placeholder, start, end) ids of a model's image tokens: Qwen's image pad and vision start/end, or
+    Chameleon's <image>, <racm3:break> and <eoss>."""
+    config = vlm.config
+    if config.model_type == "chameleon":
+        names = config.vocabulary_map
+        return names["<image>"], names["<racm3:break>"], names["<eoss>"]
+    return config.image_token_id, config.vision_start_token_id, config.vision_end_token_id
+
+
 def image_processor_for(vlm):
     """The image processor a Qwen2-VL / Qwen2.5-VL model expects, built from its config (no download): pixels
-    rescaled to [0, 1] and not normalised (the tiny models are trained from scratch on that scale)."""
+    rescaled to [0, 1] and not normalised (the tiny models are trained from scratch on that scale). For
+    Chameleon, :class:`ChameleonImages`."""
+    if vlm.config.model_type == "chameleon":
+        vq = vlm.config.vq_config
+        return ChameleonImages(vq.resolution, (vq.resolution // 2 ** (len(vq.channel_multiplier) - 1)) ** 2)
     try:  # the PIL backend: torchvision is not a dependency
         from transformers import Qwen2VLImageProcessorPil as Processor
     except ImportError:
@@ -59,6 +91,8 @@ class VLMCollator:
         mode: "no_cot", "cot" or "ivtlr"; stage: latent steps for "ivtlr"; max_latent_steps: the rationale is cut
             into at most this many steps.
         prompt_only: stop after the latent tokens (generation prompts); labels are then omitted.
+        image_token_ids: (placeholder, start, end) ids when the model's differ from the tokenizer's (Chameleon:
+            :func:`vlm_image_token_ids`).
     """
 
     tokenizer: object
@@ -67,6 +101,7 @@ class VLMCollator:
     stage: int = 0
     max_latent_steps: int = 3
     prompt_only: bool = False
+    image_token_ids: Optional[tuple] = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -76,8 +111,9 @@ class VLMCollator:
 
     def sample(self, record: Record, image_tokens: int):
         t = self.tokenizer
+        image_id, start_id, end_id = self.image_token_ids or (t.image_id, t.vision_start_id, t.vision_end_id)
         prompt = [] if t.bos_id is None else [t.bos_id]  # Qwen2's tokenizer has no bos token
-        prompt += [t.vision_start_id] + [t.image_id] * image_tokens + [t.vision_end_id]
+        prompt += [start_id] + [image_id] * image_tokens + [end_id]
         prompt += t.encode(prompt_text(record))
         steps = record.steps(self.max_latent_steps)
         latents = self.stage if self.mode == "ivtlr" else 0
@@ -94,11 +130,14 @@ class VLMCollator:
     def __call__(self, records: Sequence[Record]) -> Dict[str, torch.Tensor]:
         images = [load_image(r.image, r.id) for r in records]
         processed = self.image_processor(images=images, return_tensors="pt")
-        grid = processed["image_grid_thw"]
-        merge = self.image_processor.merge_size
+        grid = processed.get("image_grid_thw")
+        if grid is not None:  # Qwen: t * h * w patches, merged 2 x 2 into tokens
+            counts = [t * h * w // self.image_processor.merge_size ** 2 for t, h, w in grid.tolist()]
+        else:
+            counts = [self.image_processor.tokens_per_image] * len(records)
         rows, label_rows = [], []
-        for record, thw in zip(records, grid.tolist()):
-            ids, labels = self.sample(record, thw[0] * thw[1] * thw[2] // merge ** 2)
+        for record, count in zip(records, counts):
+            ids, labels = self.sample(record, count)
             rows.append(ids)
             label_rows.append(labels)
         width = max(map(len, rows))
@@ -111,8 +150,9 @@ class VLMCollator:
             attention_mask[b, width - len(ids):] = 1
             if lab is not None:
                 labels[b, width - len(ids):] = torch.tensor(lab)
-        batch = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=processed["pixel_values"],
-                     image_grid_thw=grid)
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=processed["pixel_values"])
+        if grid is not None:
+            batch["image_grid_thw"] = grid
         if not self.prompt_only:
             batch["labels"] = labels
         return batch
@@ -123,4 +163,5 @@ def stage_for_epoch(epoch: int, epochs_per_stage: int, max_stage: int) -> int:
     return min(epoch // epochs_per_stage, max_stage)
 
 
-__all__ = ["VLMCollator", "image_processor_for", "load_image", "stage_for_epoch", "MODES"]
+__all__ = ["VLMCollator", "ChameleonImages", "image_processor_for", "vlm_image_token_ids", "load_image",
+           "stage_for_epoch", "MODES"]

@@ -116,8 +116,12 @@ def _blank(records: List[Record]) -> List[Record]:
 
 def build_model(config: RunConfig, vocab_size: int, device):
     (kind, spec), = config.model.items()
+    spec = dict(spec) if isinstance(spec, dict) else spec
     if kind == "tiny_qwen2_vl":
         model = tiny_models.tiny_qwen2_vl(vocab=vocab_size, device=device, **spec)
+    elif kind == "tiny_chameleon":  # word ids below its image-code ids; its own image token ids (collator)
+        model = tiny_models.tiny_chameleon(text_vocab=max(vocab_size, spec.pop("text_vocab", 200)), device=device,
+                                           **spec)
     elif kind == "qwen2_vl_7b_shapes":  # random weights, for memory and speed measurements on a GPU
         model = tiny_models.qwen2_vl_7b_shapes(device=device, dtype=torch.bfloat16 if device.type == "cuda"
                                                else torch.float32, **(spec or {}))
@@ -146,9 +150,17 @@ def build_model(config: RunConfig, vocab_size: int, device):
     return model
 
 
-def collator(config: RunConfig, tokenizer, image_processor, stage: int, prompt_only: bool = False) -> VLMCollator:
+def collator(config: RunConfig, tokenizer, image_processor, stage: int, prompt_only: bool = False,
+             image_token_ids=None) -> VLMCollator:
     return VLMCollator(tokenizer, image_processor, mode=config.mode, stage=stage if config.mode == "ivtlr" else 0,
-                       max_latent_steps=config.max_latent_steps, prompt_only=prompt_only)
+                       max_latent_steps=config.max_latent_steps, prompt_only=prompt_only,
+                       image_token_ids=image_token_ids)
+
+
+def _image_token_ids(wrapper: IVTLR):
+    """The model's own image token ids where they differ from the tokenizer's layout (Chameleon)."""
+    from mmlatent.data.collate import vlm_image_token_ids
+    return vlm_image_token_ids(wrapper.backbone.model) if wrapper.backbone.family == "chameleon" else None
 
 
 def final_stage(config: RunConfig) -> int:
@@ -173,7 +185,8 @@ def train(config: RunConfig, device=None, resume: Optional[str] = None, progress
     def collate(records, epoch):
         stage = stage_of(epoch) if config.mode == "ivtlr" else 0
         if stage not in collators:
-            collators[stage] = collator(config, tokenizer, image_processor, stage)
+            collators[stage] = collator(config, tokenizer, image_processor, stage,
+                                        image_token_ids=_image_token_ids(wrapper))
         return collators[stage](records)
 
     batches = EpochBatches(train_records, config.batch_size, collate, seed=config.train.get("seed", 0))
@@ -275,7 +288,8 @@ def evaluate(wrapper: IVTLR, tokenizer, image_processor, config: RunConfig, reco
     letter), the public code's lenient scoring reported separately, latency and generated tokens per sample."""
     from tqdm.auto import tqdm
     stage = final_stage(config) if stage is None else stage
-    make = collator(config, tokenizer, image_processor, stage, prompt_only=True)
+    make = collator(config, tokenizer, image_processor, stage, prompt_only=True,
+                    image_token_ids=_image_token_ids(wrapper))
     device = next(wrapper.parameters()).device
     correct, lenient, tokens, seconds, per_kind, outputs = 0, 0, 0, 0.0, {}, []
     for start in tqdm(range(0, len(records), batch_size), disable=not progress, desc=f"eval {config.name}"):
