@@ -18,10 +18,10 @@ def test_curriculum_stages_and_optimizer_reset(tmp_path, monkeypatch):
     stages, resets = [], []
     real = runs.collator
 
-    def spy(config, tokenizer, image_processor, stage, prompt_only=False):
+    def spy(config, tokenizer, image_processor, stage, prompt_only=False, image_token_ids=None):
         if not prompt_only:
             stages.append(stage)
-        return real(config, tokenizer, image_processor, stage, prompt_only)
+        return real(config, tokenizer, image_processor, stage, prompt_only, image_token_ids)
 
     monkeypatch.setattr(runs, "collator", spy)
     monkeypatch.setattr(runs.Trainer, "reset_optimizer",
