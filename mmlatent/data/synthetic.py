@@ -3,12 +3,12 @@
 Each image is a 3 x 3 grid of 8-pixel cells on a black background, holding 1 to 4 coloured squares (distinct
 colours; pixel values in [0, 1] once the processor rescales them: a [-1, 1] scaling kept a tiny model at chance).
 At Qwen2-VL's patch 4 and 2 x 2 merge, each cell is exactly one image token, so selecting k image tokens is
-selecting k cells. Question kinds, by the reasoning steps they need:
+selecting k cells. Question kinds (the number of rationale steps in brackets):
 
-- ``colour`` (1 step): the colour of the only object;
-- ``position`` (2 steps): the colour of the object in a named cell;
-- ``relation`` (2 steps): the colour of the object right of / left of / above / below the object of a given colour;
-- ``chain`` (3 steps): the colour of the object next to the object next to a given one.
+- ``colour`` (2): the colour of the only object;
+- ``position`` (2): the colour of the object in a named cell;
+- ``relation`` (3): the colour of the object right of / left of / above / below the object of a given colour;
+- ``chain`` (3): the colour of the object next to the object next to a given one.
 
 The options are the four colours in a fixed order (A red, B green, C blue, D yellow): with shuffled letters a tiny
 model learned nothing in 300 s on 2 cores. Every record carries its rationale, one sentence per step.
