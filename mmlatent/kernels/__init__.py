@@ -5,6 +5,7 @@
     select_topk_tokens      fused eligibility mask + deterministic top-k + gather + exclusion update
     linear_cross_entropy    cross-entropy of hidden @ weight.T + bias in row chunks, never building [T, V] logits
     linear_log_probs        log-softmax of the same logits at given tokens (policy gradients), same memory bound
+    denoise_step_           one DDPM / DDIM / flow-Euler step for every row (ragged steps, CFG), in place
 """
 from .dispatch import BACKENDS, BackendUnavailableError, requested_backend  # noqa: F401
 from .dispatch import _native_module
@@ -15,6 +16,7 @@ _native_module()
 from .attention import ATTENTION_WITH_SCORES, ROW_ATTENTION_MASS, attention_with_scores, row_attention_mass  # noqa: E402
 from .selection import SELECT_TOPK_TOKENS, register_native_fake, select_topk_tokens  # noqa: E402
 from .losses import LINEAR_CROSS_ENTROPY, LINEAR_LOG_PROBS, linear_cross_entropy, linear_log_probs  # noqa: E402
+from .sampler import SamplerSchedule, denoise_step_  # noqa: E402
 
 register_native_fake()
 
@@ -28,5 +30,5 @@ def backend_report(op: str, **ctx) -> dict:
 
 
 __all__ = ["row_attention_mass", "attention_with_scores", "select_topk_tokens", "linear_cross_entropy",
-           "linear_log_probs", "BACKENDS",
+           "linear_log_probs", "denoise_step_", "SamplerSchedule", "BACKENDS",
            "BackendUnavailableError", "requested_backend", "backend_report", "OPS"]

@@ -347,5 +347,23 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
+# ---------------------------------------------------------------------------------------------- denoising steps
+
+def denoise_step_(x: torch.Tensor, model_out: torch.Tensor, coefficients: torch.Tensor, clip: Optional[float],
+                  noise: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [R, C] float32 <- cx * x + co * out + c0 * clamp(px * x + po * out) + sigma * noise, in place.
+
+    coefficients: [R, 6] or [1, 6] float32 rows of a :class:`mmlatent.kernels.SamplerSchedule` table (columns cx,
+    co, px, po, c0, sigma); model_out [R, C] any float dtype (upcast); noise [R, C] or None (no noise term)."""
+    cx, co, px, po, c0, sigma = (c[:, None] for c in coefficients.unbind(dim=1))
+    out = model_out.to(torch.float32)
+    new = cx * x + co * out
+    if clip is not None:
+        new += c0 * (px * x + po * out).clamp(-clip, clip)
+    if noise is not None:
+        new += sigma * noise.to(torch.float32)
+    return x.copy_(new)
+
+
 __all__ = ["attention_with_scores", "row_attention_mass", "row_lse", "select_topk_tokens", "rank_eligible",
-           "eligible_tokens", "SoftmaxLossSpec", "softmax_loss_chunk", "linear_softmax_loss"]
+           "eligible_tokens", "SoftmaxLossSpec", "softmax_loss_chunk", "linear_softmax_loss", "denoise_step_"]

@@ -1,0 +1,276 @@
+"""Batched denoising steps: :class:`SamplerSchedule` (coefficient tables) and ``denoise_step_`` (contract in
+issue #6).
+
+Every supported sampler step is affine in the state and the model output once the schedule is fixed:
+
+    x0     = clamp(px * x + po * out)               (only when the sampler clips its x0 estimate)
+    x_next = cx * x + co * out + c0 * x0 + sigma * noise
+
+so a schedule is a table of six coefficients per step, computed once in float64 on the host (and copied once to
+the device as float32): DDPM (``fixed_small`` / ``fixed_large`` variance), DDIM (any eta) and flow-matching Euler,
+for epsilon, v and sample predictions (velocity for flow). A step is then one elementwise pass, and rows may sit at
+different steps (ragged segments in one launch).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Union
+
+import torch
+
+from . import checks
+
+KINDS = ("ddpm", "ddim", "flow_euler")
+PREDICTIONS = {"ddpm": ("epsilon", "v_prediction", "sample"), "ddim": ("epsilon", "v_prediction", "sample"),
+               "flow_euler": ("velocity",)}
+COLUMNS = ("cx", "co", "px", "po", "c0", "sigma")
+
+
+def _betas(schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float):
+    T = num_train_timesteps
+    if schedule == "linear":
+        return [beta_start + (beta_end - beta_start) * i / (T - 1) for i in range(T)]
+    if schedule == "scaled_linear":
+        lo, hi = math.sqrt(beta_start), math.sqrt(beta_end)
+        return [(lo + (hi - lo) * i / (T - 1)) ** 2 for i in range(T)]
+    if schedule in ("squaredcos_cap_v2", "cosine"):
+        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        return [min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)]
+    raise ValueError(f"beta_schedule: expected linear, scaled_linear or squaredcos_cap_v2, got {schedule!r}")
+
+
+def _cumprod(betas):
+    out, acc = [], 1.0
+    for b in betas:
+        acc *= 1.0 - b
+        out.append(acc)
+    return out
+
+
+def _x0(prediction, a_t):
+    """(px, po): x0 = px * x + po * out."""
+    b_t = 1.0 - a_t
+    if prediction == "epsilon":
+        return 1.0 / math.sqrt(a_t), -math.sqrt(b_t) / math.sqrt(a_t)
+    if prediction == "v_prediction":
+        return math.sqrt(a_t), -math.sqrt(b_t)
+    return 0.0, 1.0
+
+
+def _eps(prediction, a_t):
+    """(qx, qo): epsilon = qx * x + qo * out."""
+    b_t = 1.0 - a_t
+    if prediction == "epsilon":
+        return 0.0, 1.0
+    if prediction == "v_prediction":
+        return math.sqrt(b_t), math.sqrt(a_t)
+    return 1.0 / math.sqrt(b_t), -math.sqrt(a_t) / math.sqrt(b_t)
+
+
+@dataclass
+class SamplerSchedule:
+    """Per-step coefficients of one sampler over ``num_steps`` steps.
+
+    Attributes:
+        kind: "ddpm", "ddim" or "flow_euler"; prediction: "epsilon", "v_prediction", "sample" or "velocity".
+        timesteps: [S] the model's time input at each step, in sampling order (int64 training timesteps, or
+            float32 flow times in [0, 1] x num_train_timesteps as diffusers passes them).
+        table: [S, 6] float64 host table, columns ``COLUMNS``; ``clip``: x0 clamp range or None.
+    """
+
+    kind: str
+    prediction: str
+    timesteps: torch.Tensor
+    table: torch.Tensor
+    clip: Optional[float] = None
+    eta: float = 0.0
+    _device_tables: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def num_steps(self) -> int:
+        return self.table.shape[0]
+
+    @property
+    def stochastic(self) -> bool:
+        return bool((self.table[:, 5] != 0).any())
+
+    def device_table(self, device: Union[str, torch.device]) -> torch.Tensor:
+        """[S, 6] float32 on ``device``, copied once and cached (no host-to-device copy per step)."""
+        key = str(torch.device(device))
+        if key not in self._device_tables:
+            self._device_tables[key] = self.table.to(device=device, dtype=torch.float32)
+        return self._device_tables[key]
+
+    # --------------------------------------------------------------------------------------------- builders
+    @classmethod
+    def create(cls, kind: str, num_steps: int, prediction: str, *, num_train_timesteps: int = 1000,
+               beta_schedule: str = "linear", beta_start: float = 0.0001, beta_end: float = 0.02,
+               eta: float = 0.0, clip_sample: Optional[float] = None, timestep_spacing: str = "leading",
+               steps_offset: int = 0, set_alpha_to_one: bool = True, variance_type: str = "fixed_small",
+               shift: float = 1.0) -> "SamplerSchedule":
+        """A schedule without diffusers, with diffusers' defaults (linear betas 1e-4..0.02 over 1000 steps,
+        "leading" spacing; "trailing" and "linspace" too)."""
+        if kind not in KINDS:
+            raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+        if prediction not in PREDICTIONS[kind]:
+            raise ValueError(f"prediction: {kind} takes {', '.join(PREDICTIONS[kind])}, got {prediction!r}")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= num_train_timesteps:
+            raise ValueError(f"num_steps: expected 1..{num_train_timesteps}, got {num_steps!r}")
+        if kind == "flow_euler":  # as diffusers: linspace between the shifted extremes, then shifted again
+            shifted = lambda s: shift * s / (1 + (shift - 1) * s)  # noqa: E731
+            low = shifted(1.0 / num_train_timesteps)
+            sigmas = [1.0 - (i / (num_steps - 1) if num_steps > 1 else 0.0) * (1.0 - low) for i in range(num_steps)]
+            return cls._flow([shifted(s) for s in sigmas] + [0.0], num_train_timesteps)
+        T = num_train_timesteps
+        if timestep_spacing == "leading":
+            ratio = T // num_steps
+            steps = [i * ratio + steps_offset for i in range(num_steps)][::-1]
+        elif timestep_spacing == "trailing":
+            ratio = T / num_steps
+            steps = [int(round(T - i * ratio)) - 1 for i in range(num_steps)]
+        elif timestep_spacing == "linspace":
+            steps = [int(round(T - 1 - i * (T - 1) / (num_steps - 1))) if num_steps > 1 else T - 1
+                     for i in range(num_steps)]
+        else:
+            raise ValueError(f"timestep_spacing: expected leading, trailing or linspace, got {timestep_spacing!r}")
+        alphas = _cumprod(_betas(beta_schedule, T, beta_start, beta_end))
+        final = 1.0 if set_alpha_to_one else alphas[0]
+        return cls._discrete(kind, prediction, steps, alphas, T, eta, clip_sample, variance_type, final)
+
+    @classmethod
+    def from_diffusers(cls, scheduler, num_inference_steps: int, *, eta: float = 0.0) -> "SamplerSchedule":
+        """The schedule a configured ``DDPMScheduler``, ``DDIMScheduler`` or ``FlowMatchEulerDiscreteScheduler``
+        steps through with ``num_inference_steps`` (the scheduler itself is not modified). ``eta`` is DDIM's."""
+        name = type(scheduler).__name__
+        config = scheduler.config
+        if getattr(config, "thresholding", False):
+            raise ValueError(f"scheduler: {name} with thresholding=True is not supported (dynamic thresholding)")
+        local = copy.deepcopy(scheduler)
+        local.set_timesteps(num_inference_steps)
+        if name == "FlowMatchEulerDiscreteScheduler":
+            if getattr(config, "stochastic_sampling", False):
+                raise ValueError("scheduler: FlowMatchEulerDiscreteScheduler with stochastic_sampling=True is not "
+                                 "supported")
+            return cls._flow([float(s) for s in local.sigmas.double()], config.num_train_timesteps,
+                             timesteps=local.timesteps.clone())
+        if name not in ("DDPMScheduler", "DDIMScheduler"):
+            raise TypeError(f"scheduler: expected DDPMScheduler, DDIMScheduler or FlowMatchEulerDiscreteScheduler, "
+                            f"got {name}")
+        kind = "ddpm" if name == "DDPMScheduler" else "ddim"
+        if config.prediction_type not in PREDICTIONS[kind]:
+            raise ValueError(f"scheduler: prediction_type {config.prediction_type!r} is not supported")
+        alphas = [float(a) for a in local.alphas_cumprod.double()]
+        final = float(getattr(local, "final_alpha_cumprod", torch.tensor(1.0)))
+        clip = config.clip_sample_range if config.clip_sample else None
+        variance = getattr(config, "variance_type", "fixed_small")
+        return cls._discrete(kind, config.prediction_type, [int(t) for t in local.timesteps], alphas,
+                             config.num_train_timesteps, eta, clip, variance, final,
+                             ddim_ratio=config.num_train_timesteps // num_inference_steps)
+
+    @classmethod
+    def _discrete(cls, kind, prediction, steps, alphas, T, eta, clip, variance_type, final_alpha, ddim_ratio=None):
+        if kind == "ddpm" and variance_type not in ("fixed_small", "fixed_large"):
+            raise ValueError(f"variance_type: {variance_type!r} is not supported (fixed_small, fixed_large)")
+        eta = checks.number("eta", eta)
+        if eta < 0:
+            raise ValueError(f"eta: expected >= 0, got {eta}")
+        ratio = ddim_ratio or T // len(steps)
+        rows = []
+        for i, t in enumerate(steps):
+            a_t = alphas[t]
+            px, po = _x0(prediction, a_t)
+            if kind == "ddpm":
+                prev = steps[i + 1] if i + 1 < len(steps) else -1
+                a_p = alphas[prev] if prev >= 0 else 1.0
+                cur_alpha, cur_beta = a_t / a_p, 1.0 - a_t / a_p
+                c0 = math.sqrt(a_p) * cur_beta / (1.0 - a_t)
+                cs = math.sqrt(cur_alpha) * (1.0 - a_p) / (1.0 - a_t)
+                var = max((1.0 - a_p) / (1.0 - a_t) * cur_beta, 1e-20) if variance_type == "fixed_small" else cur_beta
+                sigma = math.sqrt(var) if t > 0 else 0.0
+                cx, co, x0_weight = (cs, 0.0, c0) if clip is not None else (cs + c0 * px, c0 * po, 0.0)
+            else:
+                prev = t - ratio
+                a_p = alphas[prev] if prev >= 0 else final_alpha
+                qx, qo = _eps(prediction, a_t)
+                variance = (1.0 - a_p) / (1.0 - a_t) * (1.0 - a_t / a_p)
+                sigma = eta * math.sqrt(variance)
+                direction = math.sqrt(max(1.0 - a_p - sigma ** 2, 0.0))
+                A = math.sqrt(a_p)
+                if clip is not None:
+                    cx, co, x0_weight = direction * qx, direction * qo, A
+                else:
+                    cx, co, x0_weight = A * px + direction * qx, A * po + direction * qo, 0.0
+            rows.append([cx, co, px, po, x0_weight, sigma])
+        return cls(kind, prediction, torch.tensor(steps, dtype=torch.int64), torch.tensor(rows, dtype=torch.float64),
+                   clip=None if clip is None else float(clip), eta=eta)
+
+    @classmethod
+    def _flow(cls, sigmas, T, timesteps=None):
+        rows = [[1.0, sigmas[i + 1] - sigmas[i], 0.0, 0.0, 0.0, 0.0] for i in range(len(sigmas) - 1)]
+        if timesteps is None:
+            timesteps = torch.tensor([s * T for s in sigmas[:-1]], dtype=torch.float32)
+        return cls("flow_euler", "velocity", timesteps, torch.tensor(rows, dtype=torch.float64))
+
+
+__all__ = ["SamplerSchedule", "KINDS", "PREDICTIONS", "COLUMNS"]
+
+
+def denoise_step_(x: torch.Tensor, model_out: torch.Tensor, step, schedule: SamplerSchedule, *,
+                  noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                  cfg_scale: Optional[float] = None) -> torch.Tensor:
+    """One sampler step for every row, in place.
+
+    Args:
+        x: [R, C] float32 state, updated in place.
+        model_out: [R, C] (any float dtype), or [2R, C] with ``cfg_scale``: conditional rows first, then the
+            unconditional ones; the guided output is uncond + cfg_scale * (cond - uncond).
+        step: an int, or an [R] int32/int64 tensor (each row at its own step: ragged segments in one call), in
+            [0, schedule.num_steps), indexing the schedule in sampling order.
+        schedule: a :class:`SamplerSchedule`.
+        noise: [R, C] explicit noise for stochastic steps; else drawn with ``generator`` (on x's device).
+
+    Returns:
+        ``x``. Given the same model outputs and noise, a trajectory equals the diffusers scheduler's ``step()``
+        loop (tested within 1e-5 relative).
+    """
+    if not isinstance(schedule, SamplerSchedule):
+        raise TypeError(f"schedule: expected a SamplerSchedule, got {type(schedule).__name__}")
+    checks.tensor("x", x, dims=2, dtypes=(torch.float32,))
+    R, C = x.shape
+    checks.tensor("model_out", model_out, dims=2, dtypes=checks.FLOAT_DTYPES, device=x.device)
+    if cfg_scale is None:
+        checks.shape("model_out", model_out, (R, C), "[R, C] like x")
+        out = model_out
+    else:
+        cfg_scale = checks.number("cfg_scale", cfg_scale)
+        if tuple(model_out.shape) != (2 * R, C):
+            raise ValueError(f"model_out: with cfg_scale, expected [2R, C] = [{2 * R}, {C}] (conditional rows, then "
+                             f"unconditional rows), got {tuple(model_out.shape)}")
+        cond, uncond = model_out[:R].to(torch.float32), model_out[R:].to(torch.float32)
+        out = uncond + cfg_scale * (cond - uncond)
+    S = schedule.num_steps
+    table = schedule.device_table(x.device)
+    if isinstance(step, torch.Tensor):
+        checks.tensor("step", step, dims=1, dtypes=(torch.int32, torch.int64), device=x.device)
+        checks.shape("step", step, (R,), "[R]")
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing and not torch.compiler.is_compiling() and R:
+            lo, hi = (int(v) for v in torch.aminmax(step))
+            if lo < 0 or hi >= S:
+                raise ValueError(f"step: entries must be in [0, {S}), found values in [{lo}, {hi}]")
+        coefficients = table.index_select(0, step.long())
+        stochastic = schedule.stochastic
+    else:
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < S:
+            raise ValueError(f"step: expected an int in [0, {S}) or an [R] tensor, got {step!r}")
+        coefficients = table[step:step + 1]
+        stochastic = bool(schedule.table[step, 5] != 0)
+    if noise is not None:
+        checks.tensor("noise", noise, dims=2, dtypes=checks.FLOAT_DTYPES, device=x.device)
+        checks.shape("noise", noise, (R, C), "[R, C] like x")
+    elif stochastic:
+        noise = torch.randn(R, C, generator=generator, device=x.device, dtype=torch.float32)
+    from . import reference
+    return reference.denoise_step_(x, out, coefficients, schedule.clip, noise if stochastic else None)
