@@ -16,12 +16,12 @@ _native_module()
 from .attention import ATTENTION_WITH_SCORES, ROW_ATTENTION_MASS, attention_with_scores, row_attention_mass  # noqa: E402
 from .selection import SELECT_TOPK_TOKENS, register_native_fake, select_topk_tokens  # noqa: E402
 from .losses import LINEAR_CROSS_ENTROPY, LINEAR_LOG_PROBS, linear_cross_entropy, linear_log_probs  # noqa: E402
-from .sampler import SamplerSchedule, denoise_step_  # noqa: E402
+from .sampler import DENOISE_STEP, SamplerSchedule, denoise_step_  # noqa: E402
 
 register_native_fake()
 
 OPS = {op.name: op for op in (ROW_ATTENTION_MASS, ATTENTION_WITH_SCORES, SELECT_TOPK_TOKENS, LINEAR_CROSS_ENTROPY,
-                              LINEAR_LOG_PROBS)}
+                              LINEAR_LOG_PROBS, DENOISE_STEP)}
 
 
 def backend_report(op: str, **ctx) -> dict:

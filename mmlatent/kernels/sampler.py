@@ -21,6 +21,7 @@ from typing import Dict, Optional, Union
 import torch
 
 from . import checks
+from .dispatch import OpDispatch, triton_reason
 
 KINDS = ("ddpm", "ddim", "flow_euler")
 PREDICTIONS = {"ddpm": ("epsilon", "v_prediction", "sample"), "ddim": ("epsilon", "v_prediction", "sample"),
@@ -217,6 +218,19 @@ class SamplerSchedule:
 __all__ = ["SamplerSchedule", "KINDS", "PREDICTIONS", "COLUMNS"]
 
 
+def _triton_step_reason(x, model_out, noise, **_) -> Optional[str]:
+    why = triton_reason(x.device)
+    if why is None:
+        if x.stride(1) != 1 or model_out.stride(1) != 1 or (noise is not None and noise.stride(1) != 1):
+            return "x, model_out and noise need unit stride along C"
+        if model_out.dtype == torch.float64:
+            return "float64 model outputs are read exactly only by the reference"
+    return why
+
+
+DENOISE_STEP = OpDispatch("denoise_step_", {"triton": _triton_step_reason, "reference": lambda **_: None})
+
+
 def denoise_step_(x: torch.Tensor, model_out: torch.Tensor, step, schedule: SamplerSchedule, *,
                   noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
                   cfg_scale: Optional[float] = None) -> torch.Tensor:
@@ -242,14 +256,11 @@ def denoise_step_(x: torch.Tensor, model_out: torch.Tensor, step, schedule: Samp
     checks.tensor("model_out", model_out, dims=2, dtypes=checks.FLOAT_DTYPES, device=x.device)
     if cfg_scale is None:
         checks.shape("model_out", model_out, (R, C), "[R, C] like x")
-        out = model_out
     else:
         cfg_scale = checks.number("cfg_scale", cfg_scale)
         if tuple(model_out.shape) != (2 * R, C):
             raise ValueError(f"model_out: with cfg_scale, expected [2R, C] = [{2 * R}, {C}] (conditional rows, then "
                              f"unconditional rows), got {tuple(model_out.shape)}")
-        cond, uncond = model_out[:R].to(torch.float32), model_out[R:].to(torch.float32)
-        out = uncond + cfg_scale * (cond - uncond)
     S = schedule.num_steps
     table = schedule.device_table(x.device)
     if isinstance(step, torch.Tensor):
@@ -260,17 +271,24 @@ def denoise_step_(x: torch.Tensor, model_out: torch.Tensor, step, schedule: Samp
             lo, hi = (int(v) for v in torch.aminmax(step))
             if lo < 0 or hi >= S:
                 raise ValueError(f"step: entries must be in [0, {S}), found values in [{lo}, {hi}]")
-        coefficients = table.index_select(0, step.long())
         stochastic = schedule.stochastic
     else:
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < S:
             raise ValueError(f"step: expected an int in [0, {S}) or an [R] tensor, got {step!r}")
-        coefficients = table[step:step + 1]
         stochastic = bool(schedule.table[step, 5] != 0)
     if noise is not None:
         checks.tensor("noise", noise, dims=2, dtypes=checks.FLOAT_DTYPES, device=x.device)
         checks.shape("noise", noise, (R, C), "[R, C] like x")
-    elif stochastic:
+    elif stochastic:  # on x's device: a CUDA generator's draws can be captured in a CUDA graph
         noise = torch.randn(R, C, generator=generator, device=x.device, dtype=torch.float32)
+    noise = noise if stochastic else None
+    if DENOISE_STEP.choose(x=x, model_out=model_out, noise=noise) == "triton":
+        from .triton.sampler import denoise_step
+        return denoise_step(x, model_out, table, step, schedule.clip, noise, cfg_scale)
     from . import reference
-    return reference.denoise_step_(x, out, coefficients, schedule.clip, noise if stochastic else None)
+    out = model_out
+    if cfg_scale is not None:
+        cond, uncond = model_out[:R].to(torch.float32), model_out[R:].to(torch.float32)
+        out = uncond + cfg_scale * (cond - uncond)
+    coefficients = table.index_select(0, step.long()) if isinstance(step, torch.Tensor) else table[step:step + 1]
+    return reference.denoise_step_(x, out, coefficients, schedule.clip, noise)

@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from mmlatent.kernels.triton import attention, losses, selection  # noqa: E402
+from mmlatent.kernels.triton import attention, losses, sampler, selection  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 227 * 1024  # bytes a Hopper thread block may use
@@ -99,6 +99,25 @@ def _loss_cases():
     yield _loss_case("bf16", losses.KIND_LOGP, False, False, True)  # its recomputing backward
 
 
+def _sampler_cases():
+    cfg = sampler.STEP_CONFIGS["c1024"]
+    for out_dtype, per_row, cfg_on, clip, noise in (("bf16", True, True, True, True), ("fp32", False, False, False,
+                                                                                         False)):
+        signature = {"X": "*fp32", "Out": f"*{out_dtype}", "Noise": "*fp32", "Table": "*fp32", "Steps": "*i32",
+                     "C": "i32", "R": "i32", "stride_x": "i32", "stride_o": "i32", "stride_n": "i32",
+                     "step_scalar": "i32", "cfg_scale": "fp32", "clip": "fp32"}
+        constexprs = dict(PER_ROW_STEP=per_row, HAS_CFG=cfg_on, HAS_CLIP=clip, HAS_NOISE=noise,
+                          BLOCK_C=cfg["BLOCK_C"])
+        for name in constexprs:
+            signature[name] = "constexpr"
+        signature, constexprs, attrs = _runtime_specialization(
+            signature, constexprs, aligned=("X", "Out", "Noise", "Table", "Steps", "stride_x", "stride_o",
+                                            "stride_n"))
+        label = f"denoise_step[c1024] out={out_dtype} " + ("ragged+cfg+clip+noise" if per_row else "plain")
+        yield label, sampler._denoise_step, signature, constexprs, dict(num_warps=cfg["num_warps"],
+                                                                        num_stages=1), attrs
+
+
 def _helper_cases():
     yield ("combine_splits D=128", attention._combine_splits,
            {"PartO": "*fp32", "PartLSE": "*fp32", "O": "*bf16", "LSE": "*fp32", "S": "i32",
@@ -128,6 +147,7 @@ def all_cases():
         yield _selection_case(cfg_name, ni, "fp32", "bf16")
     yield _selection_case("ni4096", 4096, "bf16", "fp32")
     yield from _loss_cases()
+    yield from _sampler_cases()
     yield from _helper_cases()
 
 
