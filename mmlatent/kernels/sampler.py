@@ -87,6 +87,7 @@ class SamplerSchedule:
     table: torch.Tensor
     clip: Optional[float] = None
     eta: float = 0.0
+    alphas_cumprod: Optional[list] = field(default=None, repr=False)  # the training schedule (discrete kinds)
     _device_tables: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -205,7 +206,7 @@ class SamplerSchedule:
                     cx, co, x0_weight = A * px + direction * qx, A * po + direction * qo, 0.0
             rows.append([cx, co, px, po, x0_weight, sigma])
         return cls(kind, prediction, torch.tensor(steps, dtype=torch.int64), torch.tensor(rows, dtype=torch.float64),
-                   clip=None if clip is None else float(clip), eta=eta)
+                   clip=None if clip is None else float(clip), eta=eta, alphas_cumprod=list(alphas))
 
     @classmethod
     def _flow(cls, sigmas, T, timesteps=None):

@@ -1,0 +1,167 @@
+"""The latent diffusion head of continuous-token methods (Modal-mixed CoT's visual sketches): an MLP with adaLN
+conditioning that denoises [R, C] latents given a condition per row.
+
+Layout (as MAR's head): timestep embedding (sinusoidal -> MLP) + condition projection = c; the input is projected to
+``width``; each residual block applies LayerNorm (no affine) * (1 + scale) + shift, an MLP, and adds the result
+scaled by a gate; a final adaLN layer and a linear output. The modulation and output layers start at zero, so the
+initial prediction is zero. The per-block modulation projections are one GEMM ([width, depth * 3 * width]).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mmlatent.kernels import SamplerSchedule, denoise_step_
+
+_PREDICTIONS = {"v": "v_prediction", "epsilon": "epsilon", "sample": "sample"}
+_SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear", "scaled_linear": "scaled_linear"}
+FREQUENCIES = 256
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = FREQUENCIES, max_period: float = 10000.0) -> torch.Tensor:
+    """[R] timesteps (any real values) -> [R, dim] float32 sinusoidal features (cos, sin halves)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.to(torch.float32)[:, None] * freqs[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """LayerNorm without affine, then * (1 + scale) + shift."""
+    return F.layer_norm(x, x.shape[-1:]) * (1 + scale) + shift
+
+
+class LatentDiffusionHead(nn.Module):
+    """Denoises [R, latent_dim] latents conditioned on [R, cond_dim] vectors.
+
+    Args:
+        latent_dim: C, the size of each latent row; cond_dim: the condition's size (the VLM's hidden size).
+        width, depth: the MLP's width and number of residual blocks.
+        prediction: "v", "epsilon" or "sample": what ``forward`` predicts and ``loss`` trains.
+        schedule: the training noise schedule ("cosine", "linear", "scaled_linear") over num_train_timesteps.
+    """
+
+    def __init__(self, latent_dim: int, cond_dim: int, width: int = 1024, depth: int = 3, prediction: str = "v",
+                 schedule: str = "cosine", num_train_timesteps: int = 1000):
+        super().__init__()
+        if prediction not in _PREDICTIONS:
+            raise ValueError(f"prediction: expected one of {', '.join(_PREDICTIONS)}, got {prediction!r}")
+        if schedule not in _SCHEDULES:
+            raise ValueError(f"schedule: expected one of {', '.join(_SCHEDULES)}, got {schedule!r}")
+        for name, value in (("latent_dim", latent_dim), ("cond_dim", cond_dim), ("width", width), ("depth", depth)):
+            if value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value}")
+        self.latent_dim, self.cond_dim, self.width, self.depth = latent_dim, cond_dim, width, depth
+        self.prediction, self.noise_schedule, self.num_train_timesteps = prediction, schedule, num_train_timesteps
+        reference = SamplerSchedule.create("ddpm", 1, _PREDICTIONS[prediction], beta_schedule=_SCHEDULES[schedule],
+                                           num_train_timesteps=num_train_timesteps)
+        self.register_buffer("alphas_cumprod", torch.tensor(reference.alphas_cumprod, dtype=torch.float32),
+                             persistent=False)
+        self.time_embed = nn.Sequential(nn.Linear(FREQUENCIES, width), nn.SiLU(), nn.Linear(width, width))
+        self.cond_proj = nn.Linear(cond_dim, width)
+        self.input_proj = nn.Linear(latent_dim, width)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+                                    for _ in range(depth))
+        self.modulation = nn.Linear(width, depth * 3 * width)  # every block's shift, scale, gate: one GEMM
+        self.final_modulation = nn.Linear(width, 2 * width)
+        self.output = nn.Linear(width, latent_dim)
+        for layer in (self.modulation, self.final_modulation, self.output):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        self._schedules: Dict[tuple, SamplerSchedule] = {}
+
+    # ------------------------------------------------------------------------------------------------ network
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x_t [R, C], t [R] training timesteps, cond [R, cond_dim] -> [R, C] prediction (of ``prediction``)."""
+        if x_t.dim() != 2 or x_t.shape[1] != self.latent_dim:
+            raise ValueError(f"x_t: expected [R, {self.latent_dim}], got {tuple(x_t.shape)}")
+        if cond.dim() != 2 or cond.shape != (x_t.shape[0], self.cond_dim):
+            raise ValueError(f"cond: expected [{x_t.shape[0]}, {self.cond_dim}], got {tuple(cond.shape)}")
+        if t.shape != (x_t.shape[0],):
+            raise ValueError(f"t: expected [{x_t.shape[0]}], got {tuple(t.shape)}")
+        return self._run(x_t, self.time_embed(timestep_embedding(t).to(x_t.dtype)), self.cond_proj(cond))
+
+    def _run(self, x_t, time_features, cond_features):
+        c = F.silu(time_features + cond_features)
+        h = self.input_proj(x_t)
+        mods = self.modulation(c).chunk(3 * self.depth, dim=1)
+        for i, block in enumerate(self.blocks):
+            shift, scale, gate = mods[3 * i: 3 * i + 3]
+            h = h + gate * block(modulate(h, shift, scale))
+        shift, scale = self.final_modulation(c).chunk(2, dim=1)
+        return self.output(modulate(h, shift, scale))
+
+    # ---------------------------------------------------------------------------------------------- training
+    def loss(self, target: torch.Tensor, cond: torch.Tensor, mask: Optional[torch.Tensor] = None,
+             batch_mul: int = 1, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Noises ``target`` [R, C] at random timesteps and returns the (masked) mean squared error of the
+        prediction. ``batch_mul`` draws that many timesteps per row; the condition [R, cond_dim] is projected once
+        and the projection expanded, never the condition copied. mask [R] bool/float selects rows."""
+        if target.dim() != 2 or target.shape[1] != self.latent_dim:
+            raise ValueError(f"target: expected [R, {self.latent_dim}], got {tuple(target.shape)}")
+        R = target.shape[0]
+        if cond.shape != (R, self.cond_dim):
+            raise ValueError(f"cond: expected [{R}, {self.cond_dim}], got {tuple(cond.shape)}")
+        if isinstance(batch_mul, bool) or not isinstance(batch_mul, int) or batch_mul < 1:
+            raise ValueError(f"batch_mul: expected a positive int, got {batch_mul!r}")
+        cond_features = self.cond_proj(cond).repeat(batch_mul, 1)
+        x0 = target.repeat(batch_mul, 1)
+        t = torch.randint(0, self.num_train_timesteps, (R * batch_mul,), generator=generator, device=target.device)
+        noise = torch.randn(x0.shape, generator=generator, device=target.device, dtype=x0.dtype)
+        a = self.alphas_cumprod[t].to(x0.dtype)[:, None]
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        goal = {"v": a.sqrt() * noise - (1 - a).sqrt() * x0, "epsilon": noise, "sample": x0}[self.prediction]
+        time_features = self.time_embed(timestep_embedding(t).to(x0.dtype))
+        error = (self._run(x_t, time_features, cond_features) - goal).pow(2).mean(dim=1)
+        if mask is None:
+            return error.mean()
+        if mask.shape != (R,):
+            raise ValueError(f"mask: expected [{R}], got {tuple(mask.shape)}")
+        weights = mask.to(error.dtype).repeat(batch_mul)
+        return (error * weights).sum() / weights.sum().clamp_min(1.0)
+
+    # ---------------------------------------------------------------------------------------------- sampling
+    def schedule(self, kind: str, num_steps: int) -> SamplerSchedule:
+        """The SamplerSchedule ``sample`` uses: this head's training noise schedule and prediction, "ddim" or
+        "ddpm" over ``num_steps`` steps (cached)."""
+        key = (kind, num_steps)
+        if key not in self._schedules:
+            if kind not in ("ddim", "ddpm"):
+                raise ValueError(f"sampler: expected 'ddim' or 'ddpm' (the head's schedule is discrete), got {kind!r}")
+            self._schedules[key] = SamplerSchedule.create(
+                kind, num_steps, _PREDICTIONS[self.prediction], beta_schedule=_SCHEDULES[self.noise_schedule],
+                num_train_timesteps=self.num_train_timesteps, timestep_spacing="trailing")
+        return self._schedules[key]
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, steps: int = 50, sampler: str = "ddim", cfg_scale: float = 1.0,
+               temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """[R, C] float32 samples for every row of ``cond`` [R, cond_dim] (all segments of a batch at once).
+
+        The timestep features of the schedule are computed once; with ``cfg_scale`` != 1 the unconditional rows
+        use a zero condition and the guidance is fused into the step."""
+        if cond.dim() != 2 or cond.shape[1] != self.cond_dim:
+            raise ValueError(f"cond: expected [R, {self.cond_dim}], got {tuple(cond.shape)}")
+        schedule = self.schedule(sampler, steps)
+        R = cond.shape[0]
+        dtype = next(self.parameters()).dtype
+        time_features = self.time_embed(timestep_embedding(schedule.timesteps.to(cond.device)).to(dtype))
+        cond_features = self.cond_proj(cond.to(dtype))
+        guided = cfg_scale != 1.0
+        if guided:
+            cond_features = torch.cat([cond_features, self.cond_proj(torch.zeros_like(cond, dtype=dtype))])
+        x = torch.randn(R, self.latent_dim, generator=generator, device=cond.device, dtype=torch.float32)
+        x.mul_(temperature)
+        for i in range(schedule.num_steps):
+            inputs = torch.cat([x, x]) if guided else x
+            features = time_features[i].expand(inputs.shape[0], -1)
+            out = self._run(inputs.to(dtype), features, cond_features)
+            denoise_step_(x, out, i, schedule, generator=generator, cfg_scale=cfg_scale if guided else None)
+        return x
+
+
+__all__ = ["LatentDiffusionHead", "timestep_embedding", "modulate"]
