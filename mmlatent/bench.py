@@ -318,12 +318,52 @@ def ivtlr_cases(sizes: str) -> List[Case]:
             ivtlr_case("inference", *args)]
 
 
+# ------------------------------------------------------------------------------------------------ diffusion head
+
+def _diffusion_inputs(segments, rows, C, width, depth, steps):
+    def make(device, dtype):
+        from mmlatent.models import LatentDiffusionHead
+        torch.manual_seed(0)
+        head = LatentDiffusionHead(C, C, width=width, depth=depth).to(device=device, dtype=dtype).eval()
+        g = torch.Generator(device="cpu").manual_seed(0)
+        cond = torch.randn(segments * rows, C, generator=g).to(device=device, dtype=dtype)
+        return dict(head=head, cond=cond, segments=segments, steps=steps)
+    return make
+
+
+def _head_sample(a):
+    return a["head"].sample(a["cond"], steps=a["steps"], generator=None)
+
+
+def _diffusers_loop_per_segment(a):
+    """What a user writes: a DDIM scheduler's step() loop over the head, one segment at a time."""
+    from diffusers import DDIMScheduler
+    head, steps = a["head"], a["steps"]
+    scheduler = DDIMScheduler(num_train_timesteps=head.num_train_timesteps, beta_schedule="squaredcos_cap_v2",
+                              prediction_type="v_prediction", clip_sample=False, timestep_spacing="trailing")
+    outs = []
+    with torch.no_grad():
+        for cond in a["cond"].chunk(a["segments"]):
+            scheduler.set_timesteps(steps)
+            x = torch.randn(cond.shape[0], head.latent_dim, device=cond.device, dtype=cond.dtype)
+            for t in scheduler.timesteps:
+                x = scheduler.step(head(x, t.expand(cond.shape[0]).to(cond.device), cond), t, x).prev_sample
+            outs.append(x)
+    return torch.cat(outs)
+
+
+def diffusion_case(segments, rows, C, width, depth=3, steps=50):
+    return Case("diffusion head sample", f"{segments} segments x {rows} rows C{C} width{width} depth{depth} "
+                f"{steps} DDIM steps", _diffusion_inputs(segments, rows, C, width, depth, steps), _head_sample,
+                {"diffusers DDIM loop per segment": _diffusers_loop_per_segment})
+
+
 def cases_for(sizes: str) -> List[Case]:
     if sizes == "tiny":  # the smoke test: every op and baseline, seconds on a CPU
         return [attention_case(1, 4, 2, 64, 64, 32, 16), attention_case(1, 4, 2, 1, 128, 32, 16),
                 row_mass_case(1, 4, 2, 128, 32, 16), select_case(2, 64, 8, 16),
                 cross_entropy_case(64, 32, 500), log_probs_case(64, 32, 500), log_probs_case(64, 32, 500, True),
-                *ivtlr_cases("tiny")]
+                *ivtlr_cases("tiny"), diffusion_case(2, 4, 16, 16, steps=5)]
     if sizes == "gpu":
         out = []
         for M in (1, 33, 512):
@@ -334,6 +374,7 @@ def cases_for(sizes: str) -> List[Case]:
         for T in (1024, 8192, 32768):  # Qwen2-7B's head: H 3584, V 152064
             out += [cross_entropy_case(T, 3584, 152064, True), cross_entropy_case(T, 3584, 152064, False)]
         out += [log_probs_case(T, 3584, 152064, trainable) for T in (1024, 8192) for trainable in (False, True)]
+        out += [diffusion_case(8, 32, 3584, 1024)] + [diffusion_case(1, R, 3584, 1024) for R in (32, 256, 2048)]
         return out + ivtlr_cases("gpu")
     # default (CPU, what `make demo` runs): the issue's CPU target first
     return [attention_case(1, 16, 4, 4096, 4096, 64, 1024), attention_case(1, 16, 4, 1, 4096, 64, 1024),
@@ -341,7 +382,7 @@ def cases_for(sizes: str) -> List[Case]:
             select_case(2, 1024, 32, 1024), select_case(2, 4096, 64, 1024),
             cross_entropy_case(2048, 256, 32000, True), cross_entropy_case(2048, 256, 32000, False),
             log_probs_case(2048, 256, 32000), log_probs_case(2048, 256, 32000, trainable_head=True),
-            *ivtlr_cases("default")]
+            *ivtlr_cases("default"), diffusion_case(8, 32, 512, 256)]
 
 
 # --------------------------------------------------------------------------------------------------- measurement
@@ -435,11 +476,14 @@ def _measure(case: Case, index: int, name: str, sizes: str, device, dtype, dtype
     return row
 
 
-def run(sizes: str, repeats: int, dtype_name: str, memory: bool = True, command: str = "") -> dict:
+def run(sizes: str, repeats: int, dtype_name: str, memory: bool = True, command: str = "",
+        ops: Optional[str] = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, dtype_name)
     rows = []
     for index, case in enumerate(cases_for(sizes)):
+        if ops and not case.op.startswith(ops):
+            continue
         impls = ["mmlatent", *case.baselines]
         for name in impls:
             row = dict(op=case.op, shape=case.shape, impl=name, device=device_label(device), dtype=dtype_name)
@@ -517,6 +561,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, help="input dtype (default: bfloat16 on GPU, float32 on CPU)")
     parser.add_argument("--out", default=None, help="output folder (default benches/results/<device>/)")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    parser.add_argument("--ops", help="only rows whose op starts with this (results go to kernels-<ops>.*)")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
@@ -534,10 +579,12 @@ def main(argv=None) -> int:
     print(f"mmlatent.bench: sizes={sizes} dtype={dtype} repeats={repeats}", flush=True)
     argv = sys.argv[1:] if argv is None else list(argv)
     command = " ".join(["python -m mmlatent.bench", *argv])
-    result = run(sizes, repeats, dtype, memory=not args.no_memory, command=command)
+    result = run(sizes, repeats, dtype, memory=not args.no_memory, command=command, ops=args.ops)
     out = args.out or os.path.join("benches", "results", result["device"])
     os.makedirs(out, exist_ok=True)
     stem = "kernels" if sizes != "tiny" else "kernels-tiny"
+    if args.ops:
+        stem += "-" + re.sub(r"[^a-z0-9]+", "-", args.ops.lower()).strip("-")
     with open(os.path.join(out, f"{stem}.json"), "w") as f:
         json.dump(result, f, indent=1)
     table = markdown(result)
