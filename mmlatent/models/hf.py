@@ -103,11 +103,11 @@ def mmlatent_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     if ctx is None or not causal:
         return _fallback_attention(fallback, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    fused_backend = ATTENTION_WITH_SCORES.choose(device=query.device, dtype=query.dtype, head_dim=query.shape[-1],
-                                                 out=ctx.scores)
     # The fused op's reference backend is an oracle, not a fast CPU attention: torch's SDPA plus the one score
-    # row measured 2.5x faster than it at M = N = 1050 on 2 cores (and it is forward-only).
-    if differentiable or fused_backend == "reference":
+    # row measured 2.5x faster than it at M = N = 1050 on 2 cores (and it is forward-only, so a differentiable
+    # call never asks for it).
+    if differentiable or ATTENTION_WITH_SCORES.choose(device=query.device, dtype=query.dtype,
+                                                      head_dim=query.shape[-1], out=ctx.scores) == "reference":
         out = _fallback_attention(fallback, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
         with torch.no_grad():
             row_attention_mass(query[:, :, -1].detach(), key.detach(), ctx.image_index, ctx.scores,
