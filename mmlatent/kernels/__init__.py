@@ -6,6 +6,7 @@
     linear_cross_entropy    cross-entropy of hidden @ weight.T + bias in row chunks, never building [T, V] logits
     linear_log_probs        log-softmax of the same logits at given tokens (policy gradients), same memory bound
     denoise_step_           one DDPM / DDIM / flow-Euler step for every row (ragged steps, CFG), in place
+    layer_norm_modulate     adaLN: LayerNorm (no affine) * (1 + scale) + shift, one pass forward and backward
 """
 from .dispatch import BACKENDS, BackendUnavailableError, requested_backend  # noqa: F401
 from .dispatch import _native_module
@@ -17,11 +18,12 @@ from .attention import ATTENTION_WITH_SCORES, ROW_ATTENTION_MASS, attention_with
 from .selection import SELECT_TOPK_TOKENS, register_native_fake, select_topk_tokens  # noqa: E402
 from .losses import LINEAR_CROSS_ENTROPY, LINEAR_LOG_PROBS, linear_cross_entropy, linear_log_probs  # noqa: E402
 from .sampler import DENOISE_STEP, SamplerSchedule, denoise_step_  # noqa: E402
+from .modulation import LAYER_NORM_MODULATE, layer_norm_modulate  # noqa: E402
 
 register_native_fake()
 
 OPS = {op.name: op for op in (ROW_ATTENTION_MASS, ATTENTION_WITH_SCORES, SELECT_TOPK_TOKENS, LINEAR_CROSS_ENTROPY,
-                              LINEAR_LOG_PROBS, DENOISE_STEP)}
+                              LINEAR_LOG_PROBS, DENOISE_STEP, LAYER_NORM_MODULATE)}
 
 
 def backend_report(op: str, **ctx) -> dict:
@@ -30,5 +32,5 @@ def backend_report(op: str, **ctx) -> dict:
 
 
 __all__ = ["row_attention_mass", "attention_with_scores", "select_topk_tokens", "linear_cross_entropy",
-           "linear_log_probs", "denoise_step_", "SamplerSchedule", "BACKENDS",
+           "linear_log_probs", "denoise_step_", "layer_norm_modulate", "SamplerSchedule", "BACKENDS",
            "BackendUnavailableError", "requested_backend", "backend_report", "OPS"]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
+from torch.nn import functional as F
 
 QUERY_CHUNK = 256
 KEY_BLOCK = 512
@@ -365,5 +366,15 @@ def denoise_step_(x: torch.Tensor, model_out: torch.Tensor, coefficients: torch.
     return x.copy_(new)
 
 
+# ------------------------------------------------------------------------------------------- adaLN modulation
+
+def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dimension (no affine, statistics in float32) * (1 + scale) + shift.
+
+    x, shift, scale: [..., W] of one float dtype; returns [..., W] in that dtype. Differentiable by autograd."""
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale) + shift
+
+
 __all__ = ["attention_with_scores", "row_attention_mass", "row_lse", "select_topk_tokens", "rank_eligible",
-           "eligible_tokens", "SoftmaxLossSpec", "softmax_loss_chunk", "linear_softmax_loss", "denoise_step_"]
+           "eligible_tokens", "SoftmaxLossSpec", "softmax_loss_chunk", "linear_softmax_loss", "denoise_step_",
+           "layer_norm_modulate"]

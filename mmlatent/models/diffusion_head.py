@@ -2,8 +2,8 @@
 conditioning that denoises [R, C] latents given a condition per row.
 
 Layout (as MAR's head): timestep embedding (sinusoidal -> MLP) + condition projection = c; the input is projected to
-``width``; each residual block applies LayerNorm (no affine) * (1 + scale) + shift, an MLP, and adds the result
-scaled by a gate; a final adaLN layer and a linear output. The modulation and output layers start at zero, so the
+``width``; each residual block applies LayerNorm (no affine) * (1 + scale) + shift (the fused
+:func:`mmlatent.kernels.layer_norm_modulate`), an MLP, and adds the result scaled by a gate; a final adaLN layer and a linear output. The modulation and output layers start at zero, so the
 initial prediction is zero. The per-block modulation projections are one GEMM ([width, depth * 3 * width]).
 """
 from __future__ import annotations
@@ -15,11 +15,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mmlatent.kernels import SamplerSchedule, denoise_step_
+from mmlatent.kernels import SamplerSchedule, denoise_step_, layer_norm_modulate
 
 _PREDICTIONS = {"v": "v_prediction", "epsilon": "epsilon", "sample": "sample"}
 _SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear", "scaled_linear": "scaled_linear"}
 FREQUENCIES = 256
+LAYER_NORM_EPS = 1e-6  # as MAR and DiT
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = FREQUENCIES, max_period: float = 10000.0) -> torch.Tensor:
@@ -28,11 +29,6 @@ def timestep_embedding(t: torch.Tensor, dim: int = FREQUENCIES, max_period: floa
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     angles = t.to(torch.float32)[:, None] * freqs[None]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """LayerNorm without affine, then * (1 + scale) + shift."""
-    return F.layer_norm(x, x.shape[-1:]) * (1 + scale) + shift
 
 
 class LatentDiffusionHead(nn.Module):
@@ -91,9 +87,9 @@ class LatentDiffusionHead(nn.Module):
         mods = self.modulation(c).chunk(3 * self.depth, dim=1)
         for i, block in enumerate(self.blocks):
             shift, scale, gate = mods[3 * i: 3 * i + 3]
-            h = h + gate * block(modulate(h, shift, scale))
+            h = h + gate * block(layer_norm_modulate(h, shift, scale, eps=LAYER_NORM_EPS))
         shift, scale = self.final_modulation(c).chunk(2, dim=1)
-        return self.output(modulate(h, shift, scale))
+        return self.output(layer_norm_modulate(h, shift, scale, eps=LAYER_NORM_EPS))
 
     # ---------------------------------------------------------------------------------------------- training
     def loss(self, target: torch.Tensor, cond: torch.Tensor, mask: Optional[torch.Tensor] = None,
@@ -164,4 +160,4 @@ class LatentDiffusionHead(nn.Module):
         return x
 
 
-__all__ = ["LatentDiffusionHead", "timestep_embedding", "modulate"]
+__all__ = ["LatentDiffusionHead", "timestep_embedding"]

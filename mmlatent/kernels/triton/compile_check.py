@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from mmlatent.kernels.triton import attention, losses, sampler, selection  # noqa: E402
+from mmlatent.kernels.triton import attention, losses, modulation, sampler, selection  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 227 * 1024  # bytes a Hopper thread block may use
@@ -118,6 +118,28 @@ def _sampler_cases():
                                                                         num_stages=1), attrs
 
 
+def _modulation_cases():
+    for cfg_name, cfg in modulation.MODULATION_CONFIGS.items():
+        for dtype in ("bf16", "fp32") if cfg_name == "w1024" else ("bf16",):
+            ptr = f"*{dtype}"
+            forward = {"X": ptr, "Shift": ptr, "Scale": ptr, "Y": ptr, "Mean": "*fp32", "Rstd": "*fp32", "W": "i32",
+                       "stride_x": "i32", "stride_shift": "i32", "stride_scale": "i32", "stride_y": "i32",
+                       "eps": "fp32"}
+            backward = {"DY": ptr, "X": ptr, "Scale": ptr, "Mean": "*fp32", "Rstd": "*fp32", "DX": ptr,
+                        "DScale": ptr, "W": "i32", "stride_dy": "i32", "stride_x": "i32", "stride_scale": "i32",
+                        "stride_dx": "i32", "stride_dscale": "i32"}
+            for direction, fn, signature in (("fwd", modulation._layer_norm_modulate_fwd, forward),
+                                              ("bwd", modulation._layer_norm_modulate_bwd, backward)):
+                constexprs = dict(BLOCK_W=cfg["BLOCK_W"], EMULATE_BF16_RTNE=False)
+                for name in constexprs:
+                    signature[name] = "constexpr"
+                signature, constexprs, attrs = _runtime_specialization(
+                    signature, constexprs, aligned=tuple(n for n, t in signature.items() if t.startswith("*"))
+                    + tuple(n for n in signature if n.startswith("stride")))
+                yield (f"layer_norm_modulate_{direction}[{cfg_name}] {dtype}", fn, signature, constexprs,
+                       dict(num_warps=cfg["num_warps"], num_stages=1), attrs)
+
+
 def _helper_cases():
     yield ("combine_splits D=128", attention._combine_splits,
            {"PartO": "*fp32", "PartLSE": "*fp32", "O": "*bf16", "LSE": "*fp32", "S": "i32",
@@ -148,6 +170,7 @@ def all_cases():
     yield _selection_case("ni4096", 4096, "bf16", "fp32")
     yield from _loss_cases()
     yield from _sampler_cases()
+    yield from _modulation_cases()
     yield from _helper_cases()
 
 

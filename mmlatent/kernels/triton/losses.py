@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import triton_interpreting
+from .numerics import round_to_bf16_grid
 
 # One config: a row is a stream, so the only choice is the tile width (16 fp32 values per thread at 8 warps).
 # compile_check proves it compiles for sm_90a without spills in every dtype and mode.
@@ -32,15 +33,6 @@ def _scaled_logits(z, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
     else:
         s = z * inv_temperature
     return s
-
-
-@triton.jit
-def _round_to_bf16_grid(x):
-    # The interpreter converts float32 to bfloat16 by truncation (the GPU rounds to nearest even): round here so
-    # that CPU tests see the GPU's rounding error, not twice it.
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -98,7 +90,7 @@ def _softmax_loss_rows(Logits, Targets, Coef, Values, LSE,
             else:
                 g = g * inv_temperature
             if EMULATE_BF16_RTNE:
-                g = _round_to_bf16_grid(g)
+                g = round_to_bf16_grid(g)
             tl.store(base + cols, g.to(Logits.dtype.element_ty), mask=inside)
 
 
