@@ -56,6 +56,11 @@ def attention_flops(batch, q_heads, rows, keys, head_dim, causal, with_values=Tr
     return 2.0 * batch * q_heads * visible * head_dim * (2 if with_values else 1)
 
 
+# A baseline named "floor: ..." is a lower bound measured in the same run, not a competitor: the table says how
+# close mmlatent comes to it.
+FLOOR_PREFIX = "floor: "
+
+
 @dataclass
 class Case:
     op: str
@@ -327,12 +332,26 @@ def _diffusion_inputs(segments, rows, C, width, depth, steps):
         head = LatentDiffusionHead(C, C, width=width, depth=depth).to(device=device, dtype=dtype).eval()
         g = torch.Generator(device="cpu").manual_seed(0)
         cond = torch.randn(segments * rows, C, generator=g).to(device=device, dtype=dtype)
-        return dict(head=head, cond=cond, segments=segments, steps=steps)
+        x_t = torch.randn(segments * rows, C, generator=g).to(device=device, dtype=dtype)
+        t = torch.full((segments * rows,), 500, device=device)
+        return dict(head=head, cond=cond, segments=segments, steps=steps, x_t=x_t, t=t)
     return make
 
 
 def _head_sample(a):
     return a["head"].sample(a["cond"], steps=a["steps"], generator=None)
+
+
+def _head_sample_eager(a):
+    return a["head"].sample(a["cond"], steps=a["steps"], generator=None, cuda_graph=False)
+
+
+def _head_forward_floor(a):
+    """The floor of any sampler: the head's own forward at the whole batch, once per step, nothing else."""
+    with torch.no_grad():
+        for _ in range(a["steps"]):
+            out = a["head"](a["x_t"], a["t"], a["cond"])
+    return out
 
 
 def _diffusers_loop_per_segment(a):
@@ -352,10 +371,15 @@ def _diffusers_loop_per_segment(a):
     return torch.cat(outs)
 
 
-def diffusion_case(segments, rows, C, width, depth=3, steps=50):
+def diffusion_case(segments, rows, C, width, depth=3, steps=50, with_eager=False):
+    """``with_eager`` adds head.sample without its CUDA graph (on a GPU: what the graph saves)."""
+    baselines = {"diffusers DDIM loop per segment": _diffusers_loop_per_segment}
+    if with_eager:
+        baselines["mmlatent without CUDA graph"] = _head_sample_eager
+    baselines[f"{FLOOR_PREFIX}{steps} x head forward"] = _head_forward_floor
     return Case("diffusion head sample", f"{segments} segments x {rows} rows C{C} width{width} depth{depth} "
                 f"{steps} DDIM steps", _diffusion_inputs(segments, rows, C, width, depth, steps), _head_sample,
-                {"diffusers DDIM loop per segment": _diffusers_loop_per_segment})
+                baselines)
 
 
 def cases_for(sizes: str) -> List[Case]:
@@ -374,7 +398,8 @@ def cases_for(sizes: str) -> List[Case]:
         for T in (1024, 8192, 32768):  # Qwen2-7B's head: H 3584, V 152064
             out += [cross_entropy_case(T, 3584, 152064, True), cross_entropy_case(T, 3584, 152064, False)]
         out += [log_probs_case(T, 3584, 152064, trainable) for T in (1024, 8192) for trainable in (False, True)]
-        out += [diffusion_case(8, 32, 3584, 1024)] + [diffusion_case(1, R, 3584, 1024) for R in (32, 256, 2048)]
+        out += [diffusion_case(8, 32, 3584, 1024, with_eager=True)]
+        out += [diffusion_case(1, R, 3584, 1024, with_eager=True) for R in (32, 256, 2048)]
         return out + ivtlr_cases("gpu")
     # default (CPU, what `make demo` runs): the issue's CPU target first
     return [attention_case(1, 16, 4, 4096, 4096, 64, 1024), attention_case(1, 16, 4, 1, 4096, 64, 1024),
@@ -505,6 +530,8 @@ def run(sizes: str, repeats: int, dtype_name: str, memory: bool = True, command:
                 row["speedup_of_mmlatent"] = row["median_s"] / ours["median_s"]
             if row["peak_bytes"] and ours["peak_bytes"] is not None:
                 row["memory_ratio_of_mmlatent"] = ours["peak_bytes"] / row["peak_bytes"]
+            if row["impl"].startswith(FLOOR_PREFIX) and "speedup_of_mmlatent" in row:
+                row["mmlatent_over_floor"] = 1.0 / row["speedup_of_mmlatent"]
     return dict(device=device_label(device), torch=torch.__version__, python=platform.python_version(),
                 machine=platform.machine(), cpus=os.cpu_count(), sizes=sizes, dtype=dtype_name, repeats=repeats,
                 command=command, rows=rows)
@@ -524,6 +551,8 @@ def markdown(result: dict) -> str:
             hw = f"{r['tflops']:.0f} TFLOP/s ({100 * r['fraction_of_bf16_ceiling']:.0f}%)"
         if "gbps" in r:
             hw = f"{r['gbps']:.0f} GB/s" + (f" ({100 * r['fraction_of_hbm']:.0f}% HBM)" if "fraction_of_hbm" in r else "")
+        if "mmlatent_over_floor" in r:
+            hw = f"mmlatent = {r['mmlatent_over_floor']:.2f}x this floor"
         median = "out of memory" if r["median_s"] is None else f"{r['median_s'] * 1e3:.3f}"
         lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {median} | {peak} | {speed} | "
                      f"{mem} | {hw} |")

@@ -99,6 +99,33 @@ def test_bad_input():
         head.loss(torch.randn(3, 6), torch.randn(3, 5), batch_mul=0)
     with pytest.raises(ValueError, match="sampler"):
         head.sample(torch.randn(3, 5), sampler="euler")
+    with pytest.raises(ValueError, match="steps: expected a positive int"):
+        head.sample(torch.randn(3, 5), steps=0)
+    with pytest.raises(ValueError, match="temperature"):
+        head.sample(torch.randn(3, 5), temperature=-1.0)
+    with pytest.raises(TypeError, match="cfg_scale"):
+        head.sample(torch.randn(3, 5), cfg_scale="3")
+    with pytest.raises(ValueError, match="cuda_graph: True needs cond on a CUDA device"):
+        head.sample(torch.randn(3, 5), cuda_graph=True)
+    with pytest.raises(ValueError, match="cond: expected"):
+        head.sample(torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.5])
+def test_zero_padded_rows_change_nothing(cfg_scale, use_backend):
+    """The captured loop runs on rows padded with zeros to a power-of-two bucket: the real rows' trajectories must
+    not depend on the padding (every op is row-wise, and a zero row normalises without NaN)."""
+    use_backend("reference")
+    head = make_head()
+    cond, x = torch.randn(5, 5), torch.randn(5, 6)
+    schedule = head.schedule("ddim", 10)
+    guidance = None if cfg_scale == 1.0 else cfg_scale
+    with torch.no_grad():
+        plain = head._sample_loop(x.clone(), cond, schedule, guidance, torch.Generator().manual_seed(0))
+        padded_x, padded_cond = torch.cat([x, torch.zeros(3, 6)]), torch.cat([cond, torch.zeros(3, 5)])
+        padded = head._sample_loop(padded_x, padded_cond, schedule, guidance, torch.Generator().manual_seed(0))
+    assert torch.isfinite(padded).all()
+    assert torch.allclose(padded[:5], plain, rtol=1e-5, atol=1e-6)
 
 
 def test_learns_a_two_dimensional_mixture(use_backend):

@@ -88,7 +88,7 @@ class SamplerSchedule:
     clip: Optional[float] = None
     eta: float = 0.0
     alphas_cumprod: Optional[list] = field(default=None, repr=False)  # the training schedule (discrete kinds)
-    _device_tables: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    _device_copies: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_steps(self) -> int:
@@ -100,10 +100,17 @@ class SamplerSchedule:
 
     def device_table(self, device: Union[str, torch.device]) -> torch.Tensor:
         """[S, 6] float32 on ``device``, copied once and cached (no host-to-device copy per step)."""
-        key = str(torch.device(device))
-        if key not in self._device_tables:
-            self._device_tables[key] = self.table.to(device=device, dtype=torch.float32)
-        return self._device_tables[key]
+        return self._on_device("table", self.table, torch.float32, device)
+
+    def device_timesteps(self, device: Union[str, torch.device]) -> torch.Tensor:
+        """``timesteps`` on ``device`` (their dtype), copied once and cached."""
+        return self._on_device("timesteps", self.timesteps, self.timesteps.dtype, device)
+
+    def _on_device(self, name, value, dtype, device):
+        key = (name, str(torch.device(device)))
+        if key not in self._device_copies:
+            self._device_copies[key] = value.to(device=device, dtype=dtype)
+        return self._device_copies[key]
 
     # --------------------------------------------------------------------------------------------- builders
     @classmethod

@@ -9,13 +9,14 @@ initial prediction is zero. The per-block modulation projections are one GEMM ([
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Dict, Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mmlatent.kernels import SamplerSchedule, denoise_step_, layer_norm_modulate
+from mmlatent.kernels import SamplerSchedule, checks, denoise_step_, layer_norm_modulate
 
 _PREDICTIONS = {"v": "v_prediction", "epsilon": "epsilon", "sample": "sample"}
 _SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear", "scaled_linear": "scaled_linear"}
@@ -69,6 +70,8 @@ class LatentDiffusionHead(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
         self._schedules: Dict[tuple, SamplerSchedule] = {}
+        self._graphs: "OrderedDict[tuple, _SamplingGraph]" = OrderedDict()
+        self._graph_pool = None
 
     # ------------------------------------------------------------------------------------------------ network
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -135,29 +138,124 @@ class LatentDiffusionHead(nn.Module):
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, steps: int = 50, sampler: str = "ddim", cfg_scale: float = 1.0,
-               temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+               temperature: float = 1.0, generator: Optional[torch.Generator] = None,
+               cuda_graph: Optional[bool] = None) -> torch.Tensor:
         """[R, C] float32 samples for every row of ``cond`` [R, cond_dim] (all segments of a batch at once).
 
-        The timestep features of the schedule are computed once; with ``cfg_scale`` != 1 the unconditional rows
-        use a zero condition and the guidance is fused into the step."""
+        Args:
+            cond: [R, cond_dim] conditions (any float dtype; cast to the head's).
+            steps, sampler: the schedule (:meth:`schedule`): "ddim" (deterministic, eta 0) or "ddpm".
+            cfg_scale: classifier-free guidance; != 1 adds unconditional rows (a zero condition) and fuses
+                ``uncond + cfg_scale * (cond - uncond)`` into the step.
+            temperature: scales the initial noise.
+            generator: draws the initial noise (and a DDPM sampler's noise), on cond's device.
+            cuda_graph: capture the whole loop (condition projection, timestep features, every head forward and
+                fused step) in one CUDA graph per power-of-two row-count bucket, and replay it; rows are padded to
+                the bucket with zeros (rows never mix). Default: on for CUDA tensors. Graphs are cached per head
+                (bucket, schedule, guidance, dtype, parameters) and read the parameters in place, so in-place
+                optimizer updates are seen; replacing a parameter tensor recaptures.
+
+        The timestep features are computed once per call, never per step. Given the same generator state, the
+        result does not depend on ``cuda_graph`` for the deterministic sampler (DDIM); with DDPM the graph draws
+        its step noise for the padded bucket, so the two paths give different (equally distributed) samples.
+        """
         if cond.dim() != 2 or cond.shape[1] != self.cond_dim:
             raise ValueError(f"cond: expected [R, {self.cond_dim}], got {tuple(cond.shape)}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps: expected a positive int, got {steps!r}")
+        cfg_scale = checks.number("cfg_scale", cfg_scale)
+        temperature = checks.number("temperature", temperature)
+        if temperature < 0:
+            raise ValueError(f"temperature: expected >= 0, got {temperature}")
+        if generator is not None and generator.device.type != cond.device.type:
+            raise ValueError(f"generator: expected a generator on {cond.device.type} (cond's device), got one on "
+                             f"{generator.device}")
+        use_graph = cond.is_cuda if cuda_graph is None else bool(cuda_graph)
+        if use_graph and not cond.is_cuda:
+            raise ValueError(f"cuda_graph: True needs cond on a CUDA device, got {cond.device}")
         schedule = self.schedule(sampler, steps)
-        R = cond.shape[0]
+        guidance = cfg_scale if cfg_scale != 1.0 else None
         dtype = next(self.parameters()).dtype
-        time_features = self.time_embed(timestep_embedding(schedule.timesteps.to(cond.device)).to(dtype))
-        cond_features = self.cond_proj(cond.to(dtype))
-        guided = cfg_scale != 1.0
-        if guided:
-            cond_features = torch.cat([cond_features, self.cond_proj(torch.zeros_like(cond, dtype=dtype))])
-        x = torch.randn(R, self.latent_dim, generator=generator, device=cond.device, dtype=torch.float32)
+        x = torch.randn(cond.shape[0], self.latent_dim, generator=generator, device=cond.device,
+                        dtype=torch.float32)
         x.mul_(temperature)
+        if use_graph and cond.shape[0]:
+            return self._graphed(schedule, cond.shape[0], guidance, dtype, generator).run(x, cond)
+        return self._sample_loop(x, cond.to(dtype), schedule, guidance, generator)
+
+    def _sample_loop(self, x: torch.Tensor, cond: torch.Tensor, schedule: SamplerSchedule,
+                     cfg_scale: Optional[float], generator: Optional[torch.Generator]) -> torch.Tensor:
+        """Runs every step on x [R, C] float32 in place, conditioned on cond [R, cond_dim] (the head's dtype).
+        Row-independent, with no host synchronisation: the body a CUDA graph captures."""
+        dtype = cond.dtype
+        time_features = self.time_embed(timestep_embedding(schedule.device_timesteps(x.device)).to(dtype))
+        cond_features = self.cond_proj(cond)
+        if cfg_scale is not None:  # the projection of a zero condition is the bias
+            cond_features = torch.cat([cond_features, self.cond_proj.bias.expand_as(cond_features)])
         for i in range(schedule.num_steps):
-            inputs = torch.cat([x, x]) if guided else x
+            inputs = torch.cat([x, x]) if cfg_scale is not None else x
             features = time_features[i].expand(inputs.shape[0], -1)
             out = self._run(inputs.to(dtype), features, cond_features)
-            denoise_step_(x, out, i, schedule, generator=generator, cfg_scale=cfg_scale if guided else None)
+            denoise_step_(x, out, i, schedule, generator=generator, cfg_scale=cfg_scale)
         return x
+
+    def _graphed(self, schedule, rows, cfg_scale, dtype, generator) -> "_SamplingGraph":
+        bucket = max(MIN_GRAPH_BUCKET, 1 << (rows - 1).bit_length())
+        parameters = tuple(p.data_ptr() for p in self.parameters())
+        key = (bucket, schedule.kind, schedule.num_steps, cfg_scale, dtype, parameters,
+               id(generator) if schedule.stochastic else None)
+        graph = self._graphs.pop(key, None)
+        if graph is None:
+            if len(self._graphs) >= MAX_CACHED_GRAPHS:
+                self._graphs.pop(next(iter(self._graphs)))
+            device = next(self.parameters()).device
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = _SamplingGraph.capture(self, schedule, bucket, cfg_scale, dtype, device,
+                                           generator if schedule.stochastic else None, self._graph_pool)
+        self._graphs[key] = graph  # most recently used last
+        return graph
+
+
+MIN_GRAPH_BUCKET = 8
+MAX_CACHED_GRAPHS = 8
+
+
+class _SamplingGraph:
+    """One captured sampling loop over static [bucket, C] state and [bucket, cond_dim] condition buffers."""
+
+    def __init__(self, graph, x, cond):
+        self.graph, self.x, self.cond = graph, x, cond
+
+    @classmethod
+    def capture(cls, head, schedule, bucket, cfg_scale, dtype, device, generator, pool):
+        x = torch.zeros(bucket, head.latent_dim, device=device, dtype=torch.float32)
+        cond = torch.zeros(bucket, head.cond_dim, device=device, dtype=dtype)
+        schedule.device_table(device)  # host-to-device copies cannot be captured: make them now
+        schedule.device_timesteps(device)
+        rng = generator if generator is not None else torch.cuda.default_generators[device.index or 0]
+        rng_state = rng.get_state()  # warm-up and capture must not consume the caller's random stream
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # compiles the Triton kernels and initialises cuBLAS outside the capture
+            head._sample_loop(x.clone(), cond, schedule, cfg_scale, generator)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if generator is not None:
+            graph.register_generator_state(generator)
+        with torch.cuda.graph(graph, pool=pool):
+            head._sample_loop(x, cond, schedule, cfg_scale, generator)
+        rng.set_state(rng_state)
+        return cls(graph, x, cond)
+
+    def run(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        self.x[:rows].copy_(x)
+        self.x[rows:].zero_()
+        self.cond[:rows].copy_(cond)
+        self.cond[rows:].zero_()
+        self.graph.replay()
+        return self.x[:rows].clone()
 
 
 __all__ = ["LatentDiffusionHead", "timestep_embedding"]

@@ -15,7 +15,9 @@ _INTERPRETER_BLOCK_C = 128
 NUM_COEFFICIENTS = 6
 
 
-@triton.jit
+# A sampling loop passes step = 0..S-1: unspecialised, those are one compiled kernel (Triton would otherwise compile
+# separate variants for step == 1 and steps divisible by 16).
+@triton.jit(do_not_specialize=["step_scalar"])
 def _denoise_step(X, Out, Noise, Table, Steps, C, R, stride_x, stride_o, stride_n, step_scalar, cfg_scale, clip,
                   PER_ROW_STEP: tl.constexpr, HAS_CFG: tl.constexpr, HAS_CLIP: tl.constexpr,
                   HAS_NOISE: tl.constexpr, BLOCK_C: tl.constexpr):
