@@ -40,8 +40,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from mmlatent.kernels import (attention_with_scores, linear_cross_entropy, linear_log_probs, row_attention_mass,
-                              select_topk_tokens)
+from mmlatent.kernels import (attention_with_scores, layer_norm_modulate, linear_cross_entropy, linear_log_probs,
+                              row_attention_mass, select_topk_tokens)
 
 # Measured ceilings (DESIGN.md): dense bf16 matmul, and HBM bandwidth by device.
 BF16_TFLOPS_CEILING = 790.0
@@ -371,6 +371,32 @@ def _diffusers_loop_per_segment(a):
     return torch.cat(outs)
 
 
+def _modulate_inputs(N, W):
+    def make(device, dtype):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        t = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+        return dict(x=t(N, W).requires_grad_(), mods=t(N, 3 * W).requires_grad_(), dy=t(N, W))
+    return make
+
+
+def _modulate_fwd_bwd(fn):
+    def call(a):
+        shift, scale, _gate = a["mods"].chunk(3, dim=1)
+        return torch.autograd.grad(fn(a["x"], shift, scale), (a["x"], a["mods"]), a["dy"])
+    return call
+
+
+def modulate_case(N, W):
+    """adaLN forward + backward: the fused op against the torch expression (what the head ran before)."""
+    from mmlatent.kernels import reference
+    unfused = _modulate_fwd_bwd(lambda x, shift, scale: reference.layer_norm_modulate(x, shift, scale, 1e-6))
+    element = 2  # bf16 activations on the GPU
+    # forward reads x, shift, scale and writes y; backward reads dy, x, scale and writes dx, dscale (dshift is dy)
+    return Case("layer_norm_modulate", f"N{N} W{W} fwd+bwd", _modulate_inputs(N, W),
+                _modulate_fwd_bwd(layer_norm_modulate), {"torch LayerNorm * (1 + scale) + shift": unfused},
+                bytes_moved=9.0 * N * W * element)
+
+
 def diffusion_case(segments, rows, C, width, depth=3, steps=50, with_eager=False):
     """``with_eager`` adds head.sample without its CUDA graph (on a GPU: what the graph saves)."""
     baselines = {"diffusers DDIM loop per segment": _diffusers_loop_per_segment}
@@ -387,7 +413,7 @@ def cases_for(sizes: str) -> List[Case]:
         return [attention_case(1, 4, 2, 64, 64, 32, 16), attention_case(1, 4, 2, 1, 128, 32, 16),
                 row_mass_case(1, 4, 2, 128, 32, 16), select_case(2, 64, 8, 16),
                 cross_entropy_case(64, 32, 500), log_probs_case(64, 32, 500), log_probs_case(64, 32, 500, True),
-                *ivtlr_cases("tiny"), diffusion_case(2, 4, 16, 16, steps=5)]
+                *ivtlr_cases("tiny"), modulate_case(8, 64), diffusion_case(2, 4, 16, 16, steps=5)]
     if sizes == "gpu":
         out = []
         for M in (1, 33, 512):
@@ -398,6 +424,7 @@ def cases_for(sizes: str) -> List[Case]:
         for T in (1024, 8192, 32768):  # Qwen2-7B's head: H 3584, V 152064
             out += [cross_entropy_case(T, 3584, 152064, True), cross_entropy_case(T, 3584, 152064, False)]
         out += [log_probs_case(T, 3584, 152064, trainable) for T in (1024, 8192) for trainable in (False, True)]
+        out += [modulate_case(N, 1024) for N in (256, 4096, 65536)]  # the head's width; 65536 rows: HBM-bound
         out += [diffusion_case(8, 32, 3584, 1024, with_eager=True)]
         out += [diffusion_case(1, R, 3584, 1024, with_eager=True) for R in (32, 256, 2048)]
         return out + ivtlr_cases("gpu")

@@ -14,17 +14,18 @@ def test_bench_tiny_writes_json_markdown_png(tmp_path):
     ops = {r["op"] for r in result["rows"]}
     assert ops == {"attention_with_scores", "row_attention_mass", "select_topk_tokens", "linear_cross_entropy",
                    "linear_log_probs", "ivtlr training step", "ivtlr training step, grad checkpointing",
-                   "ivtlr inference (+32 tokens)", "diffusion head sample"}
+                   "ivtlr inference (+32 tokens)", "layer_norm_modulate", "diffusion head sample"}
     baselines = [r for r in result["rows"] if r["impl"] != "mmlatent"]
     assert baselines and all(r["speedup_of_mmlatent"] > 0 for r in baselines)
     assert "eager+output_attentions" in table and "sdpa" in table and "torch topk" in table
     assert "logits+F.cross_entropy" in table and "logits+log_softmax" in table
     assert "ivtlr_reference (public code)" in table
+    assert "x this floor" in table  # the diffusion row's distance to 50 head forwards
 
 
 def test_loss_cases_return_the_same_gradients_as_their_baselines():
     for case in bench.cases_for("tiny"):
-        if case.op not in ("linear_cross_entropy", "linear_log_probs"):
+        if case.op not in ("linear_cross_entropy", "linear_log_probs", "layer_norm_modulate"):
             continue
         args = case.make(torch.device("cpu"), torch.float32)
         ours = case.ours(args)
