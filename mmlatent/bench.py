@@ -40,8 +40,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from mmlatent.kernels import (attention_with_scores, layer_norm_modulate, linear_cross_entropy, linear_log_probs,
-                              row_attention_mass, select_topk_tokens)
+from mmlatent.kernels import (attention_with_scores, diffusion_mse, layer_norm_modulate, linear_cross_entropy,
+                              linear_log_probs, row_attention_mass, select_topk_tokens)
 
 # Measured ceilings (DESIGN.md): dense bf16 matmul, and HBM bandwidth by device.
 BF16_TFLOPS_CEILING = 790.0
@@ -397,6 +397,37 @@ def modulate_case(N, W):
                 bytes_moved=9.0 * N * W * element)
 
 
+def _mse_inputs(R, C):
+    def make(device, dtype):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        t = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+        return dict(pred=t(R, C).requires_grad_(), x0=t(R, C), noise=t(R, C),
+                    alphas=torch.rand(R, generator=g).to(device))
+    return make
+
+
+def _mse_fwd_bwd(fused):
+    def call(a):
+        if fused:
+            loss = diffusion_mse(a["pred"], a["x0"], a["noise"], a["alphas"], "v_prediction")
+        else:
+            from mmlatent.kernels import reference
+            from mmlatent.kernels.diffusion_loss import target_coefficients
+            goal_x0, goal_noise = target_coefficients("v_prediction", a["alphas"])
+            coef = torch.full_like(a["alphas"], 1.0 / a["alphas"].shape[0])
+            loss = reference.diffusion_mse(a["pred"], a["x0"], a["noise"], goal_x0, goal_noise, coef)
+        return torch.autograd.grad(loss, a["pred"])
+    return call
+
+
+def diffusion_mse_case(R, C):
+    """The head's loss on its prediction, forward + backward, against the torch expression."""
+    element = 2  # bf16 on the GPU
+    # forward reads pred, x0, noise and writes the gradient; backward reads it and writes pred's gradient
+    return Case("diffusion_mse", f"R{R} C{C} v-target fwd+bwd", _mse_inputs(R, C), _mse_fwd_bwd(True),
+                {"torch target + MSE": _mse_fwd_bwd(False)}, bytes_moved=6.0 * R * C * element)
+
+
 def diffusion_case(segments, rows, C, width, depth=3, steps=50, with_eager=False):
     """``with_eager`` adds head.sample without its CUDA graph (on a GPU: what the graph saves)."""
     baselines = {"diffusers DDIM loop per segment": _diffusers_loop_per_segment}
@@ -413,7 +444,8 @@ def cases_for(sizes: str) -> List[Case]:
         return [attention_case(1, 4, 2, 64, 64, 32, 16), attention_case(1, 4, 2, 1, 128, 32, 16),
                 row_mass_case(1, 4, 2, 128, 32, 16), select_case(2, 64, 8, 16),
                 cross_entropy_case(64, 32, 500), log_probs_case(64, 32, 500), log_probs_case(64, 32, 500, True),
-                *ivtlr_cases("tiny"), modulate_case(8, 64), diffusion_case(2, 4, 16, 16, steps=5)]
+                *ivtlr_cases("tiny"), modulate_case(8, 64), diffusion_mse_case(8, 64),
+                diffusion_case(2, 4, 16, 16, steps=5)]
     if sizes == "gpu":
         out = []
         for M in (1, 33, 512):
@@ -425,6 +457,7 @@ def cases_for(sizes: str) -> List[Case]:
             out += [cross_entropy_case(T, 3584, 152064, True), cross_entropy_case(T, 3584, 152064, False)]
         out += [log_probs_case(T, 3584, 152064, trainable) for T in (1024, 8192) for trainable in (False, True)]
         out += [modulate_case(N, 1024) for N in (256, 4096, 65536)]  # the head's width; 65536 rows: HBM-bound
+        out += [diffusion_mse_case(R, 3584) for R in (1024, 16384)]  # 32-row sketches x batch x batch_mul
         out += [diffusion_case(8, 32, 3584, 1024, with_eager=True)]
         out += [diffusion_case(1, R, 3584, 1024, with_eager=True) for R in (32, 256, 2048)]
         return out + ivtlr_cases("gpu")

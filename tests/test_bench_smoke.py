@@ -14,7 +14,8 @@ def test_bench_tiny_writes_json_markdown_png(tmp_path):
     ops = {r["op"] for r in result["rows"]}
     assert ops == {"attention_with_scores", "row_attention_mass", "select_topk_tokens", "linear_cross_entropy",
                    "linear_log_probs", "ivtlr training step", "ivtlr training step, grad checkpointing",
-                   "ivtlr inference (+32 tokens)", "layer_norm_modulate", "diffusion head sample"}
+                   "ivtlr inference (+32 tokens)", "layer_norm_modulate", "diffusion_mse",
+                   "diffusion head sample"}
     baselines = [r for r in result["rows"] if r["impl"] != "mmlatent"]
     assert baselines and all(r["speedup_of_mmlatent"] > 0 for r in baselines)
     assert "eager+output_attentions" in table and "sdpa" in table and "torch topk" in table
@@ -25,7 +26,8 @@ def test_bench_tiny_writes_json_markdown_png(tmp_path):
 
 def test_loss_cases_return_the_same_gradients_as_their_baselines():
     for case in bench.cases_for("tiny"):
-        if case.op not in ("linear_cross_entropy", "linear_log_probs", "layer_norm_modulate"):
+        if case.op not in ("linear_cross_entropy", "linear_log_probs", "layer_norm_modulate",
+                           "diffusion_mse"):
             continue
         args = case.make(torch.device("cpu"), torch.float32)
         ours = case.ours(args)

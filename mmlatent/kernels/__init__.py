@@ -7,6 +7,7 @@
     linear_log_probs        log-softmax of the same logits at given tokens (policy gradients), same memory bound
     denoise_step_           one DDPM / DDIM / flow-Euler step for every row (ragged steps, CFG), in place
     layer_norm_modulate     adaLN: LayerNorm (no affine) * (1 + scale) + shift, one pass forward and backward
+    diffusion_mse           the denoiser's training MSE, target formed on the fly, gradient in the same pass
 """
 from .dispatch import BACKENDS, BackendUnavailableError, requested_backend  # noqa: F401
 from .dispatch import _native_module
@@ -19,11 +20,13 @@ from .selection import SELECT_TOPK_TOKENS, register_native_fake, select_topk_tok
 from .losses import LINEAR_CROSS_ENTROPY, LINEAR_LOG_PROBS, linear_cross_entropy, linear_log_probs  # noqa: E402
 from .sampler import DENOISE_STEP, SamplerSchedule, denoise_step_  # noqa: E402
 from .modulation import LAYER_NORM_MODULATE, layer_norm_modulate  # noqa: E402
+from .diffusion_loss import DIFFUSION_MSE, diffusion_mse  # noqa: E402
 
 register_native_fake()
 
 OPS = {op.name: op for op in (ROW_ATTENTION_MASS, ATTENTION_WITH_SCORES, SELECT_TOPK_TOKENS, LINEAR_CROSS_ENTROPY,
-                              LINEAR_LOG_PROBS, DENOISE_STEP, LAYER_NORM_MODULATE)}
+                              LINEAR_LOG_PROBS, DENOISE_STEP, LAYER_NORM_MODULATE,
+                              DIFFUSION_MSE)}
 
 
 def backend_report(op: str, **ctx) -> dict:
@@ -32,5 +35,6 @@ def backend_report(op: str, **ctx) -> dict:
 
 
 __all__ = ["row_attention_mass", "attention_with_scores", "select_topk_tokens", "linear_cross_entropy",
-           "linear_log_probs", "denoise_step_", "layer_norm_modulate", "SamplerSchedule", "BACKENDS",
+           "linear_log_probs", "denoise_step_", "layer_norm_modulate", "diffusion_mse",
+           "SamplerSchedule", "BACKENDS",
            "BackendUnavailableError", "requested_backend", "backend_report", "OPS"]

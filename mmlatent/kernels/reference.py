@@ -375,6 +375,18 @@ def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
     return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale) + shift
 
 
+# ------------------------------------------------------------------------------------------------ diffusion loss
+
+def diffusion_mse(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, goal_x0: torch.Tensor,
+                  goal_noise: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """sum_r coef[r] * mean_c (pred - goal)^2 with goal = goal_x0[r] * x0 + goal_noise[r] * noise, in float32.
+
+    pred, x0, noise: [R, C] (any float dtypes); goal_x0, goal_noise, coef: [R] float32. Differentiable by autograd
+    in pred and x0."""
+    goal = goal_x0[:, None] * x0.to(torch.float32) + goal_noise[:, None] * noise.to(torch.float32)
+    return (coef * (pred.to(torch.float32) - goal).square().mean(dim=1)).sum()
+
+
 __all__ = ["attention_with_scores", "row_attention_mass", "row_lse", "select_topk_tokens", "rank_eligible",
            "eligible_tokens", "SoftmaxLossSpec", "softmax_loss_chunk", "linear_softmax_loss", "denoise_step_",
-           "layer_norm_modulate"]
+           "layer_norm_modulate", "diffusion_mse"]

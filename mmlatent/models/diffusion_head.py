@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mmlatent.kernels import SamplerSchedule, checks, denoise_step_, layer_norm_modulate
+from mmlatent.kernels import SamplerSchedule, checks, denoise_step_, diffusion_mse, layer_norm_modulate
 
 _PREDICTIONS = {"v": "v_prediction", "epsilon": "epsilon", "sample": "sample"}
 _SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear", "scaled_linear": "scaled_linear"}
@@ -98,8 +98,10 @@ class LatentDiffusionHead(nn.Module):
     def loss(self, target: torch.Tensor, cond: torch.Tensor, mask: Optional[torch.Tensor] = None,
              batch_mul: int = 1, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Noises ``target`` [R, C] at random timesteps and returns the (masked) mean squared error of the
-        prediction. ``batch_mul`` draws that many timesteps per row; the condition [R, cond_dim] is projected once
-        and the projection expanded, never the condition copied. mask [R] bool/float selects rows."""
+        prediction against its target (:func:`mmlatent.kernels.diffusion_mse`: the target is formed in the loss
+        kernel, which writes the prediction's gradient in the same pass). ``batch_mul`` draws that many timesteps
+        per row; the condition [R, cond_dim] is projected once and the projection expanded, never the condition
+        copied. mask [R] bool/float selects rows (all rows masked: 0). Returns a float32 scalar."""
         if target.dim() != 2 or target.shape[1] != self.latent_dim:
             raise ValueError(f"target: expected [R, {self.latent_dim}], got {tuple(target.shape)}")
         R = target.shape[0]
@@ -107,21 +109,18 @@ class LatentDiffusionHead(nn.Module):
             raise ValueError(f"cond: expected [{R}, {self.cond_dim}], got {tuple(cond.shape)}")
         if isinstance(batch_mul, bool) or not isinstance(batch_mul, int) or batch_mul < 1:
             raise ValueError(f"batch_mul: expected a positive int, got {batch_mul!r}")
+        if mask is not None and mask.shape != (R,):
+            raise ValueError(f"mask: expected [{R}], got {tuple(mask.shape)}")
         cond_features = self.cond_proj(cond).repeat(batch_mul, 1)
         x0 = target.repeat(batch_mul, 1)
         t = torch.randint(0, self.num_train_timesteps, (R * batch_mul,), generator=generator, device=target.device)
         noise = torch.randn(x0.shape, generator=generator, device=target.device, dtype=x0.dtype)
-        a = self.alphas_cumprod[t].to(x0.dtype)[:, None]
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        goal = {"v": a.sqrt() * noise - (1 - a).sqrt() * x0, "epsilon": noise, "sample": x0}[self.prediction]
+        a = self.alphas_cumprod[t]
+        x_t = a.sqrt().to(x0.dtype)[:, None] * x0 + (1 - a).sqrt().to(x0.dtype)[:, None] * noise
         time_features = self.time_embed(timestep_embedding(t).to(x0.dtype))
-        error = (self._run(x_t, time_features, cond_features) - goal).pow(2).mean(dim=1)
-        if mask is None:
-            return error.mean()
-        if mask.shape != (R,):
-            raise ValueError(f"mask: expected [{R}], got {tuple(mask.shape)}")
-        weights = mask.to(error.dtype).repeat(batch_mul)
-        return (error * weights).sum() / weights.sum().clamp_min(1.0)
+        prediction = self._run(x_t, time_features, cond_features)
+        weights = None if mask is None else mask.repeat(batch_mul)
+        return diffusion_mse(prediction, x0, noise, a, _PREDICTIONS[self.prediction], weights=weights)
 
     # ---------------------------------------------------------------------------------------------- sampling
     def schedule(self, kind: str, num_steps: int) -> SamplerSchedule:

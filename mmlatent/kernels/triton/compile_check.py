@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from mmlatent.kernels.triton import attention, losses, modulation, sampler, selection  # noqa: E402
+from mmlatent.kernels.triton import attention, diffusion_loss, losses, modulation, sampler, selection  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 227 * 1024  # bytes a Hopper thread block may use
@@ -140,6 +140,25 @@ def _modulation_cases():
                        dict(num_warps=cfg["num_warps"], num_stages=1), attrs)
 
 
+def _diffusion_mse_cases():
+    cfg = diffusion_loss.MSE_CONFIGS["c4096"]
+    for pred_dtype, data_dtype, write_grad in (("bf16", "fp32", True), ("bf16", "bf16", True),
+                                               ("fp32", "fp32", False)):
+        grad_dtype = "fp32" if "fp32" in (pred_dtype, data_dtype) else "bf16"
+        signature = {"Pred": f"*{pred_dtype}", "X0": f"*{data_dtype}", "Noise": f"*{data_dtype}", "GoalX0": "*fp32",
+                     "GoalNoise": "*fp32", "Coef": "*fp32", "RowError": "*fp32", "Grad": f"*{grad_dtype}",
+                     "C": "i32", "stride_p": "i32", "stride_x": "i32", "stride_n": "i32", "stride_g": "i32"}
+        constexprs = dict(WRITE_GRAD=write_grad, BLOCK_C=cfg["BLOCK_C"], EMULATE_BF16_RTNE=False)
+        for name in constexprs:
+            signature[name] = "constexpr"
+        signature, constexprs, attrs = _runtime_specialization(
+            signature, constexprs, aligned=("Pred", "X0", "Noise", "GoalX0", "GoalNoise", "Coef", "RowError", "Grad",
+                                            "C", "stride_p", "stride_x", "stride_n", "stride_g"))
+        yield (f"diffusion_mse[c4096] pred={pred_dtype} x0={data_dtype}{' +grad' if write_grad else ''}",
+               diffusion_loss._diffusion_mse_rows, signature, constexprs,
+               dict(num_warps=cfg["num_warps"], num_stages=1), attrs)
+
+
 def _helper_cases():
     yield ("combine_splits D=128", attention._combine_splits,
            {"PartO": "*fp32", "PartLSE": "*fp32", "O": "*bf16", "LSE": "*fp32", "S": "i32",
@@ -171,6 +190,7 @@ def all_cases():
     yield from _loss_cases()
     yield from _sampler_cases()
     yield from _modulation_cases()
+    yield from _diffusion_mse_cases()
     yield from _helper_cases()
 
 
