@@ -210,8 +210,9 @@ def test_graph_captured_ddpm_is_deterministic_under_a_generator(use_backend):
     use_backend("auto")
     head = _graph_head(torch.bfloat16)
     cond = torch.randn(100, 96, device="cuda")
-    runs = [head.sample(cond, steps=25, sampler="ddpm", generator=torch.Generator("cuda").manual_seed(s))
-            for s in (5, 5, 6)]
+    generator = torch.Generator("cuda")  # one object, reseeded: the first call captures, the others replay
+    runs = [head.sample(cond, steps=25, sampler="ddpm", generator=generator.manual_seed(s)) for s in (5, 5, 6)]
+    assert len(head._graphs) == 1
     assert torch.equal(runs[0], runs[1])
     assert not torch.allclose(runs[0], runs[2])
     default = [head.sample(cond, steps=25, sampler="ddpm") for _ in range(2)]  # the default generator advances

@@ -251,7 +251,11 @@ def denoise_step_(x: torch.Tensor, model_out: torch.Tensor, step, schedule: Samp
         step: an int, or an [R] int32/int64 tensor (each row at its own step: ragged segments in one call), in
             [0, schedule.num_steps), indexing the schedule in sampling order.
         schedule: a :class:`SamplerSchedule`.
-        noise: [R, C] explicit noise for stochastic steps; else drawn with ``generator`` (on x's device).
+        noise: [R, C] explicit noise for stochastic steps; else drawn with ``torch.randn(generator=generator)`` on
+            x's device, with no host synchronisation. On CUDA, PyTorch's Philox generator keeps its seed and offset
+            in device tensors while a CUDA graph is captured, so a captured step draws fresh noise at every replay
+            (a non-default generator must be registered with ``CUDAGraph.register_generator_state``, as
+            ``LatentDiffusionHead.sample`` does).
 
     Returns:
         ``x``. Given the same model outputs and noise, a trajectory equals the diffusers scheduler's ``step()``

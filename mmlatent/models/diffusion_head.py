@@ -3,8 +3,9 @@ conditioning that denoises [R, C] latents given a condition per row.
 
 Layout (as MAR's head): timestep embedding (sinusoidal -> MLP) + condition projection = c; the input is projected to
 ``width``; each residual block applies LayerNorm (no affine) * (1 + scale) + shift (the fused
-:func:`mmlatent.kernels.layer_norm_modulate`), an MLP, and adds the result scaled by a gate; a final adaLN layer and a linear output. The modulation and output layers start at zero, so the
-initial prediction is zero. The per-block modulation projections are one GEMM ([width, depth * 3 * width]).
+:func:`mmlatent.kernels.layer_norm_modulate`), an MLP, and adds the result scaled by a gate; a final adaLN layer
+and a linear output. The modulation and output layers start at zero, so the initial prediction is zero. The
+per-block modulation projections are one GEMM ([width, depth * 3 * width]).
 """
 from __future__ import annotations
 
@@ -151,8 +152,9 @@ class LatentDiffusionHead(nn.Module):
             cuda_graph: capture the whole loop (condition projection, timestep features, every head forward and
                 fused step) in one CUDA graph per power-of-two row-count bucket, and replay it; rows are padded to
                 the bucket with zeros (rows never mix). Default: on for CUDA tensors. Graphs are cached per head
-                (bucket, schedule, guidance, dtype, parameters) and read the parameters in place, so in-place
-                optimizer updates are seen; replacing a parameter tensor recaptures.
+                (bucket, schedule, guidance, dtype, parameters; for DDPM also the generator object, so reseed one
+                generator with ``manual_seed`` rather than creating one per call) and read the parameters in
+                place, so in-place optimizer updates are seen; replacing a parameter tensor recaptures.
 
         The timestep features are computed once per call, never per step. Given the same generator state, the
         result does not depend on ``cuda_graph`` for the deterministic sampler (DDIM); with DDPM the graph draws
@@ -223,8 +225,11 @@ MAX_CACHED_GRAPHS = 8
 class _SamplingGraph:
     """One captured sampling loop over static [bucket, C] state and [bucket, cond_dim] condition buffers."""
 
-    def __init__(self, graph, x, cond):
+    def __init__(self, graph, x, cond, generator):
         self.graph, self.x, self.cond = graph, x, cond
+        # Held so that its id, part of the cache key, cannot be reused by another generator while cached: the
+        # graph draws from this generator's state, whatever generator a later call passes.
+        self.generator = generator
 
     @classmethod
     def capture(cls, head, schedule, bucket, cfg_scale, dtype, device, generator, pool):
@@ -245,7 +250,7 @@ class _SamplingGraph:
         with torch.cuda.graph(graph, pool=pool):
             head._sample_loop(x, cond, schedule, cfg_scale, generator)
         rng.set_state(rng_state)
-        return cls(graph, x, cond)
+        return cls(graph, x, cond, generator)
 
     def run(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
