@@ -65,7 +65,7 @@ def _mse_backward(ctx, grad_loss, _grad_of_grad):
 _mse_op.register_autograd(_mse_backward, setup_context=_mse_setup)
 
 
-def target_coefficients(prediction: str, alphas_cumprod: Optional[torch.Tensor]):
+def target_coefficients(prediction: str, alphas_cumprod: torch.Tensor):
     """[R] float32 (a, b) with target = a * x0 + b * noise for ``prediction`` at each row's alpha-bar."""
     if prediction == "velocity":  # flow matching: x_t = (1 - t) x0 + t noise, target noise - x0
         ones = torch.ones_like(alphas_cumprod, dtype=torch.float32)
