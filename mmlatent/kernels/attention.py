@@ -6,17 +6,15 @@ from typing import Optional, Tuple
 import torch
 
 from . import checks, reference
-from .dispatch import OpDispatch, triton_reason
+from .dispatch import OpDispatch, triton_float_reason
 
 _MAX_TRITON_HEAD_DIM = 256
 
 
 def _triton_attention_reason(device, dtype, head_dim, out=None) -> Optional[str]:
-    why = triton_reason(device)
+    why = triton_float_reason(device, dtype)
     if why is not None:
         return why
-    if dtype == torch.float64:
-        return "float64 inputs are computed in float64 only by the reference"
     if head_dim > _MAX_TRITON_HEAD_DIM:
         return f"head dim {head_dim} is above the Triton kernels' limit of {_MAX_TRITON_HEAD_DIM}"
     if out is not None and out.shape[1] > 1 and out.stride(1) != 1:

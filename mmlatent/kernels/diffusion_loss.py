@@ -14,19 +14,12 @@ from typing import Optional, Tuple
 import torch
 
 from . import checks
-from .dispatch import OpDispatch, triton_reason
+from .dispatch import OpDispatch, triton_float_reason
 
 TARGETS = ("epsilon", "v_prediction", "sample", "velocity")
 
 
-def _triton_mse_reason(device, dtype) -> Optional[str]:
-    why = triton_reason(device)
-    if why is None and dtype == torch.float64:
-        return "float64 is computed exactly only by the reference (the kernel works in float32)"
-    return why
-
-
-DIFFUSION_MSE = OpDispatch("diffusion_mse", {"triton": _triton_mse_reason, "reference": lambda **_: None})
+DIFFUSION_MSE = OpDispatch("diffusion_mse", {"triton": triton_float_reason, "reference": lambda **_: None})
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:

@@ -83,6 +83,14 @@ def triton_reason(device: torch.device) -> Reason:
     return f"no Triton target for device type {device.type!r}"
 
 
+def triton_float_reason(device: torch.device, dtype: torch.dtype) -> Reason:
+    """``triton_reason``, and float64 refused: the kernels compute in float32, the reference keeps float64 exact."""
+    why = triton_reason(device)
+    if why is None and dtype == torch.float64:
+        return "float64 inputs are computed in float64 only by the reference"
+    return why
+
+
 @dataclass
 class OpDispatch:
     """Which backends an op has and when each can run.

@@ -25,7 +25,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import checks, reference
-from .dispatch import OpDispatch, triton_reason
+from .dispatch import OpDispatch, triton_float_reason
 from .reference import SoftmaxLossSpec
 
 # Bytes of one chunk's logits buffer that the default chunk_rows aims at. On the CPU, the float32 chunk should sit
@@ -46,19 +46,12 @@ def default_chunk_rows(vocab: int, element_size: int, device: torch.device) -> i
     return int(min(_MAX_CHUNK_ROWS, max(_MIN_CHUNK_ROWS, rows)))
 
 
-def _triton_loss_reason(device, dtype) -> Optional[str]:
-    why = triton_reason(device)
-    if why is None and dtype == torch.float64:
-        return "float64 inputs are computed in float64 only by the reference"
-    return why
-
-
 LINEAR_CROSS_ENTROPY = OpDispatch("linear_cross_entropy", {
-    "triton": _triton_loss_reason,
+    "triton": triton_float_reason,
     "reference": lambda **_: None,
 })
 LINEAR_LOG_PROBS = OpDispatch("linear_log_probs", {
-    "triton": _triton_loss_reason,
+    "triton": triton_float_reason,
     "reference": lambda **_: None,
 })
 

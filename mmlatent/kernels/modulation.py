@@ -14,15 +14,13 @@ from typing import Optional, Tuple
 import torch
 
 from . import checks
-from .dispatch import OpDispatch, triton_reason
+from .dispatch import OpDispatch, triton_float_reason
 
 
 def _triton_modulate_reason(device, dtype, width) -> Optional[str]:
-    why = triton_reason(device)
+    why = triton_float_reason(device, dtype)
     if why is None:
         from .triton.modulation import MAX_WIDTH
-        if dtype == torch.float64:
-            return "float64 is computed exactly only by the reference (the kernel works in float32)"
         if width > MAX_WIDTH:
             return f"rows of {width} values exceed the kernel's one-tile limit of {MAX_WIDTH}"
     return why
