@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import checks, reference
-from .dispatch import OpDispatch, triton_float_reason
+from .dispatch import OpDispatch, reference_reason, triton_float_reason
 
 _MAX_TRITON_HEAD_DIM = 256
 
@@ -24,11 +24,11 @@ def _triton_attention_reason(device, dtype, head_dim, out=None) -> Optional[str]
 
 ROW_ATTENTION_MASS = OpDispatch("row_attention_mass", {
     "triton": _triton_attention_reason,
-    "reference": lambda **_: None,
+    "reference": reference_reason,
 })
 ATTENTION_WITH_SCORES = OpDispatch("attention_with_scores", {
     "triton": _triton_attention_reason,
-    "reference": lambda **_: None,
+    "reference": reference_reason,
 })
 
 

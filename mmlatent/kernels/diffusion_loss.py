@@ -14,12 +14,12 @@ from typing import Optional, Tuple
 import torch
 
 from . import checks
-from .dispatch import OpDispatch, triton_float_reason
+from .dispatch import OpDispatch, reference_reason, triton_float_reason
 
 TARGETS = ("epsilon", "v_prediction", "sample", "velocity")
 
 
-DIFFUSION_MSE = OpDispatch("diffusion_mse", {"triton": triton_float_reason, "reference": lambda **_: None})
+DIFFUSION_MSE = OpDispatch("diffusion_mse", {"triton": triton_float_reason, "reference": reference_reason})
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:

@@ -83,6 +83,11 @@ def triton_reason(device: torch.device) -> Reason:
     return f"no Triton target for device type {device.type!r}"
 
 
+def reference_reason(**_) -> Reason:
+    """The reference backend (pure torch) runs any inputs on any device."""
+    return None
+
+
 def triton_float_reason(device: torch.device, dtype: torch.dtype) -> Reason:
     """``triton_reason``, and float64 refused: the kernels compute in float32, the reference keeps float64 exact."""
     why = triton_reason(device)

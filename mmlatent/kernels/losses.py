@@ -25,7 +25,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import checks, reference
-from .dispatch import OpDispatch, triton_float_reason
+from .dispatch import OpDispatch, reference_reason, triton_float_reason
 from .reference import SoftmaxLossSpec
 
 # Bytes of one chunk's logits buffer that the default chunk_rows aims at. On the CPU, the float32 chunk should sit
@@ -48,11 +48,11 @@ def default_chunk_rows(vocab: int, element_size: int, device: torch.device) -> i
 
 LINEAR_CROSS_ENTROPY = OpDispatch("linear_cross_entropy", {
     "triton": triton_float_reason,
-    "reference": lambda **_: None,
+    "reference": reference_reason,
 })
 LINEAR_LOG_PROBS = OpDispatch("linear_log_probs", {
     "triton": triton_float_reason,
-    "reference": lambda **_: None,
+    "reference": reference_reason,
 })
 
 

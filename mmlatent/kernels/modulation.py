@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import checks
-from .dispatch import OpDispatch, triton_float_reason
+from .dispatch import OpDispatch, reference_reason, triton_float_reason
 
 
 def _triton_modulate_reason(device, dtype, width) -> Optional[str]:
@@ -27,7 +27,7 @@ def _triton_modulate_reason(device, dtype, width) -> Optional[str]:
 
 
 LAYER_NORM_MODULATE = OpDispatch("layer_norm_modulate", {"triton": _triton_modulate_reason,
-                                                         "reference": lambda **_: None})
+                                                         "reference": reference_reason})
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

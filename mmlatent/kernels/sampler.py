@@ -21,7 +21,7 @@ from typing import Dict, Optional, Union
 import torch
 
 from . import checks
-from .dispatch import OpDispatch, triton_reason
+from .dispatch import OpDispatch, reference_reason, triton_reason
 
 KINDS = ("ddpm", "ddim", "flow_euler")
 PREDICTIONS = {"ddpm": ("epsilon", "v_prediction", "sample"), "ddim": ("epsilon", "v_prediction", "sample"),
@@ -236,7 +236,7 @@ def _triton_step_reason(x, model_out, noise, **_) -> Optional[str]:
     return why
 
 
-DENOISE_STEP = OpDispatch("denoise_step_", {"triton": _triton_step_reason, "reference": lambda **_: None})
+DENOISE_STEP = OpDispatch("denoise_step_", {"triton": _triton_step_reason, "reference": reference_reason})
 
 
 def denoise_step_(x: torch.Tensor, model_out: torch.Tensor, step, schedule: SamplerSchedule, *,

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import checks, reference
-from .dispatch import OpDispatch, native_reason, triton_reason
+from .dispatch import OpDispatch, native_reason, reference_reason, triton_reason
 
 # Mirrors kMmlatentSelectMaxTokens (csrc/select_topk_cuda.h); the Triton limit is triton/selection.py's MAX_TOKENS,
 # kept here too so that dispatch does not import triton.
@@ -45,7 +45,7 @@ def _triton_reason(scores, exclude, embeds, **_) -> Optional[str]:
 SELECT_TOPK_TOKENS = OpDispatch("select_topk_tokens", {
     "native": _native_reason,
     "triton": _triton_reason,
-    "reference": lambda **_: None,
+    "reference": reference_reason,
 })
 
 
