@@ -642,8 +642,8 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="mmlatent micro-benchmarks (ratios against same-run baselines)")
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The benchmark's options, shared by ``python -m mmlatent.bench`` and ``mmlatent bench``."""
     parser.add_argument("--sizes", choices=["default", "tiny", "gpu"], default=None,
                         help="shape set: default (CPU), gpu (real sizes), tiny (smoke test)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per row (median reported)")
@@ -652,6 +652,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     parser.add_argument("--ops", help="only rows whose op starts with this (results go to kernels-<ops>.*)")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(
+        description="mmlatent micro-benchmarks (ratios against same-run baselines)"))
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
     sizes = args.sizes or ("gpu" if gpu else "default")
