@@ -1,11 +1,12 @@
 """Argument checks shared by the public ops: every failure names the argument and what was expected.
 
-Shape, dtype and device checks are traceable (they run in the public wrappers, under torch.compile too);
-``check_index_range`` reads the values, so it runs inside the registered op, which executes eagerly even in a
+Shape, dtype, device and memory-layout checks are traceable (they run in the public wrappers, under torch.compile
+too); ``check_index_range`` reads the values, so it runs inside the registered op, which executes eagerly even in a
 compiled graph.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -51,11 +52,57 @@ def number(name: str, value, *, positive: bool = False) -> float:
     return value
 
 
-def check_index_range(name: str, index: torch.Tensor, upper: int) -> None:
-    """Entries must be -1 (padding) or in [0, upper). Costs one host sync."""
+def check_index_range(name: str, index: torch.Tensor, upper: int) -> bool:
+    """Entries must be -1 (padding) or in [0, upper). Returns whether any entry is not padding, so that callers
+    skip the launch when there is nothing to do. Costs one host sync."""
     if index.numel() == 0:
-        return
+        return False
     lo, hi = torch.aminmax(index)
     lo, hi = int(lo), int(hi)
     if lo < -1 or hi >= upper:
         raise ValueError(f"{name}: entries must be -1 (padding) or in [0, {upper}), found values in [{lo}, {hi}]")
+    return hi >= 0
+
+
+def on_meta(*values) -> bool:
+    """Meta tensors carry shapes only: the ops answer them with their fake implementations, never a backend."""
+    return any(isinstance(v, torch.Tensor) and v.is_meta for v in values)
+
+
+_ENUMERATE_LIMIT = 1 << 22
+
+
+def _elements_share_memory(sizes: Sequence[int], strides: Sequence[int]) -> bool:
+    dims = sorted((st, sz) for sz, st in zip(sizes, strides) if sz > 1)
+    if any(st == 0 for st, _ in dims):
+        return True
+    reach, disjoint = 0, True  # the largest offset the smaller-stride dims reach
+    for st, sz in dims:
+        if st <= reach:
+            disjoint = False
+            break
+        reach += st * (sz - 1)
+    if disjoint:
+        return False
+    if len(dims) == 2:
+        # Offsets i*s + j*t collide iff d*s == e*t for some 0 < d < n, 0 < e < m; the smallest such pair is
+        # (t / g, s / g) with g = gcd(s, t).
+        (s, n), (t, m) = dims
+        g = math.gcd(s, t)
+        return t // g < n and s // g < m
+    if math.prod(sz for _, sz in dims) > _ENUMERATE_LIMIT:
+        return True  # cannot be proven disjoint cheaply: refusing is safe, a silent race is not
+    offsets = torch.zeros((), dtype=torch.int64)
+    for st, sz in dims:
+        offsets = (offsets[..., None] + torch.arange(sz, dtype=torch.int64) * st)
+    return offsets.unique().numel() != offsets.numel()
+
+
+def writable(name: str, value: torch.Tensor) -> None:
+    """An output written in place must give every element its own memory: an ``expand``-ed tensor (stride 0) or
+    overlapping ``as_strided`` rows would make every backend write several results through one location (the
+    kernels race, torch ops fail midway). Raises before anything is written."""
+    if value.numel() > 1 and _elements_share_memory(value.shape, value.stride()):
+        raise ValueError(f"{name}: is written in place, but some of its elements share memory (shape "
+                         f"{tuple(value.shape)}, strides {tuple(value.stride())}, e.g. an expand()-ed tensor); pass "
+                         f"a tensor with one memory location per element (.clone() makes one)")
