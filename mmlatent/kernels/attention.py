@@ -34,6 +34,8 @@ ATTENTION_WITH_SCORES = OpDispatch("attention_with_scores", {
 
 def _check_kv(q, k, name_k: str = "k", v=None):
     B, Hq, D = q.shape[0], q.shape[1], q.shape[-1]
+    if D == 0:  # the default scale D ** -0.5 and the kernels' dot products need a head dim
+        raise ValueError(f"q: expected a head dim D >= 1, got shape {tuple(q.shape)}")
     checks.tensor(name_k, k, dims=4, device=q.device)
     checks.same_dtype(name_k, k, "q", q)
     if k.shape[0] != B or k.shape[3] != D:
@@ -62,8 +64,9 @@ def _check_scores(image_index, scores_out, B: int, device, out_name: str):
 # ---------------------------------------------------------------------------------------------- row_attention_mass
 
 def _row_attention_mass_impl(q, k, image_index, out, key_valid, scale: float, weight: float) -> None:
-    checks.check_index_range("image_index", image_index, k.shape[2])
-    if q.shape[0] == 0 or image_index.shape[1] == 0:
+    used = checks.check_index_range("image_index", image_index, k.shape[2])
+    # No image slot to fill (all padding, Ni = 0, B = 0; N = 0 keys admits padding only): nothing to launch.
+    if not used or q.shape[1] == 0:
         return
     backend = ROW_ATTENTION_MASS.choose(device=q.device, dtype=q.dtype, head_dim=q.shape[-1], out=out)
     with torch.no_grad():
@@ -94,16 +97,19 @@ def row_attention_mass(q: torch.Tensor, k: torch.Tensor, image_index: torch.Tens
     """Adds the attention mass that one query row per batch item puts on each image token into ``out``.
 
     Args:
-        q: [B, Hq, D] float16/bfloat16/float32/float64, one (post-RoPE) query row per batch item.
+        q: [B, Hq, D] float16/bfloat16/float32/float64, one (post-RoPE) query row per batch item; D >= 1.
         k: [B, Hkv, N, D], same dtype; Hq % Hkv == 0 (GQA by index arithmetic, no repeated copies).
         image_index: [B, Ni] int64 key positions of the image tokens; -1 marks padding.
-        out: [B, Ni] float32, accumulated in place.
+        out: [B, Ni] float32, accumulated in place; every element must have its own memory (an ``expand``-ed
+            buffer raises ValueError before anything is written).
         key_valid: [B, N] bool, False for padding keys; None = all keys valid.
         scale: softmax scale, default D ** -0.5.
         weight: multiplies the added mass (e.g. 1 / num_layers to average over layers).
 
     Computes p = softmax over the valid keys of scale * q.k per head (in float32), and
-    ``out[b, j] += weight * sum_h p[b, h, image_index[b, j]]``; padding entries stay untouched.
+    ``out[b, j] += weight * sum_h p[b, h, image_index[b, j]]``; padding entries stay untouched. With nothing to
+    accumulate (Ni = 0, every entry padding, B = 0, or N = 0 keys, where only padding is allowed) no backend
+    launches anything and ``out`` is unchanged. Meta tensors are accepted (shapes only; ``out`` is returned).
 
     Returns:
         ``out``.
@@ -113,9 +119,10 @@ def row_attention_mass(q: torch.Tensor, k: torch.Tensor, image_index: torch.Tens
     B, N = q.shape[0], k.shape[2]
     _check_scores(image_index, out, B, q.device, "out")
     _check_key_valid(key_valid, B, N, q.device)
+    checks.writable("out", out)
     scale = q.shape[-1] ** -0.5 if scale is None else checks.number("scale", scale, positive=True)
     weight = checks.number("weight", weight)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or checks.on_meta(q):
         _row_attention_mass_op(q, k, image_index, out, key_valid, scale, weight)
     else:
         _row_attention_mass_impl(q, k, image_index, out, key_valid, scale, weight)
@@ -126,10 +133,10 @@ def row_attention_mass(q: torch.Tensor, k: torch.Tensor, image_index: torch.Tens
 
 def _attention_with_scores_impl(q, k, v, causal: bool, key_valid, image_index, scores_out, score_row: int,
                                 scale: float, weight: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    if image_index is not None:
-        checks.check_index_range("image_index", image_index, k.shape[2])
+    if image_index is not None and not checks.check_index_range("image_index", image_index, k.shape[2]):
+        image_index = scores_out = None  # no image slot to fill: attention only
     B, Hq, M, D = q.shape
-    if B == 0 or M == 0:
+    if B == 0 or Hq == 0 or M == 0:
         return torch.empty(B, Hq, M, D, dtype=q.dtype, device=q.device), \
             torch.empty(B, Hq, M, dtype=torch.float32, device=q.device)
     backend = ATTENTION_WITH_SCORES.choose(device=q.device, dtype=q.dtype, head_dim=D, out=scores_out)
@@ -166,19 +173,22 @@ def attention_with_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     """Attention that also accumulates one query row's attention mass on the image tokens, in the same pass.
 
     Args:
-        q: [B, Hq, M, D] float16/bfloat16/float32/float64 (post-RoPE).
+        q: [B, Hq, M, D] float16/bfloat16/float32/float64 (post-RoPE), D >= 1.
         k, v: [B, Hkv, N, D], same dtype, N >= M, Hq % Hkv == 0.
         causal: query row i sits at key position N - M + i (KV-cache convention, bottom-right aligned).
-        key_valid: [B, N] bool, False for padding keys.
+        key_valid: [B, N] bool, False for padding keys: they never contribute, whatever K and V hold there
+            (NaN included).
         image_index: [B, Ni] int64 key positions of the image tokens (-1 = padding); given with ``scores_out``.
         scores_out: [B, Ni] float32; receives ``weight * sum_h p[b, h, score_row, image_index[b, j]]`` exactly as
-            :func:`row_attention_mass` would compute it for that row (with the causal and padding masks).
+            :func:`row_attention_mass` would compute it for that row (with the causal and padding masks). Every
+            element must have its own memory (ValueError otherwise, before anything is written); untouched when
+            every entry of ``image_index`` is padding.
         score_row: which query row's mass to accumulate, in [-M, M).
         scale: softmax scale, default D ** -0.5.
 
     Returns:
         (o [B, Hq, M, D] in q's dtype, lse [B, Hq, M] float32). A row with no valid key gives o = 0, lse = -inf.
-        Forward only: raises ValueError if gradients are required.
+        Forward only: raises ValueError if gradients are required. Meta tensors give meta outputs (shapes only).
     """
     checks.tensor("q", q, dims=4, dtypes=checks.FLOAT_DTYPES)
     _check_kv(q, k, "k", v)
@@ -194,6 +204,7 @@ def attention_with_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
         raise ValueError("image_index and scores_out: give both (to accumulate image-token mass) or neither")
     if scores_out is not None:
         _check_scores(image_index, scores_out, B, q.device, "scores_out")
+        checks.writable("scores_out", scores_out)
     if isinstance(score_row, bool) or not isinstance(score_row, int):
         raise TypeError(f"score_row: expected an int, got {type(score_row).__name__}")
     if M > 0 and not -M <= score_row < M:
@@ -201,7 +212,7 @@ def attention_with_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     score_row = score_row % M if M > 0 else 0
     scale = D ** -0.5 if scale is None else checks.number("scale", scale, positive=True)
     weight = checks.number("weight", weight)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or checks.on_meta(q):
         return _attention_with_scores_op(q, k, v, causal, key_valid, image_index, scores_out, score_row, scale,
                                          weight)
     return _attention_with_scores_impl(q, k, v, causal, key_valid, image_index, scores_out, score_row, scale, weight)

@@ -78,7 +78,8 @@ def _accumulate_row_mass(q_row, k, image_index, out, lse_row, key_valid, key_lim
             visible = visible & torch.gather(key_valid, 1, safe)
         if key_limit is not None:
             visible = visible & (idx <= key_limit)
-        mass = (p * visible[:, None, None, :]).sum(dim=(1, 2)).to(torch.float32)
+        # where, not a product: a padding key's logit may be NaN (NaN K), and 0 * NaN is NaN
+        mass = torch.where(visible[:, None, None, :], p, 0.0).sum(dim=(1, 2)).to(torch.float32)
         chunk = out[:, j0:j0 + IMAGE_CHUNK]
         chunk.copy_(torch.where(pad, chunk, chunk + weight * mass))
 
@@ -110,7 +111,10 @@ def attention_with_scores(q, k, v, *, causal: bool = True, key_valid=None, image
             n1 = min(hi, n0 + KEY_BLOCK)
             s = torch.einsum("bhgmd,bhnd->bhgmn", qc, k[:, :, n0:n1].to(dt))
             p, alpha, m_i = _online_softmax_block(s, _key_mask(key_valid, n0, n1, row_limit), m_i, l_i)
-            acc.mul_(alpha[..., None]).add_(torch.einsum("bhgmn,bhnd->bhgmd", p, v[:, :, n0:n1].to(dt)))
+            vb = v[:, :, n0:n1].to(dt)
+            if key_valid is not None:  # p is 0 at padding keys, but 0 * NaN is NaN: their V must not reach acc
+                vb = vb.masked_fill(~key_valid[:, None, n0:n1, None], 0.0)
+            acc.mul_(alpha[..., None]).add_(torch.einsum("bhgmn,bhnd->bhgmd", p, vb))
         out_c = torch.where(l_i[..., None] > 0, acc / l_i.clamp_min(torch.finfo(dt).tiny)[..., None], 0.0)
         o.view(B, Hkv, G, M, D)[:, :, :, m0:m1] = out_c.to(q.dtype)
         lse.view(B, Hkv, G, M)[:, :, :, m0:m1] = _finish_lse(m_i, l_i).to(torch.float32)

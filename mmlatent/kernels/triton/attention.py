@@ -97,9 +97,11 @@ def _attention_fwd(
             kt = kt.to(tl.float32)
         s = tl.dot(q, kt) * qk_scale  # base-2 logits
         allowed = row_ok[:, None] & col_ok[None, :]
+        key_used = col_ok
         if HAS_KEY_VALID:
             key_ok = tl.load(KeyValid + b * stride_validb + cols, mask=col_ok, other=0)
-            allowed = allowed & (key_ok != 0)[None, :]
+            key_used = key_used & (key_ok != 0)
+            allowed = allowed & key_used[None, :]
         if CAUSAL:
             allowed = allowed & (cols[None, :] <= row_limit[:, None])
         s = tl.where(allowed, s, float("-inf"))
@@ -113,8 +115,9 @@ def _attention_fwd(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if HAS_V:
+            # Padding keys load as 0: their p is 0, but 0 * NaN (or inf) in a padding V row would still be NaN.
             v = tl.load(V + b * stride_vb + kvh * stride_vh + cols[:, None] * stride_vn + d[None, :] * stride_vd,
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                        mask=key_used[:, None] & d_ok[None, :], other=0.0)
             if UPCAST_DOT:
                 acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
             else:
