@@ -93,6 +93,30 @@ def register_native_fake() -> None:
         torch.library.register_fake("mmlatent::select_topk_tokens_native", _native_fake)
 
 
+# Gathers are bit copies: embeds of a dtype that some backend cannot load or gather (complex numbers in Triton,
+# float8 and unsigned 16/32/64-bit integers in torch.gather on the CPU) travel as integers of the same width.
+_GATHERED_AS_IS = checks.FLOAT_DTYPES + (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _as_gatherable(embeds: torch.Tensor) -> torch.Tensor:
+    if embeds.dtype in _GATHERED_AS_IS:
+        return embeds
+    if embeds.is_complex():  # (real, imag) pairs: complex128 has no 16-byte integer
+        return torch.view_as_real(embeds).flatten(2)
+    if embeds.element_size() not in _SAME_WIDTH_INT:
+        raise TypeError(f"embeds: dtype {embeds.dtype} has no gather (elements of {embeds.element_size()} bytes)")
+    return embeds.view(_SAME_WIDTH_INT[embeds.element_size()])
+
+
+def _restore_dtype(gathered: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if gathered.dtype == dtype:
+        return gathered
+    if dtype.is_complex:
+        return torch.view_as_complex(gathered.unflatten(2, (-1, 2)))
+    return gathered.view(dtype)
+
+
 def select_topk_tokens(scores: torch.Tensor, k: int, *, exclude: Optional[torch.Tensor] = None,
                        valid: Optional[torch.Tensor] = None, embeds: Optional[torch.Tensor] = None,
                        order: str = "position") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -103,11 +127,12 @@ def select_topk_tokens(scores: torch.Tensor, k: int, *, exclude: Optional[torch.
         k: tokens to select per row, 1 <= k <= Ni.
         exclude: [B, Ni] bool, updated in place: selected entries become True. Excluded tokens are ineligible.
         valid: [B, Ni] bool, False at padding. Eligible = valid and not excluded.
-        embeds: [B, Ni, Dm] optional, any dtype; the selected rows are gathered.
+        embeds: [B, Ni, Dm] optional, any dtype (complex and float8 too); the selected rows are gathered.
         order: "position" (indices ascending, spatial order kept) or "score" (best first).
 
     Ranking: higher score first, ties to the lower index, NaN ranks below every number. A row with fewer than k
-    eligible tokens raises ValueError naming the row, and nothing is modified.
+    eligible tokens raises ValueError naming the row, and nothing is modified; so does an ``exclude`` whose
+    elements share memory (an ``expand``-ed mask). Meta tensors give meta outputs (shapes only).
 
     Returns:
         (idx [B, k] int64 indices into the Ni axis, gathered [B, k, Dm] in embeds' dtype, or None).
@@ -122,14 +147,17 @@ def select_topk_tokens(scores: torch.Tensor, k: int, *, exclude: Optional[torch.
         if mask is not None:
             checks.tensor(name, mask, dims=2, dtypes=(torch.bool,), device=scores.device)
             checks.shape(name, mask, (B, Ni), "[B, Ni] like scores")
+    if exclude is not None:
+        checks.writable("exclude", exclude)
     if embeds is not None:
         checks.tensor("embeds", embeds, dims=3, device=scores.device)
         checks.shape("embeds", embeds, (B, Ni, None), "[B, Ni, Dm]")
     if order not in ("position", "score"):
         raise ValueError(f"order: expected 'position' or 'score', got {order!r}")
     by_position = order == "position"
-    if torch.compiler.is_compiling():
-        idx, gathered = _select_topk_tokens_op(scores, k, exclude, valid, embeds, by_position)
+    bits = None if embeds is None else _as_gatherable(embeds)
+    if torch.compiler.is_compiling() or checks.on_meta(scores):
+        idx, gathered = _select_topk_tokens_op(scores, k, exclude, valid, bits, by_position)
     else:
-        idx, gathered = _select_impl(scores, k, exclude, valid, embeds, by_position)
-    return idx, (gathered if embeds is not None else None)
+        idx, gathered = _select_impl(scores, k, exclude, valid, bits, by_position)
+    return idx, (_restore_dtype(gathered, embeds.dtype) if embeds is not None else None)
