@@ -1,5 +1,5 @@
-"""Batched denoising steps: :class:`SamplerSchedule` (coefficient tables) and ``denoise_step_`` (contract in
-issue #6).
+"""Batched denoising steps: :class:`SamplerSchedule` (coefficient tables) and ``denoise_step_`` (contract in its
+docstring).
 
 Every supported sampler step is affine in the state and the model output once the schedule is fixed:
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Union
 
@@ -27,10 +28,51 @@ KINDS = ("ddpm", "ddim", "flow_euler")
 PREDICTIONS = {"ddpm": ("epsilon", "v_prediction", "sample"), "ddim": ("epsilon", "v_prediction", "sample"),
                "flow_euler": ("velocity",)}
 COLUMNS = ("cx", "co", "px", "po", "c0", "sigma")
+SPACINGS = ("leading", "trailing", "linspace")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine")
+VARIANCE_TYPES = ("fixed_small", "fixed_large")
+
+
+def _int_in(name: str, value, low: int, high: Optional[int] = None, why: str = "") -> int:
+    """``value`` as an int in [low, high] (high None: unbounded); errors name ``name`` and say ``why``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        span = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name}: expected an int {span}{why}, got {value}")
+    return value
+
+
+def _open_unit(name: str, value) -> float:
+    value = checks.number(name, value)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"{name}: expected a beta in (0, 1) (exclusive), got {value}")
+    return value
+
+
+def _clip_range(name: str, value) -> Optional[float]:
+    """diffusers' clip_sample switch or its range: None/False = no clamp, True = the default range 1.0."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return 1.0
+    value = checks.number(name, value)
+    if value <= 0:
+        raise ValueError(f"{name}: expected None, a bool or a positive clamp range, got {value}")
+    return value
+
+
+def _check_alphas(name: str, alphas) -> None:
+    """Every step's coefficients divide by sqrt(alpha_bar) and by 1 - alpha_bar: both must be nonzero in float64."""
+    for t, a in enumerate(alphas):
+        if not 0.0 < a < 1.0:
+            raise ValueError(f"{name}: alphas_cumprod must lie in (0, 1) at every training step, but it is {a} at "
+                             f"t = {t} (betas this close to 0 or 1 round it to an end in float64)")
 
 
 def _betas(schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float):
-    T = num_train_timesteps
+    T = num_train_timesteps  # >= 2: the linear schedules divide by T - 1
     if schedule == "linear":
         return [beta_start + (beta_end - beta_start) * i / (T - 1) for i in range(T)]
     if schedule == "scaled_linear":
@@ -90,6 +132,26 @@ class SamplerSchedule:
     alphas_cumprod: Optional[list] = field(default=None, repr=False)  # the training schedule (discrete kinds)
     _device_copies: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
+    def __post_init__(self):
+        # The builders produce valid tables; this guards direct construction and any numerical blow-up.
+        if self.kind not in KINDS:
+            raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.prediction not in PREDICTIONS[self.kind]:
+            raise ValueError(f"prediction: {self.kind} takes {', '.join(PREDICTIONS[self.kind])}, "
+                             f"got {self.prediction!r}")
+        checks.tensor("table", self.table, dims=2, dtypes=(torch.float64,))
+        if self.table.shape[0] < 1 or self.table.shape[1] != len(COLUMNS):
+            raise ValueError(f"table: expected shape [S, {len(COLUMNS)}] with S >= 1 steps, got "
+                             f"{tuple(self.table.shape)}")
+        if not bool(torch.isfinite(self.table).all()):
+            raise ValueError("table: every coefficient must be finite")
+        checks.tensor("timesteps", self.timesteps, dims=1)
+        checks.shape("timesteps", self.timesteps, (self.table.shape[0],), "[S] like table")
+        self.clip = _clip_range("clip", self.clip)
+        self.eta = checks.number("eta", self.eta)
+        if self.eta < 0:
+            raise ValueError(f"eta: expected >= 0, got {self.eta}")
+
     @property
     def num_steps(self) -> int:
         return self.table.shape[0]
@@ -116,75 +178,126 @@ class SamplerSchedule:
     @classmethod
     def create(cls, kind: str, num_steps: int, prediction: str, *, num_train_timesteps: int = 1000,
                beta_schedule: str = "linear", beta_start: float = 0.0001, beta_end: float = 0.02,
-               eta: float = 0.0, clip_sample: Optional[float] = None, timestep_spacing: str = "leading",
+               eta: float = 0.0, clip_sample: Union[None, bool, float] = None, timestep_spacing: str = "leading",
                steps_offset: int = 0, set_alpha_to_one: bool = True, variance_type: str = "fixed_small",
                shift: float = 1.0) -> "SamplerSchedule":
         """A schedule without diffusers, with diffusers' defaults (linear betas 1e-4..0.02 over 1000 steps,
-        "leading" spacing; "trailing" and "linspace" too)."""
+        "leading" spacing; "trailing" and "linspace" too).
+
+        Every argument's domain is checked, whether or not ``kind`` uses it (ValueError / TypeError naming it):
+        num_train_timesteps >= 2; 1 <= num_steps <= num_train_timesteps (any num_steps >= 1 for flow_euler);
+        beta_start and beta_end in (0, 1); eta >= 0; clip_sample None, a bool (diffusers' switch, True = range
+        1.0) or a positive range; steps_offset >= 0 and keeping "leading" steps below num_train_timesteps;
+        shift > 0 (flow_euler's time shift)."""
         if kind not in KINDS:
             raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
         if prediction not in PREDICTIONS[kind]:
             raise ValueError(f"prediction: {kind} takes {', '.join(PREDICTIONS[kind])}, got {prediction!r}")
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= num_train_timesteps:
-            raise ValueError(f"num_steps: expected 1..{num_train_timesteps}, got {num_steps!r}")
+        T = _int_in("num_train_timesteps", num_train_timesteps, 2, why=" (a noise schedule needs two timesteps)")
+        if kind == "flow_euler":  # continuous time: any number of steps
+            num_steps = _int_in("num_steps", num_steps, 1)
+        else:
+            num_steps = _int_in("num_steps", num_steps, 1, T, why=" (num_train_timesteps)")
+        if beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule: expected linear, scaled_linear or squaredcos_cap_v2, got "
+                             f"{beta_schedule!r}")
+        beta_start, beta_end = _open_unit("beta_start", beta_start), _open_unit("beta_end", beta_end)
+        eta = checks.number("eta", eta)
+        if eta < 0:
+            raise ValueError(f"eta: expected >= 0, got {eta}")
+        clip = _clip_range("clip_sample", clip_sample)
+        if timestep_spacing not in SPACINGS:
+            raise ValueError(f"timestep_spacing: expected leading, trailing or linspace, got {timestep_spacing!r}")
+        steps_offset = _int_in("steps_offset", steps_offset, 0)
+        if kind != "flow_euler" and timestep_spacing == "leading":
+            first = (num_steps - 1) * (T // num_steps) + steps_offset
+            if first >= T:
+                raise ValueError(f"steps_offset: {steps_offset} puts the first of {num_steps} leading steps at "
+                                 f"t = {first}, past the last training timestep {T - 1}")
+        if not isinstance(set_alpha_to_one, bool):
+            raise TypeError(f"set_alpha_to_one: expected a bool, got {type(set_alpha_to_one).__name__}")
+        if variance_type not in VARIANCE_TYPES:
+            raise ValueError(f"variance_type: {variance_type!r} is not supported (fixed_small, fixed_large)")
+        shift = checks.number("shift", shift, positive=True)
         if kind == "flow_euler":  # as diffusers: linspace between the shifted extremes, then shifted again
-            shifted = lambda s: shift * s / (1 + (shift - 1) * s)  # noqa: E731
-            low = shifted(1.0 / num_train_timesteps)
+            shifted = lambda s: shift * s / (1 + (shift - 1) * s)  # noqa: E731  (shift > 0: never 0 / 0)
+            low = shifted(1.0 / T)
             sigmas = [1.0 - (i / (num_steps - 1) if num_steps > 1 else 0.0) * (1.0 - low) for i in range(num_steps)]
-            return cls._flow([shifted(s) for s in sigmas] + [0.0], num_train_timesteps)
-        T = num_train_timesteps
+            return cls._flow([shifted(s) for s in sigmas] + [0.0], T)
         if timestep_spacing == "leading":
             ratio = T // num_steps
             steps = [i * ratio + steps_offset for i in range(num_steps)][::-1]
         elif timestep_spacing == "trailing":
             ratio = T / num_steps
             steps = [int(round(T - i * ratio)) - 1 for i in range(num_steps)]
-        elif timestep_spacing == "linspace":
+        else:
             steps = [int(round(T - 1 - i * (T - 1) / (num_steps - 1))) if num_steps > 1 else T - 1
                      for i in range(num_steps)]
-        else:
-            raise ValueError(f"timestep_spacing: expected leading, trailing or linspace, got {timestep_spacing!r}")
         alphas = _cumprod(_betas(beta_schedule, T, beta_start, beta_end))
+        _check_alphas("beta_start, beta_end", alphas)
         final = 1.0 if set_alpha_to_one else alphas[0]
-        return cls._discrete(kind, prediction, steps, alphas, T, eta, clip_sample, variance_type, final)
+        return cls._discrete(kind, prediction, steps, alphas, T, eta, clip, variance_type, final)
 
     @classmethod
     def from_diffusers(cls, scheduler, num_inference_steps: int, *, eta: float = 0.0) -> "SamplerSchedule":
         """The schedule a configured ``DDPMScheduler``, ``DDIMScheduler`` or ``FlowMatchEulerDiscreteScheduler``
-        steps through with ``num_inference_steps`` (the scheduler itself is not modified). ``eta`` is DDIM's."""
+        steps through with ``num_inference_steps`` (the scheduler itself is not modified). ``eta`` is DDIM's.
+
+        Checked before the scheduler is touched: num_inference_steps >= 1 (and <= num_train_timesteps for the
+        discrete schedulers), eta >= 0; then the scheduler's configuration: num_train_timesteps >= 2, a positive
+        flow shift, alphas_cumprod in (0, 1)."""
         name = type(scheduler).__name__
+        if name not in ("DDPMScheduler", "DDIMScheduler", "FlowMatchEulerDiscreteScheduler"):
+            raise TypeError(f"scheduler: expected DDPMScheduler, DDIMScheduler or FlowMatchEulerDiscreteScheduler, "
+                            f"got {name}")
         config = scheduler.config
+        T = config.num_train_timesteps
+        if isinstance(T, bool) or not isinstance(T, numbers.Integral) or T < 2:
+            raise ValueError(f"scheduler: num_train_timesteps must be an int >= 2, got {T!r}")
+        if name == "FlowMatchEulerDiscreteScheduler":
+            num_inference_steps = _int_in("num_inference_steps", num_inference_steps, 1)
+        else:
+            num_inference_steps = _int_in("num_inference_steps", num_inference_steps, 1, T,
+                                          why=" (the scheduler's num_train_timesteps)")
+        eta = checks.number("eta", eta)
+        if eta < 0:
+            raise ValueError(f"eta: expected >= 0, got {eta}")
         if getattr(config, "thresholding", False):
             raise ValueError(f"scheduler: {name} with thresholding=True is not supported (dynamic thresholding)")
-        local = copy.deepcopy(scheduler)
-        local.set_timesteps(num_inference_steps)
         if name == "FlowMatchEulerDiscreteScheduler":
             if getattr(config, "stochastic_sampling", False):
                 raise ValueError("scheduler: FlowMatchEulerDiscreteScheduler with stochastic_sampling=True is not "
                                  "supported")
-            return cls._flow([float(s) for s in local.sigmas.double()], config.num_train_timesteps,
-                             timesteps=local.timesteps.clone())
-        if name not in ("DDPMScheduler", "DDIMScheduler"):
-            raise TypeError(f"scheduler: expected DDPMScheduler, DDIMScheduler or FlowMatchEulerDiscreteScheduler, "
-                            f"got {name}")
+            shift = getattr(config, "shift", 1.0)
+            if not getattr(config, "use_dynamic_shifting", False) and not (isinstance(shift, (int, float))
+                                                                          and 0 < shift < float("inf")):
+                raise ValueError(f"scheduler: shift must be a positive number, got {shift!r}")
+            local = copy.deepcopy(scheduler)
+            local.set_timesteps(num_inference_steps)
+            sigmas = [float(s) for s in local.sigmas.double()]
+            if not all(0.0 <= s <= 1.0 for s in sigmas):
+                raise ValueError(f"scheduler: its sigmas must lie in [0, 1], got [{min(sigmas)}, {max(sigmas)}]")
+            return cls._flow(sigmas, T, timesteps=local.timesteps.clone())
         kind = "ddpm" if name == "DDPMScheduler" else "ddim"
         if config.prediction_type not in PREDICTIONS[kind]:
             raise ValueError(f"scheduler: prediction_type {config.prediction_type!r} is not supported")
+        clip = None
+        if config.clip_sample:
+            clip = _clip_range("scheduler.config.clip_sample_range", config.clip_sample_range)
+        local = copy.deepcopy(scheduler)
+        local.set_timesteps(num_inference_steps)
         alphas = [float(a) for a in local.alphas_cumprod.double()]
+        _check_alphas("scheduler", alphas)
         final = float(getattr(local, "final_alpha_cumprod", torch.tensor(1.0)))
-        clip = config.clip_sample_range if config.clip_sample else None
         variance = getattr(config, "variance_type", "fixed_small")
         return cls._discrete(kind, config.prediction_type, [int(t) for t in local.timesteps], alphas,
-                             config.num_train_timesteps, eta, clip, variance, final,
-                             ddim_ratio=config.num_train_timesteps // num_inference_steps)
+                             T, eta, clip, variance, final, ddim_ratio=T // num_inference_steps)
 
     @classmethod
     def _discrete(cls, kind, prediction, steps, alphas, T, eta, clip, variance_type, final_alpha, ddim_ratio=None):
-        if kind == "ddpm" and variance_type not in ("fixed_small", "fixed_large"):
+        """Arguments arrive checked by the builders."""
+        if kind == "ddpm" and variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type: {variance_type!r} is not supported (fixed_small, fixed_large)")
-        eta = checks.number("eta", eta)
-        if eta < 0:
-            raise ValueError(f"eta: expected >= 0, got {eta}")
         ratio = ddim_ratio or T // len(steps)
         rows = []
         for i, t in enumerate(steps):
@@ -245,7 +358,8 @@ def denoise_step_(x: torch.Tensor, model_out: torch.Tensor, step, schedule: Samp
     """One sampler step for every row, in place.
 
     Args:
-        x: [R, C] float32 state, updated in place.
+        x: [R, C] float32 state, updated in place; every element must have its own memory (an ``expand``-ed
+            state raises ValueError before anything is written). R = 0 or C = 0 is a no-op, as are meta tensors.
         model_out: [R, C] (any float dtype), or [2R, C] with ``cfg_scale``: conditional rows first, then the
             unconditional ones; the guided output is uncond + cfg_scale * (cond - uncond).
         step: an int, or an [R] int32/int64 tensor (each row at its own step: ragged segments in one call), in
@@ -264,6 +378,7 @@ def denoise_step_(x: torch.Tensor, model_out: torch.Tensor, step, schedule: Samp
     if not isinstance(schedule, SamplerSchedule):
         raise TypeError(f"schedule: expected a SamplerSchedule, got {type(schedule).__name__}")
     checks.tensor("x", x, dims=2, dtypes=(torch.float32,))
+    checks.writable("x", x)
     R, C = x.shape
     checks.tensor("model_out", model_out, dims=2, dtypes=checks.FLOAT_DTYPES, device=x.device)
     if cfg_scale is None:
@@ -279,7 +394,7 @@ def denoise_step_(x: torch.Tensor, model_out: torch.Tensor, step, schedule: Samp
         checks.tensor("step", step, dims=1, dtypes=(torch.int32, torch.int64), device=x.device)
         checks.shape("step", step, (R,), "[R]")
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not capturing and not torch.compiler.is_compiling() and R:
+        if not capturing and not torch.compiler.is_compiling() and not x.is_meta and R:
             lo, hi = (int(v) for v in torch.aminmax(step))
             if lo < 0 or hi >= S:
                 raise ValueError(f"step: entries must be in [0, {S}), found values in [{lo}, {hi}]")
@@ -291,7 +406,9 @@ def denoise_step_(x: torch.Tensor, model_out: torch.Tensor, step, schedule: Samp
     if noise is not None:
         checks.tensor("noise", noise, dims=2, dtypes=checks.FLOAT_DTYPES, device=x.device)
         checks.shape("noise", noise, (R, C), "[R, C] like x")
-    elif stochastic:  # on x's device: a CUDA generator's draws can be captured in a CUDA graph
+    if x.is_meta or R == 0 or C == 0:  # shapes only, or nothing to update: no kernel, no noise drawn
+        return x
+    if noise is None and stochastic:  # on x's device: a CUDA generator's draws can be captured in a CUDA graph
         noise = torch.randn(R, C, generator=generator, device=x.device, dtype=torch.float32)
     noise = noise if stochastic else None
     if DENOISE_STEP.choose(x=x, model_out=model_out, noise=noise) == "triton":
