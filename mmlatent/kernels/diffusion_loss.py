@@ -17,6 +17,8 @@ from . import checks
 from .dispatch import OpDispatch, reference_reason, triton_float_reason
 
 TARGETS = ("epsilon", "v_prediction", "sample", "velocity")
+# Row weights are real: masks (bool, integer) or floats; a complex weight has no order, so no meaningful mean.
+WEIGHT_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64) + checks.FLOAT_DTYPES
 
 
 DIFFUSION_MSE = OpDispatch("diffusion_mse", {"triton": triton_float_reason, "reference": reference_reason})
@@ -82,11 +84,12 @@ def diffusion_mse(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, alp
         alphas_cumprod: [R] each row's alpha-bar at its timestep (for "velocity", any [R] tensor: unused).
         prediction: the target: "epsilon" (noise), "v_prediction" (sqrt(a) noise - sqrt(1 - a) x0), "sample" (x0)
             or "velocity" (noise - x0, flow matching).
-        weights: [R] row weights (bool masks too); the loss is sum(w * err) / max(sum(w), 1), so all-masked
-            gives 0. None: the plain mean over rows.
+        weights: [R] row weights: float, or bool / integer masks (complex: TypeError); the loss is
+            sum(w * err) / max(sum(w), 1), so all-masked gives 0. None: the plain mean over rows.
 
     Returns:
-        A float32 scalar. Errors are float32 whatever the input dtypes.
+        A float32 scalar (0 for R = 0). Errors are float32 whatever the input dtypes. Meta tensors give a meta
+        scalar.
     """
     if prediction not in TARGETS:
         raise ValueError(f"prediction: expected one of {', '.join(TARGETS)}, got {prediction!r}")
@@ -103,13 +106,14 @@ def diffusion_mse(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, alp
     if weights is None:
         coef = torch.full((R,), 1.0 / max(R, 1), device=pred.device, dtype=torch.float32)
     else:
-        checks.tensor("weights", weights, dims=1, device=pred.device)
+        checks.tensor("weights", weights, dims=1, dtypes=WEIGHT_DTYPES, device=pred.device)
         checks.shape("weights", weights, (R,), "[R]")
         w = weights.to(torch.float32)
         coef = w / w.sum().clamp_min(1.0)
     wants_grad = torch.is_grad_enabled() and (pred.requires_grad or x0.requires_grad)
     dtype = torch.promote_types(pred.dtype, x0.dtype)
-    if DIFFUSION_MSE.choose(device=pred.device, dtype=dtype) == "reference":
+    # Meta tensors take the op's fake implementation, whichever backend is asked for.
+    if not pred.is_meta and DIFFUSION_MSE.choose(device=pred.device, dtype=dtype) == "reference":
         from . import reference
         return reference.diffusion_mse(pred, x0, noise, goal_x0, goal_noise, coef)
     loss, _grad = _mse_op(pred, x0, noise, goal_x0, goal_noise, coef, wants_grad)

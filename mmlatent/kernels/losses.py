@@ -1,4 +1,4 @@
-"""Memory-lean linear-softmax losses: ``linear_cross_entropy`` and ``linear_log_probs`` (contracts in issue #3).
+"""Memory-lean linear-softmax losses: ``linear_cross_entropy`` and ``linear_log_probs`` (contracts in their docstrings).
 
 Both compute softmax quantities of z = hidden @ weight.T + bias without ever holding the [T, V] logits: row
 chunks of ``chunk_rows`` rows are computed, reduced and freed one at a time (see
@@ -276,7 +276,8 @@ def _check_linear(hidden, weight, bias, targets, targets_name: str, chunk_rows):
 def _autocast(hidden, weight, bias):
     """Under torch.autocast, run in the autocast dtype as F.linear would (the casts are differentiable)."""
     device_type = hidden.device.type
-    if not torch.is_autocast_enabled(device_type):
+    # Meta tensors have no autocast state (asking raises); they run the ops' fake implementations.
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return hidden, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
     cast = (lambda t: t if t is None or t.dtype == dtype or t.dtype == torch.float64 else t.to(dtype))

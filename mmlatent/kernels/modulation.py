@@ -9,6 +9,7 @@ expression, differentiated by autograd).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -88,7 +89,8 @@ def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
 
     Returns:
         [..., W] in x's dtype. Statistics and arithmetic are float32 (float64 for float64 inputs); the fused
-        kernel rounds once, so its error is at most the unfused torch expression's.
+        kernel rounds once, so its error is at most the unfused torch expression's. Empty inputs (no rows, or
+        W = 0) give an empty result without a kernel launch; meta tensors give a meta result.
     """
     checks.tensor("x", x, dtypes=checks.FLOAT_DTYPES)
     if x.dim() < 1:
@@ -101,11 +103,14 @@ def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
                              f"(broadcast it explicitly with .expand if that is meant)")
     eps = checks.number("eps", eps, positive=True)
     width = x.shape[-1]
-    if LAYER_NORM_MODULATE.choose(device=x.device, dtype=x.dtype, width=width) == "reference":
+    # Meta tensors take the op's fake implementation, whichever backend is asked for.
+    if not x.is_meta and LAYER_NORM_MODULATE.choose(device=x.device, dtype=x.dtype, width=width) == "reference":
         from . import reference
         return reference.layer_norm_modulate(x, shift, scale, eps)
     leading = x.shape[:-1]
-    y, _mean, _rstd = _modulate_op(x.reshape(-1, width), shift.reshape(-1, width), scale.reshape(-1, width), eps)
+    rows = math.prod(leading)  # not -1: with W = 0 (or no rows) the row count cannot be inferred
+    y, _mean, _rstd = _modulate_op(x.reshape(rows, width), shift.reshape(rows, width), scale.reshape(rows, width),
+                                   eps)
     return y.view(*leading, width)
 
 
