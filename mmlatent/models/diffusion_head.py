@@ -23,6 +23,9 @@ _PREDICTIONS = {"v": "v_prediction", "epsilon": "epsilon", "sample": "sample"}
 _SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear", "scaled_linear": "scaled_linear"}
 FREQUENCIES = 256
 LAYER_NORM_EPS = 1e-6  # as MAR and DiT
+# Masks and timesteps are real numbers: bool / integer / float; complex values have no order to sample or weight by.
+_REAL_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64) + checks.FLOAT_DTYPES
+_TIME_DTYPES = _REAL_DTYPES[1:]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = FREQUENCIES, max_period: float = 10000.0) -> torch.Tensor:
@@ -51,6 +54,8 @@ class LatentDiffusionHead(nn.Module):
         if schedule not in _SCHEDULES:
             raise ValueError(f"schedule: expected one of {', '.join(_SCHEDULES)}, got {schedule!r}")
         for name, value in (("latent_dim", latent_dim), ("cond_dim", cond_dim), ("width", width), ("depth", depth)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name}: expected a positive int, got {type(value).__name__}")
             if value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value}")
         self.latent_dim, self.cond_dim, self.width, self.depth = latent_dim, cond_dim, width, depth
@@ -76,7 +81,11 @@ class LatentDiffusionHead(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ network
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x_t [R, C], t [R] training timesteps, cond [R, cond_dim] -> [R, C] prediction (of ``prediction``)."""
+        """x_t [R, C], t [R] training timesteps, cond [R, cond_dim] -> [R, C] prediction (of ``prediction``).
+        x_t and cond have floating dtypes, t a real one (TypeError otherwise)."""
+        checks.tensor("x_t", x_t, dtypes=checks.FLOAT_DTYPES)
+        checks.tensor("t", t, dtypes=_TIME_DTYPES)
+        checks.tensor("cond", cond, dtypes=checks.FLOAT_DTYPES)
         if x_t.dim() != 2 or x_t.shape[1] != self.latent_dim:
             raise ValueError(f"x_t: expected [R, {self.latent_dim}], got {tuple(x_t.shape)}")
         if cond.dim() != 2 or cond.shape != (x_t.shape[0], self.cond_dim):
@@ -102,7 +111,12 @@ class LatentDiffusionHead(nn.Module):
         prediction against its target (:func:`mmlatent.kernels.diffusion_mse`: the target is formed in the loss
         kernel, which writes the prediction's gradient in the same pass). ``batch_mul`` draws that many timesteps
         per row; the condition [R, cond_dim] is projected once and the projection expanded, never the condition
-        copied. mask [R] bool/float selects rows (all rows masked: 0). Returns a float32 scalar."""
+        copied. mask [R] bool/integer/float selects rows (all rows masked: 0). target and cond have floating
+        dtypes (TypeError otherwise, as a complex mask). Returns a float32 scalar."""
+        checks.tensor("target", target, dtypes=checks.FLOAT_DTYPES)
+        checks.tensor("cond", cond, dtypes=checks.FLOAT_DTYPES)
+        if mask is not None:
+            checks.tensor("mask", mask, dtypes=_REAL_DTYPES)
         if target.dim() != 2 or target.shape[1] != self.latent_dim:
             raise ValueError(f"target: expected [R, {self.latent_dim}], got {tuple(target.shape)}")
         R = target.shape[0]
@@ -143,8 +157,10 @@ class LatentDiffusionHead(nn.Module):
         """[R, C] float32 samples for every row of ``cond`` [R, cond_dim] (all segments of a batch at once).
 
         Args:
-            cond: [R, cond_dim] conditions (any float dtype; cast to the head's).
-            steps, sampler: the schedule (:meth:`schedule`): "ddim" (deterministic, eta 0) or "ddpm".
+            cond: [R, cond_dim] conditions (any float dtype; cast to the head's; integer, bool or complex
+                conditions raise TypeError).
+            steps, sampler: the schedule (:meth:`schedule`): "ddim" (deterministic, eta 0) or "ddpm", with
+                1 <= steps <= num_train_timesteps.
             cfg_scale: classifier-free guidance; != 1 adds unconditional rows (a zero condition) and fuses
                 ``uncond + cfg_scale * (cond - uncond)`` into the step.
             temperature: scales the initial noise.
@@ -160,10 +176,14 @@ class LatentDiffusionHead(nn.Module):
         result does not depend on ``cuda_graph`` for the deterministic sampler (DDIM); with DDPM the graph draws
         its step noise for the padded bucket, so the two paths give different (equally distributed) samples.
         """
+        checks.tensor("cond", cond, dtypes=checks.FLOAT_DTYPES)
         if cond.dim() != 2 or cond.shape[1] != self.cond_dim:
             raise ValueError(f"cond: expected [R, {self.cond_dim}], got {tuple(cond.shape)}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps: expected a positive int, got {steps!r}")
+        if steps > self.num_train_timesteps:
+            raise ValueError(f"steps: expected at most num_train_timesteps = {self.num_train_timesteps} (a discrete "
+                             f"schedule), got {steps}")
         cfg_scale = checks.number("cfg_scale", cfg_scale)
         temperature = checks.number("temperature", temperature)
         if temperature < 0:
