@@ -5,6 +5,7 @@ import torch
 
 import mmlatent.models.hf as hf
 from mmlatent.models import IVTLR, ivtlr_reference
+from mmlatent.models.compat import enable_activation_checkpointing
 from mmlatent.models.tiny import LATENT_ID, synthetic_batch, tiny_chameleon, tiny_qwen2_5_vl, tiny_qwen2_vl
 
 BUILDERS = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "chameleon": tiny_chameleon}
@@ -134,7 +135,8 @@ def test_rollout_runs_the_fused_kernels(models, monkeypatch, use_backend, backen
 
 
 def test_wrapping_keeps_the_model_outputs():
-    """Outside a rollout the wrapped language model runs its previous implementation (SDPA here, eager too)."""
+    """The model's own calls, while wrapped, run the implementation it was loaded with (SDPA here, eager too: an
+    eager vision tower is wrapped as well, for IVTLR's calls only)."""
     for implementation in ("sdpa", "eager"):
         model = tiny_qwen2_vl(seed=2)
         model.set_attn_implementation(implementation)
@@ -144,12 +146,14 @@ def test_wrapping_keeps_the_model_outputs():
         del inputs["labels"]
         with torch.no_grad():
             before = model(**inputs).logits
-            IVTLR(model, LATENT_ID, k=K)
+            wrapper = IVTLR(model, LATENT_ID, k=K)
             after = model(**inputs).logits
         assert model.config.text_config._attn_implementation == f"mmlatent_{implementation}"
-        assert model.config.vision_config._attn_implementation == implementation
+        assert model.config.vision_config._attn_implementation == {"sdpa": "sdpa", "eager": "mmlatent_eager"}[
+            implementation]
         real = batch["attention_mask"].bool()
         assert torch.allclose(before[real], after[real], atol=1e-6)
+        assert wrapper.unwrap() is model and model.config.text_config._attn_implementation == implementation
 
 
 def test_default_k_and_local_checkpoint(models, tmp_path):
@@ -225,7 +229,7 @@ def test_gradient_checkpointing_in_training_mode(models):
     model = tiny_qwen2_vl(seed=7)
     for name, p in model.named_parameters():
         p.requires_grad_("language_model.layers" in name)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model, use_reentrant=False)
     model.train()
     try:
         batch = synthetic_batch(model, images=IMAGES["qwen2_vl"], prompt_lengths=[3, 6], answer_lengths=[4, 2],

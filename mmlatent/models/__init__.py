@@ -1,8 +1,11 @@
 """nn.Modules built on mmlatent.kernels: IVT-LR on Hugging Face VLMs, language-model heads, tiny configs (the
-diffusion head, Modal-mixed CoT and DPMM-CoT follow in their issues)."""
+diffusion head, Modal-mixed CoT and DPMM-CoT follow in their issues), and the transformers API that changed name
+(:mod:`mmlatent.models.compat`)."""
+from .compat import cache_kwargs, cache_keyword, enable_activation_checkpointing
 from .diffusion_head import LatentDiffusionHead
 from .ivtlr import IVTLR, IVTLROutput, IVTLRReference, ivtlr_reference
 from .lm_head import CausalLMLoss, LinearCrossEntropyHead, causal_lm_loss, head_for, next_token_labels
 
 __all__ = ["LatentDiffusionHead", "IVTLR", "IVTLROutput", "IVTLRReference", "ivtlr_reference", "LinearCrossEntropyHead", "causal_lm_loss",
-           "head_for", "next_token_labels", "CausalLMLoss"]
+           "head_for", "next_token_labels", "CausalLMLoss", "cache_kwargs", "cache_keyword",
+           "enable_activation_checkpointing"]

@@ -26,7 +26,8 @@ from torch import nn
 
 from mmlatent.kernels import select_topk_tokens
 
-from .hf import EagerProbabilities, RolloutScores, VLMBackbone
+from .compat import cache_kwargs
+from .hf import AttentionLease, EagerProbabilities, RolloutScores, VLMBackbone
 from .lm_head import head_for
 
 POSITION_MODES = ("linear", "mrope")
@@ -157,6 +158,10 @@ def _resolve_k(backbone: VLMBackbone, k: Optional[int]) -> int:
 
 
 class _IVTLRBase(nn.Module):
+    # whether the calls that need no attention probabilities run a fast implementation (IVTLR) or the model's own
+    # (the reference, as the public code runs them)
+    _fast_attention = True
+
     def __init__(self, vlm: nn.Module, latent_token_id: int, *, k: Optional[int] = None,
                  position_mode: str = "linear"):
         super().__init__()
@@ -170,13 +175,38 @@ class _IVTLRBase(nn.Module):
             raise ValueError("position_mode: 'mrope' needs an M-RoPE model (Qwen2-VL, Qwen2.5-VL); Chameleon's "
                              "positions are 1-D, use 'linear'")
         self.position_mode = position_mode
-        self.backbone.install_attention()  # last: a rejected argument leaves the model untouched
+        self._lease: Optional[AttentionLease] = AttentionLease(fast=self._fast_attention)
+        self.backbone.install_attention(self._lease)  # last: a rejected argument leaves the model untouched
+
+    def unwrap(self) -> nn.Module:
+        """Gives the model back the attention implementation of every config as it had it before wrapping (the
+        exact ``_attn_implementation`` values), now, and returns it (the object passed as ``vlm``). The wrapper
+        is unusable afterwards; other wrappers of the same model reinstall theirs at their next call."""
+        if self._lease is not None:
+            self.backbone.restore_attention()
+            self._lease = None
+        return self.vlm
+
+    def _attention_lease(self) -> AttentionLease:
+        """This wrapper's lease, with mmlatent's attention (re)installed on the model (after another wrapper's
+        unwrap, or the user's set_attn_implementation)."""
+        if self._lease is None:
+            raise RuntimeError(f"{type(self).__name__}: unwrap() was called; wrap the model again to use it")
+        self.backbone.install_attention(self._lease)
+        return self._lease
+
+    def _lm(self, lm, *, cache=None, **inputs):
+        """One call of the language model with this wrapper's lease (and the KV cache under the keyword the
+        installed transformers takes)."""
+        extra = {} if cache is None else cache_kwargs(lm, cache)
+        return lm(**inputs, **extra, mmlatent_lease=self._lease)
 
     def _prepare(self, input_ids, attention_mask, labels, pixel_values, image_grid_thw):
+        lease = self._attention_lease()
         _check_inputs(self.backbone, input_ids, attention_mask, labels, pixel_values, image_grid_thw)
         input_ids = input_ids.long()
         plan = _Plan(input_ids, attention_mask, self.latent_token_id, self.backbone.image_token_id, self.k)
-        embeds = self.backbone.input_embeddings(input_ids, pixel_values, image_grid_thw)
+        embeds = self.backbone.input_embeddings(input_ids, pixel_values, image_grid_thw, lease)
         positions = plan.positions(self.position_mode, self.backbone, input_ids, attention_mask, image_grid_thw)
         filled = embeds.detach().new_zeros(input_ids.shape[0], plan.length, embeds.shape[-1])
         filled.scatter_(1, plan.orig_to_asm[..., None].expand_as(embeds), embeds.detach())
@@ -202,8 +232,8 @@ class _IVTLRBase(nn.Module):
 
     def _final_pass(self, plan: _Plan, embeds, filled, positions):
         inputs = _assemble_with_grad(plan, embeds, filled)
-        out = self.backbone.language_model(inputs_embeds=inputs, attention_mask=plan.valid.long(),
-                                           position_ids=self.backbone.position_ids(positions), use_cache=False)
+        out = self._lm(self.backbone.language_model, inputs_embeds=inputs, attention_mask=plan.valid.long(),
+                       position_ids=self.backbone.position_ids(positions), use_cache=False)
         return out.last_hidden_state
 
     def _eos_and_pad(self, eos_token_id):
@@ -290,10 +320,27 @@ class IVTLR(_IVTLRBase):
     (:func:`mmlatent.kernels.attention_with_scores`); one :func:`mmlatent.kernels.select_topk_tokens` per step
     picks the tokens. No attention matrix is ever built. In training, that first read is differentiable and its
     keys and values are kept: the teacher-forced pass then runs only over the rest of the assembled sequence
-    (the inserted embeddings onward), with the model's own attention implementation (SDPA or flash), and the loss
-    comes from :func:`mmlatent.kernels.linear_cross_entropy` (no logits). Loss and gradients are those of one full
-    pass. Samples may differ in where their images and latent tokens sit, in their number of image tokens and of
-    latent steps.
+    (the inserted embeddings onward), and the loss comes from :func:`mmlatent.kernels.linear_cross_entropy` (no
+    logits). Loss and gradients are those of one full pass. Samples may differ in where their images and latent
+    tokens sit, in their number of image tokens and of latent steps.
+
+    However the model was loaded. Every attention call the wrapper makes that needs no probabilities (the prefix
+    read, the loss pass, decoding, the vision tower) runs on a fast implementation: the model's own when it was
+    loaded with SDPA, flash-attn or flex attention, SDPA when it was loaded with eager (as IVT-LR's public code
+    loads it, for its attention probabilities), see :func:`mmlatent.models.hf.fast_implementation`. The model's
+    own calls (``vlm(...)``, ``vlm.generate``) keep the implementation it was loaded with.
+
+    What wrapping changes, and how it is undone. The ``_attn_implementation`` of the language model's config (and
+    of an eager vision tower's) becomes mmlatent's registered function over it (``"mmlatent_eager"``,
+    ``"mmlatent_sdpa"``, ...), set on the model and not per call because gradient checkpointing recomputes layers
+    in the backward with whatever is set then. :meth:`unwrap` restores the exact original values of every config
+    at once and returns the model. A wrapper that is garbage-collected without ``unwrap`` restores them too, once
+    no other mmlatent wrapper of the same model is alive and no autograd graph of its calls still waits for its
+    backward (a checkpointed layer's recompute holds its call's keywords, and with them the wrapper's lease on the
+    installation): ``IVTLR(model, latent_id)(**batch).loss.backward()`` with a temporary wrapper leaves the model
+    as it was, and cannot switch the implementation between a forward and its recompute. Nothing is stored on the
+    model; while wrapped, a wrapper reinstalls at each call if the user set another implementation meanwhile
+    (which is then the one restored).
     """
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: Optional[torch.Tensor] = None,
@@ -393,8 +440,8 @@ class IVTLR(_IVTLRBase):
         pos = _left_pad([positions[:, b, s].t() for b, s in enumerate(seg)], width, 1).permute(2, 0, 1)
         key_valid = torch.cat([key_valid, valid], dim=1)
         extra = {} if scoring is None else {"mmlatent_rollout": RolloutScores(key_valid, *scoring)}
-        out = lm(inputs_embeds=embeds, attention_mask=key_valid.long(), position_ids=self.backbone.position_ids(pos),
-                 past_key_values=cache, use_cache=True, **extra)
+        out = self._lm(lm, inputs_embeds=embeds, attention_mask=key_valid.long(),
+                       position_ids=self.backbone.position_ids(pos), cache=cache, use_cache=True, **extra)
         return out.last_hidden_state, key_valid
 
     @torch.no_grad()
@@ -468,9 +515,10 @@ def _decode(model: _IVTLRBase, lm, cache, key_valid, positions, last_hidden, max
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
         key_valid = torch.cat([key_valid, torch.ones(B, 1, dtype=torch.bool, device=key_valid.device)], dim=1)
-        out = lm(inputs_embeds=model.backbone.embed_tokens(token[:, None]), attention_mask=key_valid.long(),
-                 position_ids=model.backbone.position_ids(model._decode_positions(positions, step)),
-                 past_key_values=cache, use_cache=True)
+        out = model._lm(lm, inputs_embeds=model.backbone.embed_tokens(token[:, None]),
+                        attention_mask=key_valid.long(),
+                        position_ids=model.backbone.position_ids(model._decode_positions(positions, step)),
+                        cache=cache, use_cache=True)
         logits = model.backbone.lm_head(out.last_hidden_state[:, -1])
     return torch.stack(tokens, dim=1)
 
@@ -483,9 +531,11 @@ class IVTLRReference(_IVTLRBase):
     the backward runs through every pass). Same arguments and outputs as :class:`IVTLR`; the oracle of the tests
     and the baseline of the benchmarks.
 
-    The latent passes' attention is eager (it must return probabilities); the loss pass runs with the model's own
-    implementation (the public code loads the model with eager attention for everything: pass such a model to
-    reproduce that)."""
+    The latent passes' attention is eager (it must return probabilities); the loss pass and the vision tower run
+    with the model's own implementation (the public code loads the model with eager attention for everything:
+    pass such a model to reproduce that). ``unwrap()`` and restoring on garbage collection as :class:`IVTLR`."""
+
+    _fast_attention = False
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 pixel_values: Optional[torch.Tensor] = None, image_grid_thw: Optional[torch.Tensor] = None,
@@ -518,7 +568,8 @@ class IVTLRReference(_IVTLRBase):
             ends = [plan.starts[b][step] for b in active]
             width = max(ends)
             key_valid = _left_pad([plan.valid[b, :e] for b, e in zip(active, ends)], width, False)
-            out = self.backbone.language_model(
+            out = self._lm(
+                self.backbone.language_model,
                 inputs_embeds=_left_pad([filled[b, :e] for b, e in zip(active, ends)], width),
                 attention_mask=key_valid.long(),
                 position_ids=self.backbone.position_ids(
@@ -555,8 +606,8 @@ class IVTLRReference(_IVTLRBase):
         eos, pad = self._eos_and_pad(eos_token_id)
         eos = eos.to(filled.device)
         self._latent_passes(plan, filled, positions)
-        out = lm(inputs_embeds=filled, attention_mask=plan.valid.long(),
-                 position_ids=self.backbone.position_ids(positions), use_cache=False)
+        out = self._lm(lm, inputs_embeds=filled, attention_mask=plan.valid.long(),
+                       position_ids=self.backbone.position_ids(positions), use_cache=False)
         first = self._pick(self.backbone.lm_head(out.last_hidden_state[:, -1]), do_sample, temperature)
         if max_new_tokens == 1 or bool(torch.isin(first, eos).all()):
             return first[:, None]
@@ -564,11 +615,11 @@ class IVTLRReference(_IVTLRBase):
         # token again, and caches from there
         cache = DynamicCache(config=self.backbone.text_config)
         key_valid = torch.cat([plan.valid, torch.ones_like(plan.valid[:, :1])], dim=1)
-        out = lm(inputs_embeds=torch.cat([filled, self.backbone.embed_tokens(first[:, None])], dim=1),
-                 attention_mask=key_valid.long(),
-                 position_ids=self.backbone.position_ids(torch.cat([positions, self._decode_positions(positions, 0)],
-                                                                   dim=2)),
-                 past_key_values=cache, use_cache=True)
+        out = self._lm(lm, inputs_embeds=torch.cat([filled, self.backbone.embed_tokens(first[:, None])], dim=1),
+                       attention_mask=key_valid.long(),
+                       position_ids=self.backbone.position_ids(
+                           torch.cat([positions, self._decode_positions(positions, 0)], dim=2)),
+                       cache=cache, use_cache=True)
         return _decode(self, lm, cache, key_valid, positions, out.last_hidden_state[:, -1], max_new_tokens,
                        do_sample, temperature, eos, pad, tokens=[first])
 

@@ -24,42 +24,46 @@ def _qwen_text_config(vocab, hidden, layers, heads, kv_heads, intermediate):
                 bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
 
 
-def _build(cls, config, seed, device, dtype):
+def _build(cls, config, seed, device, dtype, attn_implementation):
     torch.manual_seed(seed)
     with torch.device(device or "cpu"):  # initialised where it will run: an 8B model is built on the GPU in seconds
-        return cls._from_config(config, attn_implementation="sdpa", dtype=dtype or torch.float32).eval()
+        return cls._from_config(config, attn_implementation=attn_implementation,
+                                dtype=dtype or torch.float32).eval()
 
 
 def tiny_qwen2_vl(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_depth=2,
-                  vision_dim=32, vision_heads=2, mlp_ratio=2, patch=4, seed=0, device=None, dtype=None):
+                  vision_dim=32, vision_heads=2, mlp_ratio=2, patch=4, seed=0, device=None, dtype=None,
+                  attn_implementation="sdpa"):
     """A random-weight ``Qwen2VLForConditionalGeneration`` (image ids: vocab-4 image pad, vocab-3 video pad,
-    vocab-2 vision start, vocab-1 vision end)."""
+    vocab-2 vision start, vocab-1 vision end), loaded with ``attn_implementation`` (a str for every sub-model, or
+    transformers' per-sub-config dict)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     vision = dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden, num_heads=vision_heads,
                   mlp_ratio=mlp_ratio, in_channels=3, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2)
     config = Qwen2VLConfig(text_config=_qwen_text_config(vocab, hidden, layers, heads, kv_heads, intermediate),
                            vision_config=vision, **_vision_ids(vocab))
-    return _build(Qwen2VLForConditionalGeneration, config, seed, device, dtype)
+    return _build(Qwen2VLForConditionalGeneration, config, seed, device, dtype, attn_implementation)
 
 
-def qwen2_vl_7b_shapes(seed=0, device=None, dtype=None):
+def qwen2_vl_7b_shapes(seed=0, device=None, dtype=None, attn_implementation="sdpa"):
     """Qwen2-VL-7B's shapes (language model: hidden 3584, 28 layers, 28 heads, 4 KV heads, MLP 18944, vocabulary
     152064; vision: 32 layers of width 1280, 16 heads, patch 14) with random weights."""
     return tiny_qwen2_vl(vocab=152064, hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944,
                          vision_depth=32, vision_dim=1280, vision_heads=16, mlp_ratio=4, patch=14, seed=seed,
-                         device=device, dtype=dtype)
+                         device=device, dtype=dtype, attn_implementation=attn_implementation)
 
 
 def tiny_qwen2_5_vl(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_depth=2,
-                    vision_dim=32, patch=4, seed=0, device=None, dtype=None):
-    """A random-weight ``Qwen2_5_VLForConditionalGeneration`` (window attention in its vision tower)."""
+                    vision_dim=32, patch=4, seed=0, device=None, dtype=None, attn_implementation="sdpa"):
+    """A random-weight ``Qwen2_5_VLForConditionalGeneration`` (window attention in its vision tower), loaded with
+    ``attn_implementation``."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     vision = dict(depth=vision_depth, hidden_size=vision_dim, out_hidden_size=hidden, intermediate_size=2 * vision_dim,
                   num_heads=2, in_channels=3, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2,
                   window_size=4 * patch, fullatt_block_indexes=[vision_depth - 1])
     config = Qwen2_5_VLConfig(text_config=_qwen_text_config(vocab, hidden, layers, heads, kv_heads, intermediate),
                               vision_config=vision, **_vision_ids(vocab))
-    return _build(Qwen2_5_VLForConditionalGeneration, config, seed, device, dtype)
+    return _build(Qwen2_5_VLForConditionalGeneration, config, seed, device, dtype, attn_implementation)
 
 
 def _vision_ids(vocab):
@@ -68,9 +72,9 @@ def _vision_ids(vocab):
 
 
 def tiny_chameleon(text_vocab=200, codebook=32, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
-                   resolution=32, seed=0, device=None, dtype=None):
-    """A random-weight ``ChameleonForConditionalGeneration`` with a small VQ-GAN: ``resolution / 4`` squared image
-    tokens per image. Image token ids ``text_vocab + i`` for codebook entry i; ``<image>`` placeholder, begin/end
+                   resolution=32, seed=0, device=None, dtype=None, attn_implementation="sdpa"):
+    """A random-weight ``ChameleonForConditionalGeneration`` with a small VQ-GAN, loaded with
+    ``attn_implementation``: ``resolution / 4`` squared image tokens per image. Image token ids ``text_vocab + i`` for codebook entry i; ``<image>`` placeholder, begin/end
     of image after them."""
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
     vocabulary_map = {f"tok{i}": i for i in range(text_vocab)}
@@ -84,7 +88,7 @@ def tiny_chameleon(text_vocab=200, codebook=32, hidden=64, layers=2, heads=4, kv
                              num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                              vq_config=vq, vocabulary_map=vocabulary_map, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
                              pad_token_id=PAD_ID, max_position_embeddings=32768)
-    return _build(ChameleonForConditionalGeneration, config, seed, device, dtype)
+    return _build(ChameleonForConditionalGeneration, config, seed, device, dtype, attn_implementation)
 
 
 def image_tokens_per_image(vlm, image_hw) -> int:
