@@ -196,6 +196,8 @@ def attention_with_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     N = k.shape[2]
     if N < M:
         raise ValueError(f"k: expected at least as many keys as query rows (N >= M), got N = {N}, M = {M}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise ValueError("attention_with_scores is forward-only, but q, k or v requires grad: run it under "
                          "torch.no_grad(), or use F.scaled_dot_product_attention for the differentiable pass")

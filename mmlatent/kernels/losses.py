@@ -268,8 +268,10 @@ def _check_linear(hidden, weight, bias, targets, targets_name: str, chunk_rows):
     checks.shape(targets_name, targets, (T,), "[T] like hidden's rows")
     if chunk_rows is None:
         return default_chunk_rows(weight.shape[0], hidden.element_size(), hidden.device)
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows: expected a positive int or None, got {chunk_rows!r}")
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int):
+        raise TypeError(f"chunk_rows: expected a positive int or None, got {type(chunk_rows).__name__}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows: expected a positive int or None, got {chunk_rows}")
     return chunk_rows
 
 

@@ -400,7 +400,9 @@ def denoise_step_(x: torch.Tensor, model_out: torch.Tensor, step, schedule: Samp
                 raise ValueError(f"step: entries must be in [0, {S}), found values in [{lo}, {hi}]")
         stochastic = schedule.stochastic
     else:
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < S:
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"step: expected an int in [0, {S}) or an [R] int tensor, got {type(step).__name__}")
+        if not 0 <= step < S:
             raise ValueError(f"step: expected an int in [0, {S}) or an [R] tensor, got {step!r}")
         stochastic = bool(schedule.table[step, 5] != 0)
     if noise is not None:
