@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from mmlatent.train import EpochBatches, TrainConfig, Trainer, warmup_cosine
+from mmlatent.train.checkpoint import CheckpointError
 
 
 def make_run(tmp_path, max_steps, seed=0):
@@ -47,11 +48,11 @@ def test_checkpoint_is_complete_or_absent(tmp_path):
     _, trainer = make_run(tmp_path, 2)
     trainer.fit()
     path = trainer.save(str(tmp_path / "ckpt"))
-    assert sorted(os.listdir(path)) == ["model.safetensors", "optimizer.safetensors", "rng.safetensors",
-                                        "trainer.json"]
-    assert not os.path.exists(path + ".tmp")
+    assert sorted(os.listdir(path)) == ["manifest.json", "model.safetensors", "optimizer.safetensors",
+                                        "rng.safetensors", "trainer.json"]
+    assert not os.path.exists(path + ".tmp") and not os.path.exists(path + ".old")
     os.remove(os.path.join(path, "rng.safetensors"))
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="rng.safetensors: listed in manifest.json but missing"):
         trainer.resume(path)
 
 

@@ -5,18 +5,25 @@ states, data position)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import CheckpointError, check_shapes, load_tensors, read_json, resolve_checkpoint, write_checkpoint
+
+LOG = logging.getLogger("mmlatent")
+
+# Config keys that cannot change the trained weights: a resume may differ in these without being refused.
+RESULT_NEUTRAL_KEYS = frozenset({"name", "eval_samples", "max_new_tokens", "train.progress", "train.output_dir",
+                                 "train.save_every", "train.eval_every"})
 
 @dataclass
 class TrainConfig:
@@ -39,10 +46,27 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("max_steps", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)}")
-        if self.lr <= 0 or self.clip < 0:
-            raise ValueError(f"lr, clip: expected lr > 0 and clip >= 0, got {self.lr}, {self.clip}")
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+            _check_int(name, getattr(self, name), minimum=0)
+        for name, low, high in (("lr", 0.0, None), ("weight_decay", 0.0, None), ("clip", 0.0, None),
+                                ("min_lr_ratio", 0.0, 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < low or (high is not None and value > high) or (name == "lr" and value == 0):
+                bound = f"in [{low}, {high}]" if high is not None else ("> 0" if name == "lr" else f">= {low}")
+                raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
+        for name in ("bf16",):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected true, false or null, got {getattr(self, name)!r}")
+        for name in ("gradient_checkpointing", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
 
 
 class EpochBatches:
@@ -85,25 +109,25 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 class Trainer:
     """Runs ``loss_fn(model, batch) -> scalar loss`` over ``batches`` for ``config.max_steps`` optimizer steps.
 
     Only the parameters that require grad are optimized and checkpointed (LoRA adapters, or everything when
-    training from scratch). ``eval_fn(model) -> dict`` runs every ``eval_every`` steps; ``history`` keeps every
-    step's loss, learning rate and throughput, and every evaluation.
+    training from scratch). ``eval_fn(model) -> dict`` runs every ``eval_every`` steps (with the RNG states
+    restored afterwards, so evaluating never changes the training run); ``history`` keeps every step's loss,
+    learning rate and throughput, and every evaluation. ``on_epoch(epoch, previous_epoch)`` is called before the
+    first batch of each epoch (``previous_epoch`` is None at the start of a run); its inputs are part of the
+    checkpoint, so a resumed run makes the same calls. ``run_config`` is the full, JSON-able config of the run
+    (default: the :class:`TrainConfig`); it is stored in every checkpoint and compared on resume.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, batches: EpochBatches, config: TrainConfig,
-                 eval_fn: Optional[Callable] = None, on_epoch: Optional[Callable[[int], None]] = None,
-                 describe: str = "train"):
+                 eval_fn: Optional[Callable] = None,
+                 on_epoch: Optional[Callable[[int, Optional[int]], None]] = None, describe: str = "train",
+                 run_config: Optional[dict] = None):
         self.model, self.loss_fn, self.batches, self.config = model, loss_fn, batches, config
         self.eval_fn, self.on_epoch, self.describe = eval_fn, on_epoch, describe
+        self.run_config = json.loads(json.dumps(run_config if run_config is not None else {"train": asdict(config)}))
         self.device = next(model.parameters()).device
         self.bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -124,14 +148,16 @@ class Trainer:
         params = [p for _, p in self.named_params]
         self.optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay,
                                            fused=all(p.dtype.is_floating_point for p in params))
-        c = self.config
-        factor = lambda s: warmup_cosine(s, c.warmup_steps, c.max_steps, c.min_lr_ratio)  # noqa: E731
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor, last_epoch=-1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor, last_epoch=-1)
         if self.step:  # keep the schedule where the run is
             self.scheduler.last_epoch = self.step
             for group in self.optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * factor(self.step)
+                group["lr"] = group["initial_lr"] * self._lr_factor(self.step)
             self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def _lr_factor(self, step: int) -> float:
+        c = self.config
+        return warmup_cosine(step, c.warmup_steps, c.max_steps, c.min_lr_ratio)
 
     # ------------------------------------------------------------------------------------------------ training
     def fit(self, until: Optional[int] = None) -> Dict[str, List]:
@@ -156,9 +182,11 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     loss = self.loss_fn(self.model, batch)
                 (loss / c.grad_accum).backward()
+                # sync point: the loss value is read on the host once per micro-batch (progress and history)
                 total_loss += float(loss.detach()) / c.grad_accum
                 tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
             params = [p for _, p in self.named_params]
+            # sync point: the gradient norm is read for the history
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.clip)) if c.clip > 0 else float("nan")
             self.optimizer.step()
             self.scheduler.step()
@@ -181,78 +209,138 @@ class Trainer:
         bar.close()
         return self.history
 
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.config.max_steps
+
     def _epoch_hook(self):
         epoch = self.batches.epoch if self.batches.index < self.batches.per_epoch else self.batches.epoch + 1
-        if self.on_epoch is not None and epoch != self._seen_epoch:
-            self.on_epoch(epoch)
-        self._seen_epoch = epoch
+        if epoch != self._seen_epoch:
+            previous, self._seen_epoch = self._seen_epoch, epoch
+            if self.on_epoch is not None:
+                self.on_epoch(epoch, previous)
 
     def evaluate(self) -> dict:
         was_training = self.model.training
         self.model.eval()
-        with torch.no_grad():
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):  # evaluating must not move training's RNG
+            state = random.getstate(), np.random.get_state()
             result = dict(step=self.step, **self.eval_fn(self.model))
+            random.setstate(state[0])
+            np.random.set_state(state[1])
         self.model.train(was_training)
         self.history["eval"].append(result)
         return result
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def save(self, directory: str) -> str:
-        """Writes model.safetensors (trainable parameters), optimizer.safetensors, trainer.json (step, schedule,
-        data position, RNG states, history) into a temporary folder renamed to ``directory`` once complete."""
+        """Writes a verified checkpoint (see :mod:`mmlatent.train.checkpoint`): model.safetensors (trainable
+        parameters), optimizer.safetensors, rng.safetensors, trainer.json (step, schedule, data position, epoch
+        tracker, RNG states, history, the full run config) and manifest.json, replacing ``directory`` only once
+        the new checkpoint is complete."""
         from safetensors.torch import save_file
-        tmp = directory.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        save_file({n: p.detach().contiguous().cpu() for n, p in self.named_params},
-                  os.path.join(tmp, "model.safetensors"))
         opt_tensors, opt_meta = _flatten_optimizer(self.optimizer.state_dict())
-        save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
         rng = {"torch_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["torch_cuda"] = torch.cuda.get_rng_state(self.device if self.device.type == "cuda" else None)
-        save_file(rng, os.path.join(tmp, "rng.safetensors"))
         state = dict(step=self.step, scheduler=self.scheduler.state_dict(), data=self.batches.state_dict(),
                      optimizer=opt_meta, python_rng=_jsonable(random.getstate()),
-                     numpy_rng=_jsonable(np.random.get_state()), config=asdict(self.config), history=self.history,
+                     numpy_rng=_jsonable(np.random.get_state()), run_config=self.run_config, history=self.history,
                      seen_epoch=self._seen_epoch)
-        _atomic_write(os.path.join(tmp, "trainer.json"), lambda p: open(p, "w").write(json.dumps(state)))
-        if os.path.exists(directory):
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-        return directory
+        weights = {n: p.detach().contiguous().cpu() for n, p in self.named_params}
+        return write_checkpoint(directory, {
+            "model.safetensors": lambda path: save_file(weights, path),
+            "optimizer.safetensors": lambda path: save_file(opt_tensors, path),
+            "rng.safetensors": lambda path: save_file(rng, path),
+            "trainer.json": lambda path: _write_text(path, json.dumps(state)),
+        })
 
-    def resume(self, directory: str) -> None:
-        """Restores everything :meth:`save` wrote; the run then continues exactly where it stopped."""
-        from safetensors.torch import load_file
-        missing = [f for f in ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json")
-                   if not os.path.exists(os.path.join(directory, f))]
-        if missing:
-            raise FileNotFoundError(f"resume: {directory} is not a complete checkpoint (missing {', '.join(missing)})")
-        weights = load_file(os.path.join(directory, "model.safetensors"))
-        names = {n for n, _ in self.named_params}
-        if set(weights) != names:
-            raise ValueError(f"resume: the checkpoint's parameters differ from the model's trainable ones "
-                             f"({sorted(set(weights) ^ names)[:4]}...)")
+    def resume(self, directory: str, allow_config_change: bool = False) -> str:
+        """Restores everything :meth:`save` wrote; the run then continues exactly where it stopped.
+
+        The checkpoint is verified against its manifest first (after a save killed midway, the surviving complete
+        copy is used). A checkpoint written by a run whose config differs in a key that changes the result is
+        refused, listing the differing keys, unless ``allow_config_change``: then the current config applies
+        (learning rate, weight decay and schedule included) and the changes are logged. Returns the folder read.
+        """
+        path = resolve_checkpoint(directory)
+        state = read_json(path, "trainer.json")
+        for key in ("step", "scheduler", "data", "optimizer", "python_rng", "numpy_rng", "run_config", "history"):
+            if key not in state:
+                raise CheckpointError(f"{os.path.join(path, 'trainer.json')}: no {key!r} entry (written by an "
+                                      f"older mmlatent, or not by Trainer.save)")
+        changes = config_changes(state["run_config"], self.run_config)
+        if changes and not allow_config_change:
+            listed = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in changes)
+            raise ValueError(f"resume: {path} was written by a run whose config differs in {listed}. Resuming "
+                             f"would silently change the run; pass --allow-config-change (allow_config_change=True) "
+                             f"to resume with the new values")
+        weights = load_tensors(path, "model.safetensors")
+        check_shapes({n: tuple(p.shape) for n, p in self.named_params}, weights,
+                     os.path.join(path, "model.safetensors"), "trainable parameter")
+        optimizer_tensors = load_tensors(path, "optimizer.safetensors")
+        rng = load_tensors(path, "rng.safetensors")
         with torch.no_grad():
             for n, p in self.named_params:
                 p.copy_(weights[n].to(p.device, p.dtype))
-        with open(os.path.join(directory, "trainer.json")) as f:
-            state = json.load(f)
         self.step = int(state["step"])
         self.reset_optimizer()
-        self.optimizer.load_state_dict(_unflatten_optimizer(load_file(os.path.join(directory, "optimizer.safetensors")),
-                                                            state["optimizer"], self.device))
+        self.optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, state["optimizer"], self.device))
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["data"])
         self.history = state["history"]
         self._seen_epoch = state.get("seen_epoch")
-        rng = load_file(os.path.join(directory, "rng.safetensors"))
         torch.set_rng_state(rng["torch_cpu"])
         if "torch_cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["torch_cuda"])
         random.setstate(_tuples(state["python_rng"]))
         np.random.set_state(_tuples(state["numpy_rng"]))
+        if changes:
+            self._apply_config_change()
+            for key, before, after in changes:
+                LOG.warning("resume: %s changed from %s to %s (allowed by allow_config_change)", key, _show(before),
+                            _show(after))
+        return path
+
+    def _apply_config_change(self) -> None:
+        """After a resume with another config: the optimizer's hyper-parameters and the schedule are this
+        config's, not the checkpoint's."""
+        c = self.config
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = c.lr
+            group["weight_decay"] = c.weight_decay
+            group["lr"] = c.lr * self._lr_factor(self.step)
+        self.scheduler.base_lrs = [c.lr for _ in self.optimizer.param_groups]
+        self.scheduler.lr_lambdas = [self._lr_factor for _ in self.optimizer.param_groups]
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def _flat(config, prefix: str = "") -> Dict[str, object]:
+    if isinstance(config, dict):
+        out = {}
+        for key, value in config.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: config}
+
+
+def config_changes(stored: dict, current: dict) -> List[tuple]:
+    """(key, stored value, current value) for every dotted key whose value differs and that can change the
+    result (keys in :data:`RESULT_NEUTRAL_KEYS` are ignored); a key absent on one side shows as ``<absent>``."""
+    a, b = _flat(stored), _flat(current)
+    missing = "<absent>"
+    return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
+            if k not in RESULT_NEUTRAL_KEYS and a.get(k, missing) != b.get(k, missing)]
+
+
+def _show(value) -> str:
+    return value if value == "<absent>" else json.dumps(value)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _rss_peak_bytes() -> int:
@@ -303,4 +391,4 @@ def _tuples(value):
     return value
 
 
-__all__ = ["TrainConfig", "Trainer", "EpochBatches", "warmup_cosine"]
+__all__ = ["TrainConfig", "Trainer", "EpochBatches", "warmup_cosine", "config_changes", "RESULT_NEUTRAL_KEYS"]

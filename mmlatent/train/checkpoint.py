@@ -1,0 +1,223 @@
+"""Crash-safe, verified checkpoint folders: the one place where mmlatent writes and reads a checkpoint.
+
+A checkpoint is a folder of files plus ``manifest.json`` (each file's size and SHA-256), written last. Writing
+``DIR`` goes through two sibling folders:
+
+1. every file is written and fsynced into ``DIR.tmp``; the manifest goes in last (written to a temporary name,
+   fsynced, renamed), so a ``DIR.tmp`` with a manifest is complete;
+2. an existing ``DIR`` is renamed to ``DIR.old``, ``DIR.tmp`` is renamed to ``DIR``, and ``DIR.old`` is deleted.
+
+Whatever instant a process is killed at, one complete checkpoint survives: the old ``DIR`` (kill during 1),
+``DIR.old`` and the complete ``DIR.tmp`` (kill between the renames of 2), or the new ``DIR``.
+:func:`resolve_checkpoint` finds it: ``DIR`` when it verifies, else the complete ``DIR.tmp`` (the newer), else
+``DIR.old``. Loading never moves files; :func:`recover_checkpoint` (``mmlatent recover DIR``, and the start of
+every write to ``DIR``) finishes the interrupted replacement on disk.
+
+Every load verifies the manifest: a missing, truncated or altered file is refused with a :class:`CheckpointError`
+that names the file. Files added to the folder after it was written (``eval.json``) are not covered and not
+checked.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Callable, Dict, Mapping
+
+MANIFEST = "manifest.json"
+FORMAT = "mmlatent-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it is; the message names the folder and file and what is wrong."""
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str) -> dict:
+    """Records every regular file of ``directory`` (except the manifest) with its size and SHA-256, atomically."""
+    files = {}
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name == MANIFEST or name.endswith(".tmp") or not os.path.isfile(path):
+            continue
+        files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    manifest = {"format": FORMAT, "version": VERSION, "files": files}
+    tmp = os.path.join(directory, MANIFEST + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(directory, MANIFEST))
+    return manifest
+
+
+def write_checkpoint(directory: str, writers: Mapping[str, Callable[[str], None]]) -> str:
+    """Writes ``directory`` crash-safely: ``writers[name](path)`` writes the file ``name`` at ``path``; the
+    manifest is added last and an existing folder of that name is replaced only once the new one is complete."""
+    directory = os.path.normpath(directory)
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    recover_checkpoint(directory, missing_ok=True)
+    tmp, old = directory + ".tmp", directory + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name, write in writers.items():
+        if name == MANIFEST or os.sep in name:
+            raise ValueError(f"writers: {name!r} is not a plain file name other than {MANIFEST}")
+        path = os.path.join(tmp, name)
+        write(path)
+        _fsync_file(path)
+    write_manifest(tmp)
+    _fsync_dir(tmp)
+    if os.path.exists(directory):
+        os.rename(directory, old)
+    os.rename(tmp, directory)
+    _fsync_dir(parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def read_manifest(directory: str) -> dict:
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{directory}: not a complete checkpoint: no {MANIFEST} (it is written last, so the "
+                              f"save that made this folder did not finish, or the folder was not written by mmlatent)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not a valid manifest ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{path}: not an mmlatent checkpoint manifest")
+    return manifest
+
+
+def verify_checkpoint(directory: str) -> dict:
+    """Checks every file the manifest lists (presence, size, SHA-256); returns the manifest or raises
+    :class:`CheckpointError` naming the first file that differs."""
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: no such checkpoint folder")
+    manifest = read_manifest(directory)
+    for name, expected in manifest["files"].items():
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: listed in {MANIFEST} but missing")
+        size = os.path.getsize(path)
+        if size != expected["bytes"]:
+            raise CheckpointError(f"{path}: {size} bytes where the manifest records {expected['bytes']} "
+                                  f"(truncated or rewritten); the checkpoint is corrupt")
+        digest = _sha256(path)
+        if digest != expected["sha256"]:
+            raise CheckpointError(f"{path}: content differs from the manifest (SHA-256 {digest[:16]}... where "
+                                  f"{expected['sha256'][:16]}... was recorded); the checkpoint is corrupt")
+    return manifest
+
+
+def _complete(directory: str) -> bool:
+    try:
+        verify_checkpoint(directory)
+        return True
+    except CheckpointError:
+        return False
+
+
+def resolve_checkpoint(directory: str) -> str:
+    """The folder holding the verified checkpoint saved as ``directory``, also after a save into it was killed.
+
+    Raises :class:`CheckpointError` naming what is wrong when no verified checkpoint of that name exists."""
+    directory = os.path.normpath(directory)
+    if os.path.isdir(directory):
+        verify_checkpoint(directory)  # a damaged folder is an error, never silently replaced by a sibling
+        return directory
+    for candidate in (directory + ".tmp", directory + ".old"):  # the newer first
+        if _complete(candidate):
+            return candidate
+    if os.path.exists(directory + ".tmp") or os.path.exists(directory + ".old"):
+        raise CheckpointError(f"{directory}: missing, and neither {directory}.tmp nor {directory}.old holds a "
+                              f"complete checkpoint")
+    raise CheckpointError(f"{directory}: no such checkpoint folder")
+
+
+def recover_checkpoint(directory: str, missing_ok: bool = False) -> str:
+    """Finishes a replacement of ``directory`` that was interrupted: puts the newest complete copy in place and
+    removes the leftovers. Returns ``directory``."""
+    directory = os.path.normpath(directory)
+    tmp, old = directory + ".tmp", directory + ".old"
+    if not os.path.isdir(directory):
+        found = next((c for c in (tmp, old) if _complete(c)), None)
+        if found is None:
+            if missing_ok:
+                return directory
+            raise CheckpointError(f"{directory}: nothing to recover (no complete {os.path.basename(tmp)} or "
+                                  f"{os.path.basename(old)})")
+        os.rename(found, directory)
+        _fsync_dir(os.path.dirname(os.path.abspath(directory)))
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return directory
+
+
+def read_json(directory: str, name: str):
+    path = os.path.join(directory, name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err}); the file is truncated or corrupt") from None
+
+
+def load_tensors(directory: str, name: str, device: str = "cpu") -> Dict:
+    from safetensors.torch import load_file
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return load_file(path, device=device)
+    except Exception as err:  # safetensors raises its own error types for every malformed header or body
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def check_shapes(expected: Mapping[str, tuple], stored: Mapping, path: str, what: str = "parameter") -> None:
+    """Refuses ``stored`` tensors whose names or shapes differ from ``expected`` (name -> shape), naming the first
+    differing name and both shapes."""
+    missing = [n for n in expected if n not in stored]
+    unexpected = [n for n in stored if n not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} {what}s the model has (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} {what}s the model does not have (first: {unexpected[0]})")
+        raise CheckpointError(f"{path}: {'; '.join(parts)}")
+    for name, shape in expected.items():
+        if tuple(stored[name].shape) != tuple(shape):
+            raise CheckpointError(f"{path}: {what} {name} has shape {list(stored[name].shape)} in the checkpoint "
+                                  f"but {list(shape)} in the model")
+
+
+__all__ = ["CheckpointError", "write_checkpoint", "verify_checkpoint", "resolve_checkpoint", "recover_checkpoint",
+           "write_manifest", "read_manifest", "read_json", "load_tensors", "check_shapes", "MANIFEST"]
