@@ -1,73 +1,188 @@
 """The `mmlatent` command.
 
-    mmlatent demo                  what `make demo` runs (see mmlatent/demo.py)
-    mmlatent train --config FILE   one training run from a YAML config (configs/*.yaml)
-    mmlatent eval --checkpoint DIR evaluate a saved run on its held-out records, write JSON
-    mmlatent bench                 the micro-benchmarks, with the options of `python -m mmlatent.bench`
+    mmlatent demo                    what `make demo` runs (see mmlatent/demo.py)
+    mmlatent train --config FILE     one training run from a YAML config (configs/*.yaml)
+    mmlatent eval --checkpoint DIR   evaluate a saved run on its held-out records
+    mmlatent recover --checkpoint DIR  finish a checkpoint replacement that a crash interrupted
+    mmlatent bench                   the micro-benchmarks (the options of `python -m mmlatent.bench`)
+
+A user error (a missing or invalid config, a value out of range, a missing or corrupt checkpoint, an output path
+that cannot be written) prints one line to stderr and exits with status 2, before any work starts where it can be
+known then; ``--debug`` shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
+EXIT_USER_ERROR = 2
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="mmlatent", description="multimodal latent chain-of-thought toolkit")
-    sub = parser.add_subparsers(dest="command", required=True)
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    import torch
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("cuda was asked for, but this torch sees no CUDA GPU")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (the verb's --help has the rest)."""
+
+    def error(self, message):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mmlatent import __version__
+    from mmlatent import bench as bench_module
+    parser = _Parser(prog="mmlatent", description="multimodal latent chain-of-thought toolkit")
+    parser.add_argument("--version", action="version", version=f"mmlatent {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,eval,recover,bench}")
     demo = sub.add_parser("demo", help="train the tiny variants briefly, evaluate them and the shipped checkpoints, "
                                        "then print the micro-benchmark table")
-    demo.add_argument("--out", default="demo-output", help="folder for the runs, the table and the PNG")
+    demo.add_argument("--out", default="demo-output", help="folder for the runs, the table and the PNG "
+                                                           "(default: demo-output)")
     demo.add_argument("--skip-bench", action="store_true", help="do not run the micro-benchmarks at the end")
+    demo.add_argument("--checkpoints", help="folder holding the shipped checkpoints (default: the checkpoints/ "
+                                            "folder of this mmlatent checkout)")
     train = sub.add_parser("train", help="train one run from a YAML config")
     train.add_argument("--config", required=True, help="YAML file (see configs/)")
-    train.add_argument("--resume", help="checkpoint folder to resume from")
-    train.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    train.add_argument("--resume", help="checkpoint folder to resume from (train.output_dir/checkpoint-N)")
+    train.add_argument("--allow-config-change", action="store_true",
+                       help="resume even though the config differs from the checkpoint's in keys that change the "
+                            "result; the new values apply and each change is logged")
+    train.add_argument("--device", type=_device, help="cpu or cuda (default: cuda when available)")
     train.add_argument("--report", help="also write a JSON summary here (device, peak memory, step time, accuracy)")
-    evaluate = sub.add_parser("eval", help="evaluate a saved run (folder with model.safetensors, run.json)")
-    evaluate.add_argument("--checkpoint", required=True)
-    evaluate.add_argument("--n", type=int, help="evaluate the first N held-out records")
-    evaluate.add_argument("--out", help="JSON file for the results (default: <checkpoint>/eval.json)")
-    evaluate.add_argument("--device")
-    bench = sub.add_parser("bench", help="kernel and model micro-benchmarks (see python -m mmlatent.bench --help)")
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    evaluate = sub.add_parser("eval", help="evaluate a saved run (a folder written by mmlatent train)")
+    evaluate.add_argument("--checkpoint", required=True, help="the run's final/ (or checkpoint) folder")
+    evaluate.add_argument("--n", type=_positive_int, help="evaluate the first N held-out records (default: all)")
+    evaluate.add_argument("--out", help="JSON file for the full results (default: only the summary is printed)")
+    evaluate.add_argument("--device", type=_device, help="cpu or cuda (default: cpu)")
+    recover = sub.add_parser("recover", help="finish replacing a checkpoint folder after a crash during its save")
+    recover.add_argument("--checkpoint", required=True, help="the checkpoint folder (e.g. runs/x/final)")
+    bench = sub.add_parser("bench", help="kernel and model micro-benchmarks (python -m mmlatent.bench)")
+    bench_module.add_arguments(bench)
+    return parser
 
-    if args.command == "bench":
-        from mmlatent import bench as bench_module
-        return bench_module.main(args.bench_args)
+
+def _check_writable_file(path: str, what: str) -> None:
+    """Refuses an output file that cannot be written, before any work is done (nothing is created)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if os.path.isdir(path):
+        raise ValueError(f"{what}: {path} is a folder; give a file path")
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK) or (
+            os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"{what}: cannot write {path} (no write permission in {existing})")
+
+
+def _check_writable_folder(path: str, what: str) -> None:
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{what}: {existing} is a file, so {path} cannot be a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: cannot write into {path} (no write permission in {existing})")
+
+
+def _run(args) -> int:
     if args.command == "demo":
         from mmlatent import demo as demo_module
-        return demo_module.main(out=args.out, bench=not args.skip_bench)
+        _check_writable_folder(args.out, "--out")
+        return demo_module.main(out=args.out, bench=not args.skip_bench, checkpoints=args.checkpoints)
+    if args.command == "recover":
+        from mmlatent.train.checkpoint import recover_checkpoint, verify_checkpoint
+        path = recover_checkpoint(args.checkpoint)
+        verify_checkpoint(path)
+        print(f"{path}: complete and verified", flush=True)
+        return 0
     if args.command == "train":
         from mmlatent.train.ivtlr import RunConfig, evaluate as run_eval, train as run_train
         config = RunConfig.load(args.config)
-        result = run_train(config, device=args.device, resume=args.resume)
+        out_dir = config.train.get("output_dir")
+        if out_dir:
+            _check_writable_folder(out_dir, "train.output_dir")
+        if args.report:
+            _check_writable_file(args.report, "--report")
+        if args.resume:
+            from mmlatent.train.checkpoint import resolve_checkpoint
+            resolve_checkpoint(args.resume)  # a missing or corrupt checkpoint is refused before building anything
+        result = run_train(config, device=args.device, resume=args.resume,
+                           allow_config_change=args.allow_config_change)
         metrics = run_eval(result["wrapper"], result["tokenizer"], result["image_processor"], config,
                            result["eval_records"], progress=True)
         _report(metrics, result.get("train_seconds"))
-        out_dir = config.train.get("output_dir")
-        if out_dir:
-            _write_json(f"{out_dir}/final/eval.json", metrics)
+        if out_dir:  # next to the verified files, outside the manifest (it is written after the checkpoint)
+            _write_json(os.path.join(result["checkpoint"], "eval.json"), metrics)
         if args.report:
-            import os
-            os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
             keep = ("name", "mode", "stage", "device", "train_seconds", "peak_memory_bytes", "median_step_seconds")
             summary = {k: result.get(k) for k in keep}
             summary.update(command=f"mmlatent train --config {args.config}", steps=len(result["history"]["train"]),
                            batch_size=config.batch_size, accuracy=metrics["accuracy"], n_eval=metrics["n"])
+            os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
             _write_json(args.report, summary)
         return 0
     if args.command == "eval":
+        from mmlatent.train.checkpoint import resolve_checkpoint
         from mmlatent.train.ivtlr import build_data, evaluate as run_eval, load_run
+        if args.out:
+            _check_writable_file(args.out, "--out")
+        resolve_checkpoint(args.checkpoint)
         wrapper, tokenizer, config, image_processor = load_run(args.checkpoint, device=args.device)
         _, _, records = build_data(config)
         records = records[:args.n] if args.n else records
         metrics = run_eval(wrapper, tokenizer, image_processor, config, records, progress=True)
         _report(metrics)
-        _write_json(args.out or f"{args.checkpoint}/eval.json", metrics)
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            _write_json(args.out, metrics)
+            print(f"wrote {args.out}", flush=True)
         return 0
-    return 2
+    raise ValueError(f"command: unknown {args.command!r}")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)  # checks the benchmark's options too
+    if args.command == "bench":  # the global options come before the verb, so what follows it is the bench's
+        from mmlatent import bench as bench_module
+        return bench_module.main(argv[argv.index("bench") + 1:])
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("mmlatent: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, KeyError) as err:
+        if args.debug:
+            raise
+        message = str(err) if not isinstance(err, KeyError) else f"missing key {err}"
+        if isinstance(err, OSError) and err.filename and str(err.filename) not in message:
+            message = f"{err.filename}: {message}"
+        print(f"mmlatent {args.command}: error: {message.splitlines()[0] if message else type(err).__name__} "
+              f"(--debug shows the traceback)", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 def _report(metrics: dict, train_seconds=None) -> None:
@@ -81,9 +196,8 @@ def _report(metrics: dict, train_seconds=None) -> None:
 
 
 def _write_json(path: str, payload: dict) -> None:
-    import os
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=1)
     os.replace(tmp, path)
 

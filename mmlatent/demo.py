@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Optional
 
 import torch
 
@@ -72,7 +73,13 @@ def plot(histories: dict, rows, path: str) -> None:
     plt.close(fig)
 
 
-def main(out: str = "demo-output", bench: bool = True, checkpoints: str = "checkpoints") -> int:
+def shipped_checkpoints() -> str:
+    """The checkpoints/ folder of this mmlatent checkout (beside the package), wherever the demo is run from."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
+
+
+def main(out: str = "demo-output", bench: bool = True, checkpoints: Optional[str] = None) -> int:
+    checkpoints = checkpoints or shipped_checkpoints()
     os.makedirs(out, exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     print("mmlatent demo: a tiny Qwen2-VL learns the embedded visual reasoning task (3 x 3 grids of coloured "
@@ -94,7 +101,8 @@ def main(out: str = "demo-output", bench: bool = True, checkpoints: str = "check
     for name in SHIPPED:
         directory = os.path.join(checkpoints, name, "final")
         if not os.path.exists(directory):
-            print(f"  (no shipped checkpoint at {directory}: skipped)", flush=True)
+            print(f"  (no shipped checkpoint at {directory}: skipped; --checkpoints DIR names another folder)",
+                  flush=True)
             continue
         wrapper, tokenizer, config, image_processor = load_run(directory)
         _, _, records = build_data(config)

@@ -36,7 +36,7 @@ def test_curriculum_stages_and_optimizer_reset(tmp_path, monkeypatch):
     assert result["stage"] == 3 and len(result["history"]["train"]) == 15
     assert [(e["step"], e["stage"], e["n"]) for e in result["history"]["eval"]] == [(6, 1, 4), (12, 3, 4)]
     final = tmp_path / "final"
-    assert sorted(os.listdir(final)) == ["model.safetensors", "run.json", "tokenizer.json"]
+    assert sorted(os.listdir(final)) == ["manifest.json", "model.safetensors", "run.json", "tokenizer.json"]
     metrics = runs.evaluate(result["wrapper"], result["tokenizer"], result["image_processor"], config,
                             result["eval_records"])
     wrapper, tokenizer, loaded, processor = runs.load_run(str(final))
@@ -89,10 +89,9 @@ def test_demo_end_to_end_on_tiny_settings(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "demo.png").stat().st_size > 1000
 
 
-def test_real_data_path_with_a_local_checkpoint(tmp_path):
-    """The real-data route end to end, offline: a Qwen2-VL checkpoint folder (weights, a Hugging Face tokenizer,
-    an image processor) and ScienceQA in its official layout, trained through the curriculum and evaluated."""
-    import yaml
+def local_qwen2_vl_checkpoint(tmp_path):
+    """(checkpoint folder, ScienceQA root): a tiny Qwen2-VL saved as a local checkpoint (weights, a Hugging Face
+    tokenizer, an image processor) and ScienceQA in its official layout."""
     from transformers import PreTrainedTokenizerFast
 
     from mmlatent.data import WordTokenizer, image_processor_for
@@ -114,6 +113,14 @@ def test_real_data_path_with_a_local_checkpoint(tmp_path):
     data = tmp_path / "scienceqa"
     data.mkdir()
     _scienceqa_official(str(data))
+    return checkpoint, data
+
+
+def test_real_data_path_with_a_local_checkpoint(tmp_path):
+    """The real-data route end to end, offline: a Qwen2-VL checkpoint folder and ScienceQA in its official layout,
+    trained through the curriculum and evaluated."""
+    import yaml
+    checkpoint, data = local_qwen2_vl_checkpoint(tmp_path)
     config = dict(name="real", mode="ivtlr", model={"path": str(checkpoint)}, epochs=2, epochs_per_stage=1, k=1,
                   batch_size=2, max_new_tokens=8,
                   data={"scienceqa": {"root": str(data), "train_split": "train", "eval_split": "train"}},

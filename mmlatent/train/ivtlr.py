@@ -7,7 +7,9 @@ import copy
 import json
 import math
 import os
+import random
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Optional
@@ -21,6 +23,7 @@ from mmlatent.data.records import Record
 from mmlatent.models import IVTLR
 from mmlatent.models import tiny as tiny_models
 
+from .checkpoint import CheckpointError, check_shapes, load_tensors, read_json, resolve_checkpoint, write_checkpoint
 from .loop import EpochBatches, TrainConfig, Trainer
 
 
@@ -46,22 +49,93 @@ class RunConfig:
     train: Dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name: expected a non-empty string, got {self.name!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
-        for name in ("epochs", "epochs_per_stage", "batch_size", "k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)}")
+        for name in ("epochs", "epochs_per_stage", "batch_size", "k", "max_new_tokens", "eval_samples"):
+            _positive_int(name, getattr(self, name))
+        _positive_int("max_latent_steps", self.max_latent_steps, minimum=0)
+        for name in ("freeze_vision", "reset_optimizer_per_stage", "no_image"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        _one_kind("model", self.model, MODEL_KINDS)
+        _one_kind("data", self.data, DATA_KEYS)
+        (kind, spec), = self.data.items()
+        if not isinstance(spec, dict):
+            raise ValueError(f"data.{kind}: expected a mapping of settings, got {spec!r}")
+        unknown = sorted(set(spec) - DATA_KEYS[kind])
+        if unknown:
+            raise ValueError(f"data.{kind}: unknown keys {unknown}; expected some of {sorted(DATA_KEYS[kind])}")
+        for key in sorted(set(DATA_REQUIRED.get(kind, ())) - set(spec)):
+            raise ValueError(f"data.{kind}.{key}: required")
+        for key in ("n_train", "n_eval"):
+            if key in spec:
+                _positive_int(f"data.{kind}.{key}", spec[key])
+        if self.lora is not None and not isinstance(self.lora, dict):
+            raise ValueError(f"lora: expected a mapping of peft.LoraConfig options or null, got {self.lora!r}")
+        if not isinstance(self.train, dict):
+            raise ValueError(f"train: expected a mapping of TrainConfig options, got {self.train!r}")
+        known = {f.name for f in fields(TrainConfig)}
+        unknown = sorted(set(self.train) - known)
+        if unknown:
+            raise ValueError(f"train: unknown keys {unknown}; expected some of {sorted(known)}")
+        try:
+            TrainConfig(**dict({"max_steps": 1}, **self.train))
+        except ValueError as err:
+            raise ValueError(f"train.{err}") from None
 
     @classmethod
     def load(cls, path: str) -> "RunConfig":
+        """Reads a YAML config; every problem (no such file, invalid YAML with its line, unknown keys, a value
+        out of range) is a ValueError or FileNotFoundError naming the file and the key."""
         import yaml
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config: no such file {path}") from None
+        except IsADirectoryError:
+            raise ValueError(f"config: {path} is a folder, not a YAML file") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"config: {path} is not UTF-8 text ({err})") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"config: {path} is not valid YAML{where}: {problem}") from None
+        raw = {} if raw is None else raw
+        if not isinstance(raw, dict):
+            raise ValueError(f"config: {path} must hold a mapping of run settings, got a {type(raw).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"{path}: unknown keys {unknown}; expected some of {sorted(known)}")
-        return cls(**raw)
+        try:
+            return cls(**raw)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+
+MODEL_KINDS = ("tiny_qwen2_vl", "tiny_chameleon", "qwen2_vl_7b_shapes", "path")
+DATA_KEYS = {"synthetic": {"n_train", "n_eval", "seed", "kinds", "weights", "image_size", "vocab_size"},
+             "scienceqa": {"root", "train_split", "eval_split", "skip_bad"},
+             "m3cot": {"train", "eval", "skip_bad"}}
+DATA_REQUIRED = {"scienceqa": ("root",), "m3cot": ("train", "eval")}
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
+def _one_kind(name: str, value, kinds) -> None:
+    if not isinstance(value, dict) or len(value) != 1:
+        raise ValueError(f"{name}: expected one entry {{kind: settings}} with kind one of {', '.join(kinds)}, "
+                         f"got {value!r}")
+    kind = next(iter(value))
+    if kind not in kinds:
+        raise ValueError(f"{name}: unknown kind {kind!r}; expected one of {', '.join(kinds)}")
 
 
 # ------------------------------------------------------------------------------------------------------ building
@@ -135,7 +209,7 @@ def build_model(config: RunConfig, vocab_size: int, device):
         if vocab_size > model.get_input_embeddings().num_embeddings:  # IVT-LR's latent tokens were added
             model.resize_token_embeddings(vocab_size)
     else:
-        raise ValueError(f"model: expected tiny_qwen2_vl, qwen2_vl_7b_shapes or path, got {kind!r}")
+        raise ValueError(f"model: unknown kind {kind!r}; expected one of {', '.join(MODEL_KINDS)}")
     if config.freeze_vision:
         for name, p in model.named_parameters():
             if "visual" in name:
@@ -170,11 +244,23 @@ def final_stage(config: RunConfig) -> int:
 
 # ------------------------------------------------------------------------------------------------------ running
 
+def seed_everything(seed: int) -> None:
+    """Seeds Python's, numpy's and torch's global generators (every device)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def train(config: RunConfig, device=None, resume: Optional[str] = None, progress: bool = True,
-          until: Optional[int] = None) -> dict:
-    """Trains one run and writes ``<output_dir>/final`` (model.safetensors, tokenizer.json, run.json). Returns
-    the trainer history and the final evaluation."""
+          until: Optional[int] = None, allow_config_change: bool = False) -> dict:
+    """Trains one run. A run that reaches its last step writes ``<output_dir>/final`` (model.safetensors,
+    tokenizer, run.json, manifest.json); one stopped early by ``until`` writes ``<output_dir>/checkpoint-<step>``
+    instead, which ``resume`` continues. Everything random (model initialisation, LoRA adapters, resized
+    embedding rows) is created after seeding with ``train.seed``, so two runs of one config are identical.
+    Returns the trainer history (and ``completed``)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    train_options = TrainConfig(**dict({"max_steps": 1}, **config.train))  # checks the options before any work
+    seed_everything(train_options.seed)
     tokenizer, train_records, eval_records = build_data(config)
     model = build_model(config, len(tokenizer), device)
     image_processor = _image_processor(config, model)
@@ -189,18 +275,17 @@ def train(config: RunConfig, device=None, resume: Optional[str] = None, progress
                                         image_token_ids=_image_token_ids(wrapper))
         return collators[stage](records)
 
-    batches = EpochBatches(train_records, config.batch_size, collate, seed=config.train.get("seed", 0))
+    batches = EpochBatches(train_records, config.batch_size, collate, seed=train_options.seed)
     options = dict(config.train)
     options.setdefault("max_steps", max(1, config.epochs * batches.per_epoch // options.get("grad_accum", 1)))
     train_config = TrainConfig(**options)
-    current = {"stage": None}
 
-    def on_epoch(epoch):
-        stage = stage_of(epoch)
-        if config.mode == "ivtlr" and current["stage"] is not None and stage != current["stage"] \
-                and config.reset_optimizer_per_stage:
+    def on_epoch(epoch, previous):
+        # the stage of the previous epoch comes from the trainer's saved epoch tracker, so a resumed run resets
+        # the optimizer at exactly the boundaries an uninterrupted one does
+        if config.mode == "ivtlr" and config.reset_optimizer_per_stage and previous is not None \
+                and stage_of(epoch) != stage_of(previous):
             trainer.reset_optimizer()
-        current["stage"] = stage
 
     def loss_fn(m, batch):
         return wrapper(**batch).loss
@@ -213,9 +298,9 @@ def train(config: RunConfig, device=None, resume: Optional[str] = None, progress
 
     train_config.progress = progress and train_config.progress
     trainer = Trainer(model, loss_fn, batches, train_config, on_epoch=on_epoch, describe=config.name,
-                      eval_fn=eval_fn)
+                      eval_fn=eval_fn, run_config=dict(asdict(config), train=asdict(train_config)))
     if resume:
-        trainer.resume(resume)
+        trainer.resume(resume, allow_config_change=allow_config_change)
     t0 = time.perf_counter()
     history = trainer.fit(until=until)
     seconds = time.perf_counter() - t0
@@ -223,53 +308,89 @@ def train(config: RunConfig, device=None, resume: Optional[str] = None, progress
     result = dict(name=config.name, mode=config.mode, stage=final_stage(config), train_seconds=seconds,
                   device=str(device), peak_memory_bytes=max((r["peak_memory_bytes"] for r in steps), default=0),
                   median_step_seconds=float(np.median([r["seconds"] for r in steps])) if steps else None,
-                  history=history)
+                  completed=trainer.finished, steps=trainer.step, history=history)
     if train_config.output_dir:
-        save_run(os.path.join(train_config.output_dir, "final"), model, tokenizer, config, result)
+        if trainer.finished:
+            result["checkpoint"] = save_run(os.path.join(train_config.output_dir, "final"), model, tokenizer,
+                                            config, result)
+        else:  # an interrupted run must not look finished: it leaves a checkpoint to resume from
+            result["checkpoint"] = trainer.save(os.path.join(train_config.output_dir, f"checkpoint-{trainer.step}"))
     return dict(result, model=model, wrapper=wrapper, tokenizer=tokenizer, eval_records=eval_records,
                 image_processor=image_processor)
 
 
-def save_run(directory: str, model, tokenizer: WordTokenizer, config: RunConfig, result: dict) -> None:
-    """A self-contained checkpoint, written into a temporary folder renamed once complete."""
-    from safetensors.torch import save_file
-    tmp = directory.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+def _saved_state(model, config: RunConfig) -> Dict[str, torch.Tensor]:
+    """What a self-contained checkpoint holds: every tensor, or with LoRA the adapters plus the embedding
+    matrices when the vocabulary was resized past the base checkpoint's (their new rows are not in model.path)."""
     state = model.state_dict()
-    if config.lora:  # the adapters only; the base weights come from model.path
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        state = {k: v for k, v in state.items() if k in trainable}
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))
-    if isinstance(tokenizer, WordTokenizer):
-        tokenizer.save(os.path.join(tmp, "tokenizer.json"))
-    else:  # a checkpoint's tokenizer, with the latent tokens added
-        tokenizer.tokenizer.save_pretrained(tmp)
+    if not config.lora:
+        return state
+    keep = {n for n, p in model.named_parameters() if p.requires_grad}
+    if "path" in config.model:
+        from transformers import AutoConfig
+        base_vocab = AutoConfig.from_pretrained(config.model["path"]).get_text_config().vocab_size
+        for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if embedding is not None and embedding.weight.shape[0] > base_vocab:
+                keep |= {n for n, t in state.items() if t.data_ptr() == embedding.weight.data_ptr()}
+    return {k: v for k, v in state.items() if k in keep}
+
+
+def save_run(directory: str, model, tokenizer: WordTokenizer, config: RunConfig, result: dict) -> str:
+    """A self-contained, verified checkpoint (see :mod:`mmlatent.train.checkpoint`): model.safetensors, the
+    tokenizer, run.json (config and summary) and manifest.json, replacing ``directory`` only once complete."""
+    from safetensors.torch import save_file
+    weights = {k: v.detach().contiguous().cpu() for k, v in _saved_state(model, config).items()}
     summary = {k: v for k, v in result.items() if k != "history"}
     summary["train_loss"] = [r["loss"] for r in result["history"]["train"]]
-    with open(os.path.join(tmp, "run.json"), "w") as f:
-        json.dump({"config": asdict(config), "result": summary}, f, indent=1)
-    if os.path.exists(directory):
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    writers = {"model.safetensors": lambda path: save_file(weights, path),
+               "run.json": lambda path: _write_json(path, {"config": asdict(config), "result": summary})}
+    if isinstance(tokenizer, WordTokenizer):
+        writers["tokenizer.json"] = tokenizer.save
+    else:  # a checkpoint's tokenizer, with the latent tokens added: its files, saved in a scratch folder
+        scratch = tempfile.mkdtemp(prefix="mmlatent-tokenizer-")
+        tokenizer.tokenizer.save_pretrained(scratch)
+        for name in sorted(os.listdir(scratch)):
+            writers[name] = lambda path, source=os.path.join(scratch, name): os.replace(source, path)
+    try:
+        return write_checkpoint(directory, writers)
+    finally:
+        if not isinstance(tokenizer, WordTokenizer):
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write_json(path: str, payload) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1)
 
 
 def load_run(directory: str, device=None):
-    """(IVTLR wrapper, tokenizer, RunConfig, image processor) from a folder written by :func:`save_run`."""
-    from safetensors.torch import load_file
+    """(IVTLR wrapper, tokenizer, RunConfig, image processor) from a folder written by :func:`save_run`.
+
+    The folder is verified against its manifest (a save killed midway is found in its surviving copy); a
+    corrupt file, a config this version cannot read or tensors whose names or shapes differ from the model
+    built by the config raise :class:`CheckpointError` naming the file (and the parameter with both shapes)."""
     device = torch.device(device or "cpu")
-    with open(os.path.join(directory, "run.json")) as f:
-        config = RunConfig(**json.load(f)["config"])
+    path = resolve_checkpoint(directory)
+    stored = read_json(path, "run.json")
+    try:
+        config = RunConfig(**stored["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{os.path.join(path, 'run.json')}: not a run config this version reads ({err})") \
+            from None
     if "path" in config.model:
         from transformers import AutoTokenizer
 
         from mmlatent.data.tokenizer import HFTokenizer
-        tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(directory))
+        tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(path))
     else:
-        tokenizer = WordTokenizer.load(os.path.join(directory, "tokenizer.json"))
+        tokenizer = WordTokenizer.load(os.path.join(path, "tokenizer.json"))
     model = build_model(config, len(tokenizer), device)
-    model.load_state_dict(load_file(os.path.join(directory, "model.safetensors"), device=str(device)),
-                          strict=not config.lora)
+    weights = load_tensors(path, "model.safetensors", device=str(device))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.lora:  # adapters (and resized embeddings) only: every stored tensor must exist with its shape
+        expected = {k: expected.get(k, ("<not in the model>",)) for k in weights}
+    check_shapes(expected, weights, os.path.join(path, "model.safetensors"), "tensor")
+    model.load_state_dict(weights, strict=not config.lora)
     model.eval()
     return IVTLR(model, tokenizer.latent_id, k=config.k), tokenizer, config, _image_processor(config, model)
 
@@ -323,4 +444,4 @@ def evaluate(wrapper: IVTLR, tokenizer, image_processor, config: RunConfig, reco
                 accuracy_by_kind={k: v[0] / v[1] for k, v in per_kind.items()}, outputs=outputs)
 
 
-__all__ = ["RunConfig", "train", "evaluate", "save_run", "load_run", "build_data", "build_model"]
+__all__ = ["RunConfig", "train", "evaluate", "save_run", "load_run", "build_data", "build_model", "seed_everything"]

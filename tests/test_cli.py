@@ -1,0 +1,172 @@
+"""The `mmlatent` command speaks to people: a user error is one line on stderr and a non-zero exit, checked before
+any work starts (a real subprocess, so no traceback can hide); --debug shows the traceback; every option has
+help; `mmlatent bench` takes the benchmark's options; eval writes nothing into the checkpoint; the demo finds
+the shipped checkpoints from any folder; recover finishes an interrupted checkpoint replacement."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mmlatent import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = os.path.join(ROOT, "checkpoints", "synthetic-no-cot", "final")
+TINY = dict(model={"tiny_qwen2_vl": {"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 64}},
+            data={"synthetic": {"n_train": 8, "n_eval": 2, "seed": 0}}, batch_size=8, k=2, max_new_tokens=4,
+            mode="no_cot", epochs=1, train={"lr": 0.003, "seed": 0, "progress": False})
+
+
+def mmlatent(*args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "mmlatent.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+def _config(tmp_path, **changes):
+    config = dict(TINY, **changes)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config) if isinstance(config, dict) else config)
+    return path
+
+
+def _one_line_error(done, *needles):
+    assert done.returncode == cli.EXIT_USER_ERROR, (done.returncode, done.stderr)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr  # one line, no traceback, no progress noise
+    assert "Traceback" not in done.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def test_config_errors_are_one_line(tmp_path):
+    _one_line_error(mmlatent("train", "--config", tmp_path / "absent.yaml"), "no such file", "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nepochs: [1,\n")
+    _one_line_error(mmlatent("train", "--config", bad), "not valid YAML at line")
+    _one_line_error(mmlatent("train", "--config", _config(tmp_path, learning_rate=3)), "unknown keys",
+                    "learning_rate")
+    _one_line_error(mmlatent("train", "--config", _config(tmp_path, epochs=0)), "epochs", ">= 1", "0")
+    _one_line_error(mmlatent("train", "--config", _config(tmp_path, train={"lr": -1})), "train.lr")
+    _one_line_error(mmlatent("train", "--config", _config(tmp_path, train={"lrate": 1})), "train: unknown keys",
+                    "lrate")
+    _one_line_error(mmlatent("train", "--config", _config(tmp_path, model={"llava": {}})), "model: unknown kind",
+                    "'llava'", "tiny_qwen2_vl, tiny_chameleon, qwen2_vl_7b_shapes, path")
+    _one_line_error(mmlatent("train", "--config", _config(tmp_path, data={"coco": {}})), "data: unknown kind",
+                    "synthetic, scienceqa, m3cot")
+    _one_line_error(mmlatent("train", "--config", _config(tmp_path, data={"scienceqa": {}})),
+                    "data.scienceqa.root: required")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    _one_line_error(mmlatent("train", "--config", tmp_path / "list.yaml"), "must hold a mapping")
+
+
+def test_argument_errors_are_one_line(tmp_path):
+    _one_line_error(mmlatent("eval", "--checkpoint", SHIPPED, "--n", "-1"), "--n", "positive integer")
+    _one_line_error(mmlatent("eval", "--checkpoint", SHIPPED, "--n", "two"), "--n")
+    _one_line_error(mmlatent("eval", "--checkpoint", tmp_path / "none"), "no such checkpoint folder")
+    _one_line_error(mmlatent("frobnicate"), "invalid choice")
+    _one_line_error(mmlatent("bench", "--sizes", "huge"), "--sizes")
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "eval.json"
+    _one_line_error(mmlatent("eval", "--checkpoint", SHIPPED, "--out", out), "--out", "cannot", str(blocker))
+    config = _config(tmp_path, train=dict(TINY["train"], output_dir=str(blocker / "run")))
+    _one_line_error(mmlatent("train", "--config", config), "train.output_dir")
+    config = _config(tmp_path)
+    _one_line_error(mmlatent("train", "--config", config, "--report", blocker / "r.json"), "--report")
+    _one_line_error(mmlatent("demo", "--out", blocker / "demo"), "--out")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    done = mmlatent("--debug", "train", "--config", tmp_path / "absent.yaml")
+    assert done.returncode != 0 and "Traceback" in done.stderr and "FileNotFoundError" in done.stderr
+
+
+def test_every_option_has_help_and_version_exists():
+    parser = cli.build_parser()
+    verbs = parser._subparsers._group_actions[0].choices
+    assert set(verbs) == {"demo", "train", "eval", "recover", "bench"}
+    for name, verb in [("mmlatent", parser), *verbs.items()]:
+        for action in verb._actions:
+            if action.help == argparse.SUPPRESS or isinstance(action, argparse._SubParsersAction):
+                continue
+            assert action.help, (name, action.option_strings)
+    from mmlatent import __version__
+    done = mmlatent("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"mmlatent {__version__}"
+
+
+def test_bench_takes_the_benchmarks_options(tmp_path):
+    from mmlatent import bench
+    bench_options = {s for a in bench.add_arguments(argparse.ArgumentParser())._actions for s in a.option_strings}
+    verb = cli.build_parser()._subparsers._group_actions[0].choices["bench"]
+    assert bench_options <= {s for a in verb._actions for s in a.option_strings}
+    done = mmlatent("bench", "--sizes", "tiny", "--ops", "select", "--repeats", "1", "--no-memory",
+                    "--out", tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "kernels-tiny-select.json").read_text())["rows"]
+    assert rows and all(r["op"].startswith("select") for r in rows)
+
+
+def test_eval_without_out_writes_nothing_into_the_checkpoint(tmp_path):
+    import shutil
+    checkpoint = tmp_path / "final"
+    shutil.copytree(SHIPPED, checkpoint)
+    before = sorted(os.listdir(checkpoint))
+    done = mmlatent("eval", "--checkpoint", checkpoint, "--n", "2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "accuracy" in done.stdout
+    assert sorted(os.listdir(checkpoint)) == before and sorted(os.listdir(tmp_path)) == ["final"]
+    done = mmlatent("eval", "--checkpoint", checkpoint, "--n", "2", "--out", tmp_path / "e.json")
+    assert done.returncode == 0 and json.loads((tmp_path / "e.json").read_text())["n"] == 2
+
+
+def test_eval_refuses_a_corrupt_checkpoint_naming_the_file(tmp_path):
+    import shutil
+    checkpoint = tmp_path / "final"
+    shutil.copytree(SHIPPED, checkpoint)
+    weights = checkpoint / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100:] = bytes(100)
+    weights.write_bytes(bytes(data))
+    _one_line_error(mmlatent("eval", "--checkpoint", checkpoint), "model.safetensors", "corrupt")
+
+
+def test_demo_finds_the_shipped_checkpoints_from_any_folder(tmp_path, monkeypatch):
+    from mmlatent import demo
+    monkeypatch.chdir(tmp_path)
+    found = demo.shipped_checkpoints()
+    assert os.path.isabs(found)
+    assert all(os.path.isdir(os.path.join(found, name, "final")) for name in demo.SHIPPED)
+
+
+def test_recover_finishes_an_interrupted_replacement(tmp_path):
+    import shutil
+    final = tmp_path / "final"
+    shutil.copytree(SHIPPED, str(final) + ".old")  # the state after `final` was moved aside, before the rename
+    (tmp_path / "final.tmp").mkdir()  # an incomplete new copy
+    done = mmlatent("recover", "--checkpoint", final)
+    assert done.returncode == 0 and "complete and verified" in done.stdout, done.stderr
+    assert sorted(os.listdir(tmp_path)) == ["final"]
+    _one_line_error(mmlatent("recover", "--checkpoint", tmp_path / "other"), "nothing to recover")
+
+
+def test_train_resume_with_a_changed_config_needs_the_flag(tmp_path):
+    out = tmp_path / "run"
+    config = _config(tmp_path, epochs=2, data={"synthetic": {"n_train": 16, "n_eval": 2, "seed": 0}},
+                     train=dict(TINY["train"], output_dir=str(out), save_every=1))
+    assert mmlatent("train", "--config", config).returncode == 0
+    changed = _config(tmp_path, epochs=2, data={"synthetic": {"n_train": 16, "n_eval": 2, "seed": 0}},
+                      train=dict(TINY["train"], output_dir=str(out), save_every=1, lr=0.03))
+    _one_line_error(mmlatent("train", "--config", changed, "--resume", out / "checkpoint-1"),
+                    "train.lr: 0.003 -> 0.03", "--allow-config-change")
+    done = mmlatent("train", "--config", changed, "--resume", out / "checkpoint-1", "--allow-config-change")
+    assert done.returncode == 0, done.stderr
+    assert "train.lr changed from 0.003 to 0.03" in done.stderr
