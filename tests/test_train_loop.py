@@ -4,28 +4,14 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
-from mmlatent.train import EpochBatches, TrainConfig, Trainer, warmup_cosine
+import fault_injection
+from mmlatent.train import EpochBatches, TrainConfig, warmup_cosine
 from mmlatent.train.checkpoint import CheckpointError
 
 
-def make_run(tmp_path, max_steps, seed=0):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.2), nn.ReLU(), nn.Linear(16, 1))
-    g = torch.Generator().manual_seed(1)
-    xs = torch.randn(40, 4, generator=g)
-    records = [(x, x.sum(0, keepdim=True)) for x in xs]
-
-    def collate(items, epoch):
-        return {"x": torch.stack([i[0] for i in items]), "y": torch.stack([i[1] for i in items])}
-
-    def loss_fn(m, batch):
-        return ((m(batch["x"]) - batch["y"]) ** 2).mean()
-
-    config = TrainConfig(max_steps=max_steps, lr=3e-2, warmup_steps=2, grad_accum=2, clip=1.0, seed=seed,
-                         output_dir=str(tmp_path), progress=False)
-    return model, Trainer(model, loss_fn, EpochBatches(records, 6, collate, seed=seed), config)
+def make_run(tmp_path, max_steps):
+    return fault_injection.make_run(str(tmp_path), max_steps=max_steps)
 
 
 def test_resumed_run_ends_with_the_same_parameters(tmp_path):
