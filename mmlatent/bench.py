@@ -12,7 +12,10 @@ next to its baseline at the same shape. Baselines:
 - ``torch topk``: masked_fill + torch.topk + sort + gather + scatter (index_put) of the exclusion mask;
 - ``logits+F.cross_entropy``: the naive loss as transformers computes it: full logits, upcast to float32, then
   F.cross_entropy (or log_softmax + gather for log-probs), forward + backward;
-- ``liger``: Liger-Kernel's fused linear cross-entropy, when liger-kernel is installed.
+- ``liger``: Liger-Kernel's fused linear cross-entropy, when liger-kernel is installed;
+- ``ivtlr_reference (public code)``: IVT-LR as its public code computes it, on a twin of the model loaded with eager
+  attention (as that code loads it). The mmlatent side wraps a model loaded with SDPA, except in the rows named
+  "eager-loaded model", where it wraps the public code's own setup.
 
 Loss rows run forward + backward and return the gradients (torch.autograd.grad), so their peak memory includes
 the gradients themselves; "frozen head" rows are the LoRA case (no weight gradient).
@@ -233,13 +236,14 @@ def log_probs_case(T, H, V, trainable_head=False):
 LATENT_STEPS = 3
 
 
-def _ivtlr_inputs(build, images, prompt_lengths, answer_lengths, k, lora_rank, prompt_only, checkpointing):
+def _ivtlr_inputs(build, images, prompt_lengths, answer_lengths, k, lora_rank, prompt_only, checkpointing,
+                  attn_implementation):
     def make(device, dtype):
         import copy
 
-        from mmlatent.models import IVTLR, ivtlr_reference
+        from mmlatent.models import IVTLR, enable_activation_checkpointing, ivtlr_reference
         from mmlatent.models.tiny import LATENT_ID, synthetic_batch
-        model = build(device=device, dtype=dtype)
+        model = build(device=device, dtype=dtype, attn_implementation=attn_implementation)
         for name, p in model.named_parameters():  # vision tower and embeddings frozen, as IVT-LR trains
             p.requires_grad_(lora_rank is None and "language_model.layers" in name)
         batch = synthetic_batch(model, images=images, prompt_lengths=prompt_lengths, answer_lengths=answer_lengths,
@@ -259,7 +263,7 @@ def _ivtlr_inputs(build, images, prompt_lengths, answer_lengths, k, lora_rank, p
                     r=lora_rank, lora_alpha=16, lora_dropout=0.0,
                     target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
             if checkpointing:  # as IVT-LR's public training runs
-                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_activation_checkpointing(m, use_reentrant=False)
                 m.train()
             models[which] = m
         return dict(batch=batch, models=models, mmlatent=IVTLR(models["mmlatent"], LATENT_ID, k=k),
@@ -281,30 +285,33 @@ def _ivtlr_generate(which):
 
 
 def ivtlr_case(kind, build, shape, images, prompt_lengths, answer_lengths, k=32, lora_rank=None, repeats=None,
-               checkpointing=False):
+               checkpointing=False, attn_implementation="sdpa"):
     """IVT-LR at stage 3 against ivtlr_reference: a training step (forward + backward, gradients returned) or
-    inference (3 latent steps, then 32 new tokens)."""
+    inference (3 latent steps, then 32 new tokens). ``attn_implementation``: what the model mmlatent wraps is
+    loaded with ("eager": as IVT-LR's public code loads it); the reference always runs a twin loaded with eager."""
     train = kind == "train"
     make = _ivtlr_inputs(build, images, prompt_lengths, answer_lengths, k, lora_rank, prompt_only=not train,
-                         checkpointing=checkpointing)
+                         checkpointing=checkpointing, attn_implementation=attn_implementation)
     step = _ivtlr_train_step if train else _ivtlr_generate
     label = f"{shape} B{len(images)} k{k} {LATENT_STEPS} latent steps" + (f" LoRA r{lora_rank}" if lora_rank else "")
     op = "ivtlr inference (+32 tokens)"
     if train:
         op = "ivtlr training step" + (", grad checkpointing" if checkpointing else "")
+    if attn_implementation != "sdpa":
+        op += f", {attn_implementation}-loaded model"
     return Case(op, label, make, step("mmlatent"), {"ivtlr_reference (public code)": step("reference")},
                 repeats=repeats)
 
 
-def _cpu_ivtlr_model(device=None, dtype=None):
+def _cpu_ivtlr_model(device=None, dtype=None, attn_implementation="sdpa"):
     from mmlatent.models.tiny import tiny_qwen2_vl
     return tiny_qwen2_vl(vocab=8192, hidden=256, layers=4, heads=8, kv_heads=2, intermediate=1024, vision_dim=64,
-                         device=device, dtype=dtype)
+                         device=device, dtype=dtype, attn_implementation=attn_implementation)
 
 
-def _gpu_ivtlr_model(device=None, dtype=None):
+def _gpu_ivtlr_model(device=None, dtype=None, attn_implementation="sdpa"):
     from mmlatent.models.tiny import qwen2_vl_7b_shapes
-    return qwen2_vl_7b_shapes(device=device, dtype=dtype)
+    return qwen2_vl_7b_shapes(device=device, dtype=dtype, attn_implementation=attn_implementation)
 
 
 def ivtlr_cases(sizes: str) -> List[Case]:
@@ -319,8 +326,9 @@ def ivtlr_cases(sizes: str) -> List[Case]:
                 ivtlr_case("inference", *args, k=2)]
     # hidden 256, 4 layers, 8 heads, 2 KV heads, 1000 image tokens per sample (160 x 400 pixels at patch 4)
     args = (_cpu_ivtlr_model, "Qwen2-VL h256 L4 H8 KV2 V8192", [[(160, 400)]] * 2, [60, 90], [30, 20])
+    # the eager-loaded row: the model as IVT-LR's public code loads it, wrapped as it is
     return [ivtlr_case("train", *args, checkpointing=True), ivtlr_case("train", *args),
-            ivtlr_case("inference", *args)]
+            ivtlr_case("train", *args, attn_implementation="eager"), ivtlr_case("inference", *args)]
 
 
 # ------------------------------------------------------------------------------------------------ diffusion head
