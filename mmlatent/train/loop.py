@@ -138,10 +138,8 @@ class Trainer:
         self._seen_epoch = None
         self.reset_optimizer()
         if config.gradient_checkpointing:
-            enable = getattr(model, "gradient_checkpointing_enable", None)
-            if enable is None:
-                raise ValueError("gradient_checkpointing: the model has no gradient_checkpointing_enable()")
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            from mmlatent.models.compat import enable_activation_checkpointing
+            enable_activation_checkpointing(model, use_reentrant=False)
 
     def reset_optimizer(self) -> None:
         """A fresh AdamW (fused) and schedule continuing from the current step (IVT-LR may reset per stage)."""
