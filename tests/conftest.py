@@ -1,6 +1,5 @@
 import os
 import sys
-import sysconfig
 import warnings
 
 # Must precede any import of triton kernels: without a GPU the Triton backend runs under the interpreter.
@@ -30,7 +29,6 @@ import pytest  # noqa: E402
 # bypass the guard; none of the three does.
 GUARDED_LIBRARIES = ("transformers", "diffusers", "peft")
 PASS_THROUGH = ("torch", "accelerate")
-_STDLIB = tuple({os.path.realpath(sysconfig.get_paths()[key]) + os.sep for key in ("stdlib", "platstdlib")})
 _warn = warnings.warn
 
 
@@ -39,8 +37,8 @@ def _package(frame) -> str:
 
 
 def _in_stdlib(frame) -> bool:
-    filename = frame.f_code.co_filename
-    return filename.startswith("<frozen ") or os.path.realpath(filename).startswith(_STDLIB)
+    # by module name: in a virtualenv the standard library's platform path holds site-packages too
+    return _package(frame) in sys.stdlib_module_names or frame.f_code.co_filename.startswith("<frozen ")
 
 
 def mmlatent_call_into_library(frame):
