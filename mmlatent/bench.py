@@ -469,7 +469,7 @@ def cases_for(sizes: str) -> List[Case]:
         out += [diffusion_case(8, 32, 3584, 1024, with_eager=True)]
         out += [diffusion_case(1, R, 3584, 1024, with_eager=True) for R in (32, 256, 2048)]
         return out + ivtlr_cases("gpu")
-    # default (CPU, what `make demo` runs): the CPU target first
+    # default (CPU, what `make demo` runs): the CPU target first
     return [attention_case(1, 16, 4, 4096, 4096, 64, 1024), attention_case(1, 16, 4, 1, 4096, 64, 1024),
             row_mass_case(2, 16, 4, 4096, 64, 1024),
             select_case(2, 1024, 32, 1024), select_case(2, 4096, 64, 1024),

@@ -1,6 +1,5 @@
-"""nn.Modules built on mmlatent.kernels: IVT-LR on Hugging Face VLMs, language-model heads, tiny configs (the
-diffusion head, Modal-mixed CoT and DPMM-CoT follow in their issues), and the transformers API that changed name
-(:mod:`mmlatent.models.compat`)."""
+"""nn.Modules built on mmlatent.kernels: IVT-LR on Hugging Face VLMs, the latent diffusion head, language-model
+heads, tiny configs, and the transformers API that changed name (:mod:`mmlatent.models.compat`)."""
 from .compat import cache_kwargs, cache_keyword, enable_activation_checkpointing
 from .diffusion_head import LatentDiffusionHead
 from .ivtlr import IVTLR, IVTLROutput, IVTLRReference, ivtlr_reference
