@@ -306,3 +306,60 @@ def test_local_checkpoint_with_lora_is_reproducible_from_its_seed(tmp_path):
     _two_runs_identical(tmp_path, lambda out: _run_config(
         out, model={"path": str(checkpoint)}, data=spec, batch_size=2, epochs=2, k=1,
         lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}))
+
+
+# ----------------------------------------------------------------------------------------- altered manifests
+
+
+def _edit_manifest(directory, edit):
+    path = os.path.join(directory, ckpt.MANIFEST)
+    manifest = json.load(open(path))
+    edit(manifest["files"])
+    json.dump(manifest, open(path, "w"))
+
+
+def test_a_file_left_out_of_the_manifest_is_refused(saved):
+    _edit_manifest(saved, lambda files: files.pop("model.safetensors"))
+    _, trainer = make_run()
+    with pytest.raises(CheckpointError, match=r"does not list model\.safetensors"):
+        trainer.resume(saved)
+    _edit_manifest(saved, lambda files: files.clear())
+    with pytest.raises(CheckpointError, match="does not list"):
+        trainer.resume(saved)
+
+
+@pytest.mark.parametrize("entry", [7, {"size": 1}, {"bytes": "1", "sha256": "x"}])
+def test_a_malformed_manifest_entry_names_the_entry(saved, entry):
+    _edit_manifest(saved, lambda files: files.update({"trainer.json": entry}))
+    with pytest.raises(CheckpointError, match=r"manifest\.json: entry 'trainer\.json' is not a file name"):
+        ckpt.verify_checkpoint(saved)
+
+
+@pytest.mark.parametrize("edit", [lambda s: s.update(step="x"), lambda s: s.update(data={}),
+                                  lambda s: s.update(optimizer={}), lambda s: s.update(scheduler=5),
+                                  lambda s: s.update(python_rng=[1]), lambda s: s.clear()])
+def test_bad_trainer_state_is_refused_naming_the_file_and_changes_nothing(saved, edit):
+    path = os.path.join(saved, "trainer.json")
+    state = json.load(open(path))
+    edit(state)
+    json.dump(state, open(path, "w"))
+    ckpt.write_manifest(saved)  # a matching manifest: only the content check can tell
+    model, trainer = make_run()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(CheckpointError, match=r"trainer\.json"):
+        trainer.resume(saved)
+    assert _same(before, {n: p.detach() for n, p in model.named_parameters()}) and trainer.step == 0
+
+
+def test_recover_keeps_the_siblings_of_a_damaged_folder(saved):
+    import shutil
+    shutil.copytree(saved, saved + ".old")
+    os.truncate(os.path.join(saved, "model.safetensors"), 100)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        ckpt.recover_checkpoint(saved)
+    assert os.path.isdir(saved + ".old")  # possibly the only good copy: never deleted before DIR is verified
+    _, trainer = make_run()
+    trainer.fit(until=3)
+    trainer.save(saved)  # a new save replaces the damaged folder and only then drops the old copy
+    assert sorted(os.listdir(os.path.dirname(saved))) == ["ckpt"]
+    ckpt.verify_checkpoint(saved)

@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Callable, Dict, Mapping
+from typing import Callable, Dict, Mapping, Sequence
 
 MANIFEST = "manifest.json"
 FORMAT = "mmlatent-checkpoint"
@@ -79,8 +79,9 @@ def write_checkpoint(directory: str, writers: Mapping[str, Callable[[str], None]
     directory = os.path.normpath(directory)
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
-    recover_checkpoint(directory, missing_ok=True)
     tmp, old = directory + ".tmp", directory + ".old"
+    if not os.path.isdir(directory):  # a replacement a crash interrupted: its complete copy goes in place first
+        recover_checkpoint(directory, missing_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     for name, write in writers.items():
@@ -91,6 +92,8 @@ def write_checkpoint(directory: str, writers: Mapping[str, Callable[[str], None]
         _fsync_file(path)
     write_manifest(tmp)
     _fsync_dir(tmp)
+    # only now, with a newer complete copy in DIR.tmp, may a leftover DIR.old of an earlier crash go
+    shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(directory):
         os.rename(directory, old)
     os.rename(tmp, directory)
@@ -99,7 +102,8 @@ def write_checkpoint(directory: str, writers: Mapping[str, Callable[[str], None]
     return directory
 
 
-def read_manifest(directory: str) -> dict:
+def read_manifest(directory: str, required: Sequence[str] = ()) -> dict:
+    """The manifest of ``directory``, checked for form; every name in ``required`` must be listed in it."""
     path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
         raise CheckpointError(f"{directory}: not a complete checkpoint: no {MANIFEST} (it is written last, so the "
@@ -109,17 +113,27 @@ def read_manifest(directory: str) -> dict:
             manifest = json.load(f)
     except (ValueError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not a valid manifest ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
+            or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"{path}: not an mmlatent checkpoint manifest")
+    for name, entry in manifest["files"].items():
+        if (not isinstance(name, str) or not name or os.sep in name or name in (".", "..", MANIFEST)
+                or not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str)
+                or isinstance(entry.get("bytes"), bool) or not isinstance(entry.get("bytes"), int)):
+            raise CheckpointError(f"{path}: entry {name!r} is not a file name with its bytes and sha256")
+    for name in required:
+        if name not in manifest["files"]:
+            raise CheckpointError(f"{path}: does not list {name}, which this checkpoint must have; the manifest "
+                                  f"or the folder was altered")
     return manifest
 
 
-def verify_checkpoint(directory: str) -> dict:
-    """Checks every file the manifest lists (presence, size, SHA-256); returns the manifest or raises
-    :class:`CheckpointError` naming the first file that differs."""
+def verify_checkpoint(directory: str, required: Sequence[str] = ()) -> dict:
+    """Checks every file the manifest lists (presence, size, SHA-256), and that it lists every name in
+    ``required``; returns the manifest or raises :class:`CheckpointError` naming the first file that differs."""
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: no such checkpoint folder")
-    manifest = read_manifest(directory)
+    manifest = read_manifest(directory, required)
     for name, expected in manifest["files"].items():
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
@@ -135,24 +149,25 @@ def verify_checkpoint(directory: str) -> dict:
     return manifest
 
 
-def _complete(directory: str) -> bool:
+def _complete(directory: str, required: Sequence[str] = ()) -> bool:
     try:
-        verify_checkpoint(directory)
+        verify_checkpoint(directory, required)
         return True
     except CheckpointError:
         return False
 
 
-def resolve_checkpoint(directory: str) -> str:
-    """The folder holding the verified checkpoint saved as ``directory``, also after a save into it was killed.
+def resolve_checkpoint(directory: str, required: Sequence[str] = ()) -> str:
+    """The folder holding the verified checkpoint saved as ``directory``, also after a save into it was killed;
+    its manifest must list every name in ``required`` (the files the caller will read).
 
     Raises :class:`CheckpointError` naming what is wrong when no verified checkpoint of that name exists."""
     directory = os.path.normpath(directory)
     if os.path.isdir(directory):
-        verify_checkpoint(directory)  # a damaged folder is an error, never silently replaced by a sibling
+        verify_checkpoint(directory, required)  # a damaged folder is an error, never silently replaced
         return directory
     for candidate in (directory + ".tmp", directory + ".old"):  # the newer first
-        if _complete(candidate):
+        if _complete(candidate, required):
             return candidate
     if os.path.exists(directory + ".tmp") or os.path.exists(directory + ".old"):
         raise CheckpointError(f"{directory}: missing, and neither {directory}.tmp nor {directory}.old holds a "
@@ -165,7 +180,9 @@ def recover_checkpoint(directory: str, missing_ok: bool = False) -> str:
     removes the leftovers. Returns ``directory``."""
     directory = os.path.normpath(directory)
     tmp, old = directory + ".tmp", directory + ".old"
-    if not os.path.isdir(directory):
+    if os.path.isdir(directory):
+        verify_checkpoint(directory)  # a damaged DIR keeps its siblings: they may be the only good copy
+    else:
         found = next((c for c in (tmp, old) if _complete(c)), None)
         if found is None:
             if missing_ok:

@@ -23,8 +23,9 @@ from mmlatent.data.records import Record
 from mmlatent.models import IVTLR
 from mmlatent.models import tiny as tiny_models
 
-from .checkpoint import CheckpointError, check_shapes, load_tensors, read_json, resolve_checkpoint, write_checkpoint
-from .loop import EpochBatches, TrainConfig, Trainer
+from .checkpoint import (CheckpointError, check_shapes, load_tensors, read_json, read_manifest, resolve_checkpoint,
+                         write_checkpoint)
+from .loop import EpochBatches, TrainConfig, Trainer, check_int
 
 
 @dataclass
@@ -54,26 +55,17 @@ class RunConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
         for name in ("epochs", "epochs_per_stage", "batch_size", "k", "max_new_tokens", "eval_samples"):
-            _positive_int(name, getattr(self, name))
-        _positive_int("max_latent_steps", self.max_latent_steps, minimum=0)
+            check_int(name, getattr(self, name))
+        check_int("max_latent_steps", self.max_latent_steps, minimum=0)
         for name in ("freeze_vision", "reset_optimizer_per_stage", "no_image"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         _one_kind("model", self.model, MODEL_KINDS)
+        _check_model(self.model)
         _one_kind("data", self.data, DATA_KEYS)
-        (kind, spec), = self.data.items()
-        if not isinstance(spec, dict):
-            raise ValueError(f"data.{kind}: expected a mapping of settings, got {spec!r}")
-        unknown = sorted(set(spec) - DATA_KEYS[kind])
-        if unknown:
-            raise ValueError(f"data.{kind}: unknown keys {unknown}; expected some of {sorted(DATA_KEYS[kind])}")
-        for key in sorted(set(DATA_REQUIRED.get(kind, ())) - set(spec)):
-            raise ValueError(f"data.{kind}.{key}: required")
-        for key in ("n_train", "n_eval"):
-            if key in spec:
-                _positive_int(f"data.{kind}.{key}", spec[key])
-        if self.lora is not None and not isinstance(self.lora, dict):
-            raise ValueError(f"lora: expected a mapping of peft.LoraConfig options or null, got {self.lora!r}")
+        _check_data(self.data)
+        if self.lora is not None:
+            _check_lora(self.lora)
         if not isinstance(self.train, dict):
             raise ValueError(f"train: expected a mapping of TrainConfig options, got {self.train!r}")
         known = {f.name for f in fields(TrainConfig)}
@@ -124,9 +116,97 @@ DATA_KEYS = {"synthetic": {"n_train", "n_eval", "seed", "kinds", "weights", "ima
 DATA_REQUIRED = {"scienceqa": ("root",), "m3cot": ("train", "eval")}
 
 
-def _positive_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+def _check_model(model: dict) -> None:
+    (kind, spec), = model.items()
+    if kind == "path":
+        if not isinstance(spec, str) or not spec:
+            raise ValueError(f"model.path: expected the path of a local checkpoint folder, got {spec!r}")
+        if not os.path.isdir(spec) or not os.path.isfile(os.path.join(spec, "config.json")):
+            raise ValueError(f"model.path: {spec} is not a model folder (no {os.path.join(spec, 'config.json')}); "
+                             f"models are loaded from local folders only")
+        return
+    if spec is None:
+        spec = {}
+    if not isinstance(spec, dict):
+        raise ValueError(f"model.{kind}: expected a mapping of settings, got {spec!r}")
+    import inspect
+    builder = {"tiny_qwen2_vl": tiny_models.tiny_qwen2_vl, "tiny_chameleon": tiny_models.tiny_chameleon,
+               "qwen2_vl_7b_shapes": tiny_models.qwen2_vl_7b_shapes}[kind]
+    defaults = {n: p.default for n, p in inspect.signature(builder).parameters.items()
+                if n not in ("vocab", "device", "dtype", "attn_implementation")}
+    unknown = sorted(set(spec) - set(defaults))
+    if unknown:
+        raise ValueError(f"model.{kind}: unknown keys {unknown}; expected some of {sorted(defaults)}")
+    for key, value in spec.items():
+        check_int(f"model.{kind}.{key}", value, minimum=0 if key == "seed" else 1)
+    merged = dict(defaults, **spec)
+    if "heads" in merged and merged["hidden"] % merged["heads"]:
+        raise ValueError(f"model.{kind}.hidden: {merged['hidden']} is not a multiple of heads ({merged['heads']})")
+    if "kv_heads" in merged and merged["heads"] % merged["kv_heads"]:
+        raise ValueError(f"model.{kind}.heads: {merged['heads']} is not a multiple of kv_heads "
+                         f"({merged['kv_heads']})")
+
+
+def _check_data(data: dict) -> None:
+    (kind, spec), = data.items()
+    if not isinstance(spec, dict):
+        raise ValueError(f"data.{kind}: expected a mapping of settings, got {spec!r}")
+    unknown = sorted(set(spec) - DATA_KEYS[kind])
+    if unknown:
+        raise ValueError(f"data.{kind}: unknown keys {unknown}; expected some of {sorted(DATA_KEYS[kind])}")
+    for key in sorted(set(DATA_REQUIRED.get(kind, ())) - set(spec)):
+        raise ValueError(f"data.{kind}.{key}: required")
+    for key, value in spec.items():
+        name = f"data.{kind}.{key}"
+        if key in ("n_train", "n_eval", "vocab_size"):
+            check_int(name, value)
+        elif key == "seed":
+            check_int(name, value, minimum=0)
+        elif key == "skip_bad":
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}: expected true or false, got {value!r}")
+        elif key in ("root", "train", "eval", "train_split", "eval_split"):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name}: expected a non-empty string, got {value!r}")
+        elif key == "image_size":
+            if not isinstance(value, (list, tuple)) or len(value) != 2:
+                raise ValueError(f"{name}: expected [height, width], got {value!r}")
+            for item in value:
+                check_int(name, item)
+        elif key == "kinds":
+            if not isinstance(value, (list, tuple)) or not value or any(k not in synthetic.KINDS for k in value):
+                raise ValueError(f"{name}: expected a non-empty list of {', '.join(synthetic.KINDS)}, got {value!r}")
+        elif key == "weights":
+            kinds = spec.get("kinds", synthetic.KINDS)
+            if (not isinstance(value, (list, tuple)) or len(value) != len(kinds)
+                    or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0
+                           for w in value) or not sum(value) > 0):
+                raise ValueError(f"{name}: expected {len(kinds)} non-negative numbers (one per kind) with a "
+                                 f"positive sum, got {value!r}")
+
+
+def _check_lora(lora) -> None:
+    if not isinstance(lora, dict):
+        raise ValueError(f"lora: expected a mapping of peft.LoraConfig options or null, got {lora!r}")
+    try:
+        import peft
+    except ImportError:
+        raise ValueError("lora: needs peft, which is not installed (pip install 'mmlatent[lora]')") from None
+    known = {f.name for f in fields(peft.LoraConfig)}
+    unknown = sorted(set(lora) - known)
+    if unknown:
+        raise ValueError(f"lora: unknown keys {unknown}; peft.LoraConfig has no such field")
+    if "r" in lora:
+        check_int("lora.r", lora["r"])
+    for key in ("lora_alpha", "lora_dropout"):
+        value = lora.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+                or (key == "lora_dropout" and value >= 1):
+            bound = "in [0, 1)" if key == "lora_dropout" else ">= 0"
+            raise ValueError(f"lora.{key}: expected a number {bound}, got {value!r}")
+    modules = lora.get("target_modules", [])
+    if not isinstance(modules, (list, tuple)) or any(not isinstance(m, str) or not m for m in modules):
+        raise ValueError(f"lora.target_modules: expected a list of module names, got {modules!r}")
 
 
 def _one_kind(name: str, value, kinds) -> None:
@@ -370,7 +450,11 @@ def load_run(directory: str, device=None):
     corrupt file, a config this version cannot read or tensors whose names or shapes differ from the model
     built by the config raise :class:`CheckpointError` naming the file (and the parameter with both shapes)."""
     device = torch.device(device or "cpu")
-    path = resolve_checkpoint(directory)
+    if not os.path.exists(os.path.join(directory, "run.json")) and os.path.exists(os.path.join(directory,
+                                                                                              "trainer.json")):
+        raise CheckpointError(f"{directory}: a training checkpoint (continue it with mmlatent train --resume); a "
+                              f"finished run's final/ folder is what is evaluated")
+    path = resolve_checkpoint(directory, required=("model.safetensors", "run.json"))
     stored = read_json(path, "run.json")
     try:
         config = RunConfig(**stored["config"])
@@ -383,7 +467,12 @@ def load_run(directory: str, device=None):
         from mmlatent.data.tokenizer import HFTokenizer
         tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(path))
     else:
-        tokenizer = WordTokenizer.load(os.path.join(path, "tokenizer.json"))
+        read_manifest(path, required=("tokenizer.json",))  # its hash was verified with the rest
+        try:
+            tokenizer = WordTokenizer.load(os.path.join(path, "tokenizer.json"))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{os.path.join(path, 'tokenizer.json')}: not a word tokenizer this version "
+                                  f"reads ({err})") from None
     model = build_model(config, len(tokenizer), device)
     weights = load_tensors(path, "model.safetensors", device=str(device))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -20,6 +20,7 @@ from torch import nn
 from .checkpoint import CheckpointError, check_shapes, load_tensors, read_json, resolve_checkpoint, write_checkpoint
 
 LOG = logging.getLogger("mmlatent")
+TRAINER_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json")
 
 # Config keys that cannot change the trained weights: a resume may differ in these without being refused.
 RESULT_NEUTRAL_KEYS = frozenset({"name", "eval_samples", "max_new_tokens", "train.progress", "train.output_dir",
@@ -46,9 +47,9 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("max_steps", "grad_accum"):
-            _check_int(name, getattr(self, name), minimum=1)
+            check_int(name, getattr(self, name), minimum=1)
         for name in ("warmup_steps", "eval_every", "save_every", "seed"):
-            _check_int(name, getattr(self, name), minimum=0)
+            check_int(name, getattr(self, name), minimum=0)
         for name, low, high in (("lr", 0.0, None), ("weight_decay", 0.0, None), ("clip", 0.0, None),
                                 ("min_lr_ratio", 0.0, 1.0)):
             value = getattr(self, name)
@@ -64,9 +65,11 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+def check_int(name: str, value, minimum: int = 1) -> None:
+    """A count or size from a config: an int (not a bool) in [minimum, 2**31 - 1]; beyond that it is a typo and
+    overflows the libraries' C integers."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= 2**31 - 1:
+        raise ValueError(f"{name}: expected an int in [{minimum}, {2**31 - 1}], got {value!r}")
 
 
 class EpochBatches:
@@ -130,6 +133,8 @@ class Trainer:
         self.run_config = json.loads(json.dumps(run_config if run_config is not None else {"train": asdict(config)}))
         self.device = next(model.parameters()).device
         self.bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
+        if isinstance(self.run_config.get("train"), dict):  # what was used, not "decide by device"
+            self.run_config["train"]["bf16"] = self.bf16
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.named_params:
             raise ValueError("model: no parameter requires grad; nothing to train")
@@ -262,13 +267,17 @@ class Trainer:
         refused, listing the differing keys, unless ``allow_config_change``: then the current config applies
         (learning rate, weight decay and schedule included) and the changes are logged. Returns the folder read.
         """
-        path = resolve_checkpoint(directory)
+        path = resolve_checkpoint(directory, required=TRAINER_FILES)
         state = read_json(path, "trainer.json")
+        where = os.path.join(path, "trainer.json")
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{where}: expected a JSON object, got {type(state).__name__}")
         for key in ("step", "scheduler", "data", "optimizer", "python_rng", "numpy_rng", "run_config", "history"):
             if key not in state:
-                raise CheckpointError(f"{os.path.join(path, 'trainer.json')}: no {key!r} entry (written by an "
-                                      f"older mmlatent, or not by Trainer.save)")
-        changes = config_changes(state["run_config"], self.run_config)
+                raise CheckpointError(f"{where}: no {key!r} entry (written by an older mmlatent, or not by "
+                                      f"Trainer.save)")
+        changes = config_changes(state["run_config"], self.run_config) if isinstance(state["run_config"], dict) \
+            else [("run_config", state["run_config"], "a mapping")]
         if changes and not allow_config_change:
             listed = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in changes)
             raise ValueError(f"resume: {path} was written by a run whose config differs in {listed}. Resuming "
@@ -279,21 +288,47 @@ class Trainer:
                      os.path.join(path, "model.safetensors"), "trainable parameter")
         optimizer_tensors = load_tensors(path, "optimizer.safetensors")
         rng = load_tensors(path, "rng.safetensors")
+        # everything is parsed and tried on scratch objects first: a refused checkpoint changes nothing
+        try:
+            step, data = state["step"], state["data"]
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise ValueError(f"step: expected an int >= 0, got {step!r}")
+            if not isinstance(data, dict) or any(isinstance(data.get(k), bool) or not isinstance(data.get(k), int)
+                                                 for k in ("epoch", "index")):
+                raise ValueError(f"data: expected {{epoch: int, index: int}}, got {data!r}")
+            if not isinstance(state["history"], dict):
+                raise ValueError("history: expected a mapping")
+            python_rng, numpy_rng = _tuples(state["python_rng"]), _tuples(state["numpy_rng"])
+            random.Random().setstate(python_rng)
+            np.random.RandomState().set_state(numpy_rng)
+            optimizer_state = _unflatten_optimizer(optimizer_tensors, state["optimizer"], self.device)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+            raise CheckpointError(f"{where}: {err!s} (the file does not hold a trainer state this version reads)") \
+                from None
+        cpu_state = rng.get("torch_cpu")
+        if cpu_state is None or cpu_state.dtype != torch.uint8 or cpu_state.dim() != 1:
+            raise CheckpointError(f"{os.path.join(path, 'rng.safetensors')}: no uint8 torch_cpu generator state")
+        before = self.step, self.optimizer, self.scheduler
+        self.step = step
+        self.reset_optimizer()
+        try:
+            self.optimizer.load_state_dict(optimizer_state)
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+            self.step, self.optimizer, self.scheduler = before
+            raise CheckpointError(f"{os.path.join(path, 'optimizer.safetensors')} / {where}: the optimizer state "
+                                  f"does not fit this model's trainable parameters ({err!s})") from None
         with torch.no_grad():
             for n, p in self.named_params:
                 p.copy_(weights[n].to(p.device, p.dtype))
-        self.step = int(state["step"])
-        self.reset_optimizer()
-        self.optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, state["optimizer"], self.device))
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.batches.load_state_dict(state["data"])
+        self.batches.load_state_dict(data)
         self.history = state["history"]
         self._seen_epoch = state.get("seen_epoch")
-        torch.set_rng_state(rng["torch_cpu"])
+        torch.set_rng_state(cpu_state)
         if "torch_cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["torch_cuda"])
-        random.setstate(_tuples(state["python_rng"]))
-        np.random.set_state(_tuples(state["numpy_rng"]))
+        random.setstate(python_rng)
+        np.random.set_state(numpy_rng)
         if changes:
             self._apply_config_change()
             for key, before, after in changes:
