@@ -574,7 +574,11 @@ def run(sizes: str, repeats: int, dtype_name: str, memory: bool = True, command:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, dtype_name)
     rows = []
-    for index, case in enumerate(cases_for(sizes)):
+    cases = cases_for(sizes)
+    if ops and not any(case.op.startswith(ops) for case in cases):
+        raise ValueError(f"--ops: no benchmark row's op starts with {ops!r}; the ops are "
+                         f"{', '.join(sorted({case.op for case in cases}))}")
+    for index, case in enumerate(cases):
         if ops and not case.op.startswith(ops):
             continue
         impls = ["mmlatent", *case.baselines]
@@ -650,12 +654,26 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The benchmark's options, shared by ``python -m mmlatent.bench`` and ``mmlatent bench``."""
     parser.add_argument("--sizes", choices=["default", "tiny", "gpu"], default=None,
                         help="shape set: default (CPU), gpu (real sizes), tiny (smoke test)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per row (median reported)")
-    parser.add_argument("--dtype", default=None, help="input dtype (default: bfloat16 on GPU, float32 on CPU)")
+    parser.add_argument("--repeats", type=_positive_int, default=None, help="timed runs per row (median reported)")
+    parser.add_argument("--dtype", default=None, choices=DTYPES,
+                        help="input dtype (default: bfloat16 on GPU, float32 on CPU)")
     parser.add_argument("--out", default=None, help="output folder (default benches/results/<device>/)")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     parser.add_argument("--ops", help="only rows whose op starts with this (results go to kernels-<ops>.*)")

@@ -20,16 +20,6 @@ import sys
 EXIT_USER_ERROR = 2
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _device(text: str) -> str:
     import torch
     try:
@@ -56,15 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mmlatent", description="multimodal latent chain-of-thought toolkit")
     parser.add_argument("--version", action="version", version=f"mmlatent {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    # --debug is also taken after the verb; SUPPRESS keeps a verb's parser from resetting the global one
+    debug = _Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,eval,recover,bench}")
-    demo = sub.add_parser("demo", help="train the tiny variants briefly, evaluate them and the shipped checkpoints, "
-                                       "then print the micro-benchmark table")
+    demo = sub.add_parser("demo", parents=[debug], help="train the tiny variants briefly, evaluate them and the "
+                                                        "shipped checkpoints, then print the micro-benchmark table")
     demo.add_argument("--out", default="demo-output", help="folder for the runs, the table and the PNG "
                                                            "(default: demo-output)")
     demo.add_argument("--skip-bench", action="store_true", help="do not run the micro-benchmarks at the end")
     demo.add_argument("--checkpoints", help="folder holding the shipped checkpoints (default: the checkpoints/ "
                                             "folder of this mmlatent checkout)")
-    train = sub.add_parser("train", help="train one run from a YAML config")
+    train = sub.add_parser("train", parents=[debug], help="train one run from a YAML config")
     train.add_argument("--config", required=True, help="YAML file (see configs/)")
     train.add_argument("--resume", help="checkpoint folder to resume from (train.output_dir/checkpoint-N)")
     train.add_argument("--allow-config-change", action="store_true",
@@ -72,14 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "result; the new values apply and each change is logged")
     train.add_argument("--device", type=_device, help="cpu or cuda (default: cuda when available)")
     train.add_argument("--report", help="also write a JSON summary here (device, peak memory, step time, accuracy)")
-    evaluate = sub.add_parser("eval", help="evaluate a saved run (a folder written by mmlatent train)")
-    evaluate.add_argument("--checkpoint", required=True, help="the run's final/ (or checkpoint) folder")
-    evaluate.add_argument("--n", type=_positive_int, help="evaluate the first N held-out records (default: all)")
+    evaluate = sub.add_parser("eval", parents=[debug],
+                              help="evaluate a saved run (a folder written by mmlatent train)")
+    evaluate.add_argument("--checkpoint", required=True, help="a finished run's final/ folder")
+    evaluate.add_argument("--n", type=bench_module._positive_int,
+                          help="evaluate the first N held-out records (default: all)")
     evaluate.add_argument("--out", help="JSON file for the full results (default: only the summary is printed)")
     evaluate.add_argument("--device", type=_device, help="cpu or cuda (default: cpu)")
-    recover = sub.add_parser("recover", help="finish replacing a checkpoint folder after a crash during its save")
+    recover = sub.add_parser("recover", parents=[debug],
+                             help="finish replacing a checkpoint folder after a crash during its save")
     recover.add_argument("--checkpoint", required=True, help="the checkpoint folder (e.g. runs/x/final)")
-    bench = sub.add_parser("bench", help="kernel and model micro-benchmarks (python -m mmlatent.bench)")
+    bench = sub.add_parser("bench", parents=[debug],
+                           help="kernel and model micro-benchmarks (python -m mmlatent.bench)")
     bench_module.add_arguments(bench)
     return parser
 
@@ -107,7 +105,12 @@ def _check_writable_folder(path: str, what: str) -> None:
         raise ValueError(f"{what}: cannot write into {path} (no write permission in {existing})")
 
 
-def _run(args) -> int:
+def _run(args, argv) -> int:
+    if args.command == "bench":  # the global options come before the verb, so what follows it is the bench's
+        from mmlatent import bench as bench_module
+        if args.out:
+            _check_writable_folder(args.out, "--out")
+        return bench_module.main([a for a in argv[argv.index("bench") + 1:] if a != "--debug"])
     if args.command == "demo":
         from mmlatent import demo as demo_module
         _check_writable_folder(args.out, "--out")
@@ -166,11 +169,8 @@ def _run(args) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)  # checks the benchmark's options too
-    if args.command == "bench":  # the global options come before the verb, so what follows it is the bench's
-        from mmlatent import bench as bench_module
-        return bench_module.main(argv[argv.index("bench") + 1:])
     try:
-        return _run(args)
+        return _run(args, argv)
     except KeyboardInterrupt:
         print("mmlatent: interrupted", file=sys.stderr)
         return 130

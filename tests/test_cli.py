@@ -50,7 +50,7 @@ def test_config_errors_are_one_line(tmp_path):
     _one_line_error(mmlatent("train", "--config", bad), "not valid YAML at line")
     _one_line_error(mmlatent("train", "--config", _config(tmp_path, learning_rate=3)), "unknown keys",
                     "learning_rate")
-    _one_line_error(mmlatent("train", "--config", _config(tmp_path, epochs=0)), "epochs", ">= 1", "0")
+    _one_line_error(mmlatent("train", "--config", _config(tmp_path, epochs=0)), "epochs", "expected an int in [1,", "got 0")
     _one_line_error(mmlatent("train", "--config", _config(tmp_path, train={"lr": -1})), "train.lr")
     _one_line_error(mmlatent("train", "--config", _config(tmp_path, train={"lrate": 1})), "train: unknown keys",
                     "lrate")
@@ -170,3 +170,54 @@ def test_train_resume_with_a_changed_config_needs_the_flag(tmp_path):
     done = mmlatent("train", "--config", changed, "--resume", out / "checkpoint-1", "--allow-config-change")
     assert done.returncode == 0, done.stderr
     assert "train.lr changed from 0.003 to 0.03" in done.stderr
+
+
+def test_bench_errors_are_one_line_and_checked_first(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    _one_line_error(mmlatent("bench", "--dtype", "bogus"), "--dtype")
+    _one_line_error(mmlatent("bench", "--repeats", "0"), "--repeats", "positive integer")
+    _one_line_error(mmlatent("bench", "--sizes", "tiny", "--ops", "zzz"), "--ops", "no benchmark row")
+    _one_line_error(mmlatent("bench", "--sizes", "tiny", "--out", blocker / "x"), "--out")
+    assert not list(tmp_path.glob("kernels*"))
+
+
+def test_debug_is_also_taken_after_the_verb(tmp_path):
+    done = mmlatent("eval", "--checkpoint", tmp_path / "none", "--debug")
+    assert done.returncode != 0 and "Traceback" in done.stderr and "CheckpointError" in done.stderr
+
+
+@pytest.mark.parametrize("model,needle", [
+    ({"tiny_qwen2_vl": {"hidden": 1.5}}, "model.tiny_qwen2_vl.hidden"),
+    ({"tiny_qwen2_vl": {"layers": "x"}}, "model.tiny_qwen2_vl.layers"),
+    ({"tiny_qwen2_vl": {"kv_heads": 0}}, "model.tiny_qwen2_vl.kv_heads"),
+    ({"tiny_qwen2_vl": {"hidden": 30}}, "not a multiple of heads"),
+    ({"tiny_qwen2_vl": {"width": 3}}, "unknown keys ['width']"),
+    ({"tiny_chameleon": {"text_vocab": "x"}}, "model.tiny_chameleon.text_vocab"),
+    ({"path": "/nonexistent/model"}, "model.path: /nonexistent/model is not a model folder"),
+    ({"path": 5}, "model.path: expected the path"),
+])
+def test_model_settings_are_checked_naming_the_key(tmp_path, model, needle):
+    _one_line_error(mmlatent("train", "--config", _config(tmp_path, model=model)), needle)
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"data": {"synthetic": {"image_size": [0, 0]}}}, "data.synthetic.image_size"),
+    ({"data": {"synthetic": {"weights": 0}}}, "data.synthetic.weights"),
+    ({"data": {"synthetic": {"seed": [1]}}}, "data.synthetic.seed"),
+    ({"lora": {"r": "x"}}, "lora.r"),
+    ({"lora": {"target_modules": 5}}, "lora.target_modules"),
+    ({"lora": {"rank": 4}}, "lora: unknown keys ['rank']"),
+    ({"train": {"grad_accum": 10**30}}, "train.grad_accum"),
+])
+def test_data_lora_and_train_settings_are_checked_naming_the_key(tmp_path, changes, needle):
+    _one_line_error(mmlatent("train", "--config", _config(tmp_path, **changes)), needle)
+
+
+def test_eval_of_a_training_checkpoint_says_what_to_do(tmp_path):
+    out = tmp_path / "run"
+    config = _config(tmp_path, epochs=2, data={"synthetic": {"n_train": 16, "n_eval": 2, "seed": 0}},
+                     train=dict(TINY["train"], output_dir=str(out), save_every=1))
+    assert mmlatent("train", "--config", config).returncode == 0
+    _one_line_error(mmlatent("eval", "--checkpoint", out / "checkpoint-1"), "a training checkpoint",
+                    "mmlatent train --resume")
