@@ -404,3 +404,18 @@ def test_load_checks_its_spec(tmp_path):
         load("scienceqa", {"root": str(tmp_path), "skip_bad": "yes"})
     with pytest.raises(ValueError, match="expected synthetic, scienceqa or m3cot"):
         load("vqa", {})
+
+
+def test_json_the_parser_cannot_take_is_a_bad_line_or_a_bad_file(tmp_path):
+    """Nesting deeper than the parser's stack and integers beyond Python's digit limit."""
+    deep = "[" * 100000 + "]" * 100000
+    for i, line in enumerate([deep, "1" * 5000]):
+        path = tmp_path / f"m{i}.jsonl"
+        path.write_text(line + "\n")
+        records, skipped = read_m3cot(str(path), skip_bad=True)
+        assert records == [] and skipped[0][0] == "line 1" and "cannot take" in skipped[0][1]
+        with pytest.raises(ValueError, match=r"line 1.*cannot take"):
+            read_m3cot(str(path))
+    (tmp_path / "deep.json").write_text(deep)
+    with pytest.raises(ValueError, match=r"deep\.json: JSON this reader cannot take"):
+        read_m3cot(str(tmp_path / "deep.json"), skip_bad=True)

@@ -224,6 +224,8 @@ def _read_json(path: str, container: type, what: str):
         value = json.loads(_read_text(path))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except (ValueError, RecursionError) as err:  # nesting deeper than the parser's stack, a 5000-digit number
+        raise ValueError(f"{path}: JSON this reader cannot take ({type(err).__name__}: {err})") from None
     if not isinstance(value, container):
         raise ValueError(f"{path}: expected {what} at the top level, got {type(value).__name__}")
     return value
@@ -376,6 +378,9 @@ def _m3cot_rows(path: str) -> List[Tuple[str, Optional[int], object]]:
         except json.JSONDecodeError as err:
             row = RecordError(path, f"line {number}", None, f"malformed JSON at column {err.colno}: {err.msg}",
                               line=number)
+        except (ValueError, RecursionError) as err:  # nesting deeper than the parser's stack, huge numbers
+            row = RecordError(path, f"line {number}", None, f"JSON this reader cannot take "
+                              f"({type(err).__name__}: {err})", line=number)
         out.append((f"line {number}", number, row))
     return out
 
