@@ -43,7 +43,7 @@ def expanded(rows, cols, dtype=torch.float32, fill=0.0):
     ("flow_euler", dict(shift=0.0), ValueError, "shift: expected a positive number"),
     ("flow_euler", dict(shift=-2.0), ValueError, "shift: expected a positive number"),
     ("flow_euler", dict(shift=float("inf")), ValueError, "shift: expected a finite number"),
-    ("ddim", dict(eta=-0.5), ValueError, "eta: expected >= 0"),
+    ("ddim", dict(eta=-0.5), ValueError, "eta: expected a value in \\[0"),
     ("ddim", dict(eta="1"), TypeError, "eta"),
     ("ddpm", dict(clip_sample=0.0), ValueError, "clip_sample"),
     ("ddpm", dict(clip_sample=-1.0), ValueError, "clip_sample"),
@@ -78,7 +78,7 @@ def test_create_accepts_the_edges_of_each_domain():
     (lambda: DDIMScheduler(), 1001, 0.0, ValueError, "num_inference_steps"),
     (lambda: FlowMatchEulerDiscreteScheduler(), 0, 0.0, ValueError, "num_inference_steps: expected an int >= 1"),
     (lambda: DDIMScheduler(), 10.0, 0.0, TypeError, "num_inference_steps: expected an int"),
-    (lambda: DDIMScheduler(), 10, -1.0, ValueError, "eta: expected >= 0"),
+    (lambda: DDIMScheduler(), 10, -1.0, ValueError, "eta: expected a value in \\[0"),
     (lambda: DDIMScheduler(num_train_timesteps=1), 1, 0.0, ValueError, "scheduler: num_train_timesteps"),
     (lambda: FlowMatchEulerDiscreteScheduler(shift=-1.0), 10, 0.0, ValueError, "scheduler: shift"),
     (lambda: FlowMatchEulerDiscreteScheduler(shift=0.0), 10, 0.0, ValueError, "scheduler: shift"),
@@ -565,3 +565,11 @@ def test_meta_keeps_the_device_checks():
         attention_with_scores(torch.randn(1, 1, 2, 8), _meta(1, 1, 3, 8), torch.randn(1, 1, 3, 8))
     with pytest.raises(ValueError, match="model_out: expected device meta, got cpu"):
         denoise_step_(_meta(2, 3), torch.randn(2, 3), 0, SamplerSchedule.create("ddim", 4, "epsilon"))
+
+
+@pytest.mark.parametrize("kind,prediction,options,needle", [
+    ("flow_euler", "velocity", {"shift": 1e-308}, "shift"), ("flow_euler", "velocity", {"shift": 1e300}, "shift"),
+    ("ddim", "epsilon", {"eta": 1e200}, "eta")])
+def test_schedule_values_whose_arithmetic_would_overflow_are_refused(kind, prediction, options, needle):
+    with pytest.raises(ValueError, match=rf"^{needle}: expected a value in"):
+        SamplerSchedule.create(kind, 10, prediction, **options)

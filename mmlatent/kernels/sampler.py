@@ -71,6 +71,9 @@ def _check_alphas(name: str, alphas) -> None:
                              f"t = {t} (betas this close to 0 or 1 round it to an end in float64)")
 
 
+SHIFT_RANGE = (1e-6, 1e6)
+ETA_MAX = 1e6
+
 def _betas(schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float):
     T = num_train_timesteps  # >= 2: the linear schedules divide by T - 1
     if schedule == "linear":
@@ -149,8 +152,8 @@ class SamplerSchedule:
         checks.shape("timesteps", self.timesteps, (self.table.shape[0],), "[S] like table")
         self.clip = _clip_range("clip", self.clip)
         self.eta = checks.number("eta", self.eta)
-        if self.eta < 0:
-            raise ValueError(f"eta: expected >= 0, got {self.eta}")
+        if not 0 <= self.eta <= ETA_MAX:
+            raise ValueError(f"eta: expected a value in [0, {ETA_MAX:g}], got {self.eta:g}")
 
     @property
     def num_steps(self) -> int:
@@ -203,8 +206,9 @@ class SamplerSchedule:
                              f"{beta_schedule!r}")
         beta_start, beta_end = _open_unit("beta_start", beta_start), _open_unit("beta_end", beta_end)
         eta = checks.number("eta", eta)
-        if eta < 0:
-            raise ValueError(f"eta: expected >= 0, got {eta}")
+        if not 0 <= eta <= ETA_MAX:
+            raise ValueError(f"eta: expected a value in [0, {ETA_MAX:g}], got {eta:g} (1 is DDPM's variance; far "
+                             f"beyond, the step's variance overflows)")
         clip = _clip_range("clip_sample", clip_sample)
         if timestep_spacing not in SPACINGS:
             raise ValueError(f"timestep_spacing: expected leading, trailing or linspace, got {timestep_spacing!r}")
@@ -219,8 +223,11 @@ class SamplerSchedule:
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type: {variance_type!r} is not supported (fixed_small, fixed_large)")
         shift = checks.number("shift", shift, positive=True)
+        if not SHIFT_RANGE[0] <= shift <= SHIFT_RANGE[1]:
+            raise ValueError(f"shift: expected a value in [{SHIFT_RANGE[0]:g}, {SHIFT_RANGE[1]:g}], got {shift:g} "
+                             f"(beyond, 1 + (shift - 1) * sigma rounds to 0 or every shifted sigma to an end)")
         if kind == "flow_euler":  # as diffusers: linspace between the shifted extremes, then shifted again
-            shifted = lambda s: shift * s / (1 + (shift - 1) * s)  # noqa: E731  (shift > 0: never 0 / 0)
+            shifted = lambda s: shift * s / (1 + (shift - 1) * s)  # noqa: E731  (shift in range: never 0 / 0)
             low = shifted(1.0 / T)
             sigmas = [1.0 - (i / (num_steps - 1) if num_steps > 1 else 0.0) * (1.0 - low) for i in range(num_steps)]
             return cls._flow([shifted(s) for s in sigmas] + [0.0], T)
@@ -260,8 +267,9 @@ class SamplerSchedule:
             num_inference_steps = _int_in("num_inference_steps", num_inference_steps, 1, T,
                                           why=" (the scheduler's num_train_timesteps)")
         eta = checks.number("eta", eta)
-        if eta < 0:
-            raise ValueError(f"eta: expected >= 0, got {eta}")
+        if not 0 <= eta <= ETA_MAX:
+            raise ValueError(f"eta: expected a value in [0, {ETA_MAX:g}], got {eta:g} (1 is DDPM's variance; far "
+                             f"beyond, the step's variance overflows)")
         if getattr(config, "thresholding", False):
             raise ValueError(f"scheduler: {name} with thresholding=True is not supported (dynamic thresholding)")
         if name == "FlowMatchEulerDiscreteScheduler":
