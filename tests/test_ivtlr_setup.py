@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmlatent.models import IVTLR, enable_activation_checkpointing, ivtlr_reference
 from mmlatent.models.tiny import LATENT_ID, synthetic_batch, tiny_chameleon, tiny_qwen2_5_vl, tiny_qwen2_vl
+from test_ivtlr import rel_err, run
 
 BUILDERS = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "chameleon": tiny_chameleon}
 IMAGES = {"qwen2_vl": [[(16, 16), (8, 16)], [(16, 24)]], "qwen2_5_vl": [[(16, 16), (16, 16)], [(16, 32)]],
@@ -38,16 +39,6 @@ def prompt_of(batch):
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def rel_err(a, e) -> float:
-    a, e = a.detach().double(), e.detach().double()
-    return float((a - e).abs().max() / e.abs().max().clamp_min(1e-30))
-
-
-def run(wrapper, model, batch):
-    model.zero_grad(set_to_none=True)
-    out = wrapper(**batch, return_logits=True)
-    out.loss.backward()
-    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def assert_same(ours, grads, theirs, ref_grads):
