@@ -13,7 +13,6 @@ known then; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -105,6 +104,11 @@ def _check_writable_folder(path: str, what: str) -> None:
         raise ValueError(f"{what}: cannot write into {path} (no write permission in {existing})")
 
 
+def _write_json(path: str, payload: dict) -> None:
+    from mmlatent.train.checkpoint import write_json
+    write_json(path, payload)
+
+
 def _run(args, argv) -> int:
     if args.command == "bench":  # the global options come before the verb, so what follows it is the bench's
         from mmlatent import bench as bench_module
@@ -193,13 +197,6 @@ def _report(metrics: dict, train_seconds=None) -> None:
     if train_seconds is not None:
         line += f"; trained in {train_seconds:.0f} s"
     print(line, flush=True)
-
-
-def _write_json(path: str, payload: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

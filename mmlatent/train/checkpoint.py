@@ -55,6 +55,16 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def write_json(path: str, payload, indent=1) -> None:
+    """Writes ``payload`` as UTF-8 JSON atomically (a temporary file, fsynced, renamed over ``path``)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=indent)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_manifest(directory: str) -> dict:
     """Records every regular file of ``directory`` (except the manifest) with its size and SHA-256, atomically."""
     files = {}
@@ -64,12 +74,7 @@ def write_manifest(directory: str) -> dict:
             continue
         files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
     manifest = {"format": FORMAT, "version": VERSION, "files": files}
-    tmp = os.path.join(directory, MANIFEST + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(directory, MANIFEST))
+    write_json(os.path.join(directory, MANIFEST), manifest)
     return manifest
 
 
@@ -237,4 +242,4 @@ def check_shapes(expected: Mapping[str, tuple], stored: Mapping, path: str, what
 
 
 __all__ = ["CheckpointError", "write_checkpoint", "verify_checkpoint", "resolve_checkpoint", "recover_checkpoint",
-           "write_manifest", "read_manifest", "read_json", "load_tensors", "check_shapes", "MANIFEST"]
+           "write_manifest", "read_manifest", "read_json", "write_json", "load_tensors", "check_shapes", "MANIFEST"]

@@ -4,7 +4,6 @@ self-contained checkpoints (weights, tokenizer, config)."""
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import random
@@ -24,7 +23,7 @@ from mmlatent.models import IVTLR
 from mmlatent.models import tiny as tiny_models
 
 from .checkpoint import (CheckpointError, check_shapes, load_tensors, read_json, read_manifest, resolve_checkpoint,
-                         write_checkpoint)
+                         write_checkpoint, write_json)
 from .loop import EpochBatches, TrainConfig, Trainer, check_int
 
 
@@ -423,7 +422,7 @@ def save_run(directory: str, model, tokenizer: WordTokenizer, config: RunConfig,
     summary = {k: v for k, v in result.items() if k != "history"}
     summary["train_loss"] = [r["loss"] for r in result["history"]["train"]]
     writers = {"model.safetensors": lambda path: save_file(weights, path),
-               "run.json": lambda path: _write_json(path, {"config": asdict(config), "result": summary})}
+               "run.json": lambda path: write_json(path, {"config": asdict(config), "result": summary})}
     if isinstance(tokenizer, WordTokenizer):
         writers["tokenizer.json"] = tokenizer.save
     else:  # a checkpoint's tokenizer, with the latent tokens added: its files, saved in a scratch folder
@@ -436,11 +435,6 @@ def save_run(directory: str, model, tokenizer: WordTokenizer, config: RunConfig,
     finally:
         if not isinstance(tokenizer, WordTokenizer):
             shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _write_json(path: str, payload) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
 
 
 def load_run(directory: str, device=None):

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, check_shapes, load_tensors, read_json, resolve_checkpoint, write_checkpoint
+from .checkpoint import (CheckpointError, check_shapes, load_tensors, read_json, resolve_checkpoint,
+                         write_checkpoint, write_json)
 
 LOG = logging.getLogger("mmlatent")
 TRAINER_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json")
@@ -256,7 +257,7 @@ class Trainer:
             "model.safetensors": lambda path: save_file(weights, path),
             "optimizer.safetensors": lambda path: save_file(opt_tensors, path),
             "rng.safetensors": lambda path: save_file(rng, path),
-            "trainer.json": lambda path: _write_text(path, json.dumps(state)),
+            "trainer.json": lambda path: write_json(path, state, indent=None),
         })
 
     def resume(self, directory: str, allow_config_change: bool = False) -> str:
@@ -369,11 +370,6 @@ def config_changes(stored: dict, current: dict) -> List[tuple]:
 
 def _show(value) -> str:
     return value if value == "<absent>" else json.dumps(value)
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 def _rss_peak_bytes() -> int:
