@@ -12,9 +12,9 @@
 #include <optional>
 #include <vector>
 
-#ifdef MMLATENT_WITH_CUDA
+// Always included: its token cap is what the Python dispatch reads back (select_topk_max_tokens), and its
+// declarations need no CUDA headers.
 #include "select_topk_cuda.h"
-#endif
 
 namespace {
 
@@ -187,4 +187,6 @@ TORCH_LIBRARY_IMPL(mmlatent, CUDA, m) { m.impl("select_topk_tokens_native", &sel
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mmlatent native backend (C++ CPU ops; CUDA ops when built with nvcc)";
   m.def("cuda_archs", &cuda_archs, "GPU architectures the CUDA ops were compiled for ('' = built without CUDA)");
+  m.def("select_topk_max_tokens", [] { return kMmlatentSelectMaxTokens; },
+        "Largest Ni the CUDA select_topk_tokens kernel ranks (its rows live in one block's shared memory)");
 }

@@ -89,7 +89,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def use_backend(monkeypatch):
-    """use_backend("triton") pins MMLATENT_BACKEND for the rest of the test."""
+    """use_backend("triton") pins MMLATENT_BACKEND for the rest of the test ("reference" is the torch backend's
+    alias, still accepted)."""
     def pin(name: str):
         monkeypatch.setenv("MMLATENT_BACKEND", name)
     return pin

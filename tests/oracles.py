@@ -95,3 +95,26 @@ def image_index_for(B, N, Ni, generator=None):
 
 
 LOW_PRECISION_ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+# ------------------------------------------------------------------------------------------------ diffusion family
+
+def layer_norm_modulate64(x, shift, scale, eps):
+    """LayerNorm over the last dimension (biased variance, no affine) * (1 + scale) + shift, from the formula, in
+    float64; differentiable by autograd."""
+    x, shift, scale = x.double(), shift.double(), scale.double()
+    mean = x.mean(dim=-1, keepdim=True)
+    var = (x - mean).pow(2).mean(dim=-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * (1 + scale) + shift
+
+
+def plain_layer_norm_modulate(x, shift, scale, eps):
+    """The unfused torch expression in the inputs' dtype (each op rounds): the error budget of low precision."""
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale) + shift
+
+
+def plain_diffusion_mse(pred, x0, noise, goal_x0, goal_noise, coef):
+    """The unfused torch expression of the row-weighted MSE (float32 math, the target stored), differentiated by
+    autograd: the error budget the fused loss is held to."""
+    goal = goal_x0[:, None] * x0.to(torch.float32) + goal_noise[:, None] * noise.to(torch.float32)
+    return (coef * (pred.to(torch.float32) - goal).square().mean(dim=1)).sum()

@@ -7,7 +7,7 @@ from mmlatent.kernels import BackendUnavailableError, attention_with_scores, row
 from oracles import (LOW_PRECISION_ATOL, assert_close_fp32, assert_within_torch_error, dense_attention64,
                      image_index_for, image_mass64, padded_key_valid, plain_attention)
 
-CPU_BACKENDS = ["reference", "triton"]
+CPU_BACKENDS = ["torch", "triton"]
 # (B, Hq, Hkv, M, N, D): N in {1, 37, 1000}, D in {64, 80, 128}, Hq/Hkv in {1, 4, 7}
 ATTN_SHAPES = [
     (1, 1, 1, 1, 1, 64),
@@ -75,7 +75,7 @@ def test_padding_rows_give_zero_and_neg_inf(backend, use_backend):
 @pytest.mark.parametrize("splits", [2, 5])
 def test_triton_split_kv_matches(backend, splits, use_backend):
     """The flash-decoding path (keys split over programs, then combined) gives the unsplit result."""
-    from mmlatent.kernels.triton.attention import attention_forward
+    from mmlatent.kernels.attention.triton_kernels import attention_forward
     q, k, v, key_valid, image_index = make_inputs(2, 7, 1, 3, 300, 64, torch.float32)
     outs = []
     for n in (1, splits):
@@ -117,7 +117,7 @@ def test_row_attention_mass_equals_score_row_of_attention(backend, use_backend):
     assert_close_fp32(a, b)
 
 
-def test_float64_runs_on_reference_under_auto(use_backend):
+def test_float64_runs_on_torch_under_auto(use_backend):
     use_backend("auto")
     q, k, v, key_valid, image_index = make_inputs(1, 4, 2, 3, 20, 64, torch.float64)
     o, lse = attention_with_scores(q, k, v, key_valid=key_valid)
@@ -132,7 +132,7 @@ def test_float64_refused_by_triton_with_reasons(use_backend):
     with pytest.raises(BackendUnavailableError) as err:
         attention_with_scores(q, k, v)
     message = str(err.value)
-    assert "float64" in message and "native" in message and "reference" in message
+    assert "float64" in message and "native" in message and "torch" in message
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
@@ -188,10 +188,34 @@ def test_out_of_range_image_index_is_rejected_untouched(backend, use_backend):
     assert torch.equal(args["scores_out"], before) and torch.all(out == 0)
 
 
-def test_attention_with_scores_refuses_grad():
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_with_scores_gradients_match_float64(causal, use_backend):
+    """Differentiable inputs run the torch backend: o's gradients equal the float64 oracle's (padding, GQA, a
+    causal row with no valid key), and the mass is accumulated as without gradients."""
+    use_backend("auto")
+    q, k, v, key_valid, image_index = make_inputs(2, 4, 2, 5, 9, 16, torch.float32, seed=3)
+    key_valid[0, :6] = False  # row 0 of batch 0 sees no valid key when causal
+    k[0, 0, 0] = float("nan")  # a padding key: must not reach any gradient
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    scores = torch.zeros(2, image_index.shape[1])
+    o, lse = attention_with_scores(*inputs, causal=causal, key_valid=key_valid, image_index=image_index,
+                                   scores_out=scores, score_row=2)
+    grad_o = torch.randn(o.shape, generator=torch.Generator().manual_seed(4))
+    grads = torch.autograd.grad(o, inputs, grad_o)
+    exact_inputs = [t.double().masked_fill(torch.isnan(t), 0.0).requires_grad_() for t in (q, k, v)]
+    o64, _, p64 = dense_attention64(*exact_inputs, causal=causal, key_valid=key_valid, scale=0.25)
+    exact = torch.autograd.grad(o64, exact_inputs, grad_o.double())
+    assert_close_fp32(o.detach(), o64.detach(), what="o")
+    for name, g, e in zip("qkv", grads, exact):
+        assert_close_fp32(g, e, what=f"grad {name}")
+    assert_close_fp32(scores, image_mass64(p64[:, :, 2].detach(), image_index), what="scores_out")
+
+
+def test_triton_refuses_grad_with_the_reason(use_backend):
+    use_backend("triton")
     args = _good()
     q = args["q"].requires_grad_()
-    with pytest.raises(ValueError, match="forward-only"):
+    with pytest.raises(BackendUnavailableError, match="forward-only"):
         attention_with_scores(q, args["k"], args["v"])
     with torch.no_grad():
         attention_with_scores(q, args["k"], args["v"])

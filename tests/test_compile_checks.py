@@ -26,7 +26,7 @@ def _nvcc():
 def test_triton_configs_compile_for_sm90a_without_spills(tmp_path):
     report = tmp_path / "report.json"
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=ROOT)
-    run = subprocess.run([sys.executable, "-m", "mmlatent.kernels.triton.compile_check", "--json", str(report)],
+    run = subprocess.run([sys.executable, "-m", "mmlatent.kernels.compile_check", "--json", str(report)],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "configurations compile for sm_90a without spills" in run.stdout

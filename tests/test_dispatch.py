@@ -14,13 +14,13 @@ def test_invalid_backend_name(use_backend):
 
 def test_error_lists_every_backend_with_reason(use_backend, monkeypatch):
     use_backend("triton")
-    import mmlatent.kernels.dispatch as dispatch
-    monkeypatch.setattr(dispatch, "triton_interpreting", lambda: False)  # as on a CPU machine without the interpreter
+    import mmlatent.kernels.limits as limits
+    monkeypatch.setattr(limits, "triton_interpreting", lambda: False)  # as on a CPU machine without the interpreter
     with pytest.raises(BackendUnavailableError) as err:
         row_attention_mass(torch.randn(1, 2, 8), torch.randn(1, 2, 5, 8), torch.zeros(1, 2, dtype=torch.long),
                            torch.zeros(1, 2))
     message = str(err.value)
-    for backend in ("native", "triton", "reference"):
+    for backend in ("native", "triton", "torch"):
         assert f"- {backend}:" in message
     assert "TRITON_INTERPRET=1" in message and "no native implementation" in message
 
@@ -29,15 +29,15 @@ def test_auto_order_and_report(use_backend):
     use_backend("auto")
     scores = torch.randn(2, 8)
     report = K.backend_report("select_topk_tokens", scores=scores, exclude=None, embeds=None)
-    assert set(report) == {"native", "triton", "reference"} and report["reference"] == "ok"
+    assert set(report) == {"native", "triton", "torch"} and report["torch"] == "ok"
     # auto picks the first backend that can run: native (the C++ op is built by `make test`)
     assert K.SELECT_TOPK_TOKENS.choose(scores=scores, exclude=None, embeds=None) == "native"
 
 
-@pytest.mark.parametrize("name", ["triton", "reference"])
+@pytest.mark.parametrize("name", ["triton", "torch", "reference"])
 def test_requested_backend_really_runs(name, use_backend, monkeypatch):
     """Pinning a backend runs that backend's code (a spy on the Triton launcher proves it)."""
-    import mmlatent.kernels.triton.attention as triton_attention
+    import mmlatent.kernels.attention.triton_kernels as triton_attention
     calls = []
     real = triton_attention.attention_forward
     monkeypatch.setattr(triton_attention, "attention_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))

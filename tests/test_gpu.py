@@ -137,14 +137,15 @@ def test_denoise_step_cuda_matches_reference(use_backend):
     noise = torch.randn(R, C, generator=g).cuda()
     steps = torch.randint(0, 50, (R,), generator=g).to(torch.int32).cuda()
     results = {}
-    for backend in ("triton", "reference"):
+    for backend in ("triton", "torch"):
         use_backend(backend)
         results[backend] = denoise_step_(x.clone(), out, steps, schedule, noise=noise, cfg_scale=4.0)
-    torch.testing.assert_close(results["triton"], results["reference"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results["triton"], results["torch"], rtol=1e-5, atol=1e-5)
 
 
 def test_layer_norm_modulate_bf16_cuda(use_backend):
-    from mmlatent.kernels import layer_norm_modulate, reference
+    from mmlatent.kernels import layer_norm_modulate
+    from oracles import layer_norm_modulate64, plain_layer_norm_modulate
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(2048, 1024, generator=g) * 3 + 1).to(torch.bfloat16)
     mods = (torch.randn(2048, 3 * 1024, generator=g) * 0.5).to(torch.bfloat16)
@@ -158,10 +159,10 @@ def test_layer_norm_modulate_bf16_cuda(use_backend):
         y.backward(dy.to(device=device, dtype=dtype))
         return [t.detach().double().cpu() for t in (y, xx.grad, mm.grad)]
 
-    exact = run("cpu", torch.float64, lambda a, b, c: reference.layer_norm_modulate(a, b, c, 1e-6))
+    exact = run("cpu", torch.float64, lambda a, b, c: layer_norm_modulate64(a, b, c, 1e-6))
     use_backend("triton")
     fused = run("cuda", torch.bfloat16, layer_norm_modulate)
-    unfused = run("cuda", torch.bfloat16, lambda a, b, c: reference.layer_norm_modulate(a, b, c, 1e-6))
+    unfused = run("cuda", torch.bfloat16, lambda a, b, c: plain_layer_norm_modulate(a, b, c, 1e-6))
     for what, f, u, e in zip(("y", "grad_x", "grad_mods"), fused, unfused, exact):
         assert (f - e).abs().max() <= 1.25 * (u - e).abs().max() + 1e-6, what
 
@@ -222,20 +223,27 @@ def test_graph_captured_ddpm_is_deterministic_under_a_generator(use_backend):
 def test_diffusion_mse_bf16_cuda(use_backend):
     """bf16 predictions, float32 data, C = 3584: value and gradients no worse than the torch expression's."""
     from mmlatent.kernels import diffusion_mse
+    from mmlatent.kernels.diffusion import target_coefficients
+    from oracles import plain_diffusion_mse
     g = torch.Generator().manual_seed(0)
     pred, x0, noise = (torch.randn(1024, 3584, generator=g) for _ in range(3))
     alphas = torch.rand(1024, generator=g)
 
-    def run(device, pred_dtype, backend):
+    def plain(p, x, n, alphas, prediction):
+        goal_x0, goal_noise = target_coefficients(prediction, alphas)
+        coef = torch.full(alphas.shape, 1.0 / alphas.shape[0], device=alphas.device)
+        return plain_diffusion_mse(p, x, n, goal_x0, goal_noise, coef)
+
+    def run(device, pred_dtype, backend, loss_fn=diffusion_mse):
         use_backend(backend)
         p = pred.to(device=device, dtype=pred_dtype).requires_grad_()
         x = x0.to(device=device, dtype=pred_dtype if pred_dtype == torch.float64 else torch.float32)
         x.requires_grad_()
         d = {"dtype": x.dtype, "device": device}
-        loss = diffusion_mse(p, x, noise.to(**d), alphas.to(**d), "v_prediction")
+        loss = loss_fn(p, x, noise.to(**d), alphas.to(**d), "v_prediction")
         return [t.detach().double().cpu() for t in (loss, *torch.autograd.grad(loss, (p, x)))]
 
-    exact = run("cpu", torch.float64, "reference")
-    fused, unfused = run("cuda", torch.bfloat16, "triton"), run("cuda", torch.bfloat16, "reference")
+    exact = run("cpu", torch.float64, "torch")
+    fused, unfused = run("cuda", torch.bfloat16, "triton"), run("cuda", torch.bfloat16, "torch", plain)
     for what, f, u, e in zip(("loss", "grad_pred", "grad_x0"), fused, unfused, exact):
         assert (f - e).abs().max() <= 1.25 * (u - e).abs().max() + 1e-7, what

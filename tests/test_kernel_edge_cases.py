@@ -6,14 +6,15 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-import mmlatent.kernels.triton.attention as triton_attention
+import mmlatent.kernels.attention.torch_impl as torch_attention
+import mmlatent.kernels.attention.triton_kernels as triton_attention
 from mmlatent.kernels import (SamplerSchedule, attention_with_scores, checks, denoise_step_, diffusion_mse,
-                              layer_norm_modulate, linear_cross_entropy, linear_log_probs, reference,
+                              layer_norm_modulate, linear_cross_entropy, linear_log_probs,
                               row_attention_mass, select_topk_tokens)
 from mmlatent.models.diffusion_head import LatentDiffusionHead
 
-BACKENDS = ["reference", "triton"]
-SELECT_BACKENDS = ["native", "triton", "reference"]
+BACKENDS = ["torch", "triton"]
+SELECT_BACKENDS = ["native", "triton", "torch"]
 
 
 def expanded(rows, cols, dtype=torch.float32, fill=0.0):
@@ -240,7 +241,7 @@ def no_backend_runs(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a backend ran although there was nothing to compute")
     monkeypatch.setattr(triton_attention, "attention_forward", boom)
-    monkeypatch.setattr(reference, "row_attention_mass", boom)
+    monkeypatch.setattr(torch_attention, "row_attention_mass", boom)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -142,8 +142,8 @@ def test_bad_input():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("kind,prediction,clip", [("ddpm", "epsilon", 1.0), ("ddim", "v_prediction", None),
                                                   ("flow_euler", "velocity", None)])
-def test_triton_step_matches_reference(kind, prediction, clip, dtype, use_backend):
-    """The Triton kernel (interpreter) against the reference: ragged steps, guidance, clamp, noise."""
+def test_triton_step_matches_torch(kind, prediction, clip, dtype, use_backend):
+    """The Triton kernel (interpreter) against the torch backend: ragged steps, guidance, clamp, noise."""
     options = {"clip_sample": clip} if kind == "ddpm" else ({"eta": 0.7} if kind == "ddim" else {})
     schedule = SamplerSchedule.create(kind, 12, prediction, **options)
     g = torch.Generator().manual_seed(1)
@@ -152,9 +152,9 @@ def test_triton_step_matches_reference(kind, prediction, clip, dtype, use_backen
     noise = torch.randn(5, 300, generator=g)
     for step in (3, torch.tensor([0, 11, 4, 4, 7], dtype=torch.int32)):
         results = {}
-        for backend in ("reference", "triton"):
+        for backend in ("torch", "triton"):
             use_backend(backend)
             y = x.clone()
             denoise_step_(y, out, step, schedule, noise=noise, cfg_scale=1.5)
             results[backend] = y
-        assert torch.allclose(results["triton"], results["reference"], rtol=1e-6, atol=1e-6)
+        assert torch.allclose(results["triton"], results["torch"], rtol=1e-6, atol=1e-6)

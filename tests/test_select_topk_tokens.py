@@ -1,4 +1,4 @@
-"""select_topk_tokens on every CPU backend (native C++, Triton interpreter, reference) against a Python oracle."""
+"""select_topk_tokens on every CPU backend (native C++, Triton interpreter, torch) against a Python oracle."""
 import math
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from mmlatent.kernels import BackendUnavailableError, select_topk_tokens
 
-CPU_BACKENDS = ["native", "triton", "reference"]
+CPU_BACKENDS = ["native", "triton", "torch"]
 
 
 def oracle(scores, k, exclude, valid, order):
@@ -66,9 +66,9 @@ def test_matches_oracle(backend, B, Ni, Dm, dtype, order, use_backend):
         assert torch.equal(ex, updated)
 
 
-@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("backend", ["native", "torch"])
 def test_float64_ranked_exactly(backend, use_backend):
-    """Two float64 scores that round to the same float32 must still be ordered (native CPU op, reference)."""
+    """Two float64 scores that round to the same float32 must still be ordered (native CPU op, torch)."""
     use_backend(backend)
     scores = torch.tensor([[1.0, 1.0 + 1e-12, 0.5]], dtype=torch.float64)
     idx, _ = select_topk_tokens(scores, 1)
@@ -145,7 +145,7 @@ def test_bad_input(kwargs, error, name, backend, use_backend):
 
 
 def test_non_contiguous_exclude(use_backend):
-    """In-place update of a strided mask: the reference handles it, the kernels decline with a reason."""
+    """In-place update of a strided mask: the torch backend handles it, the kernels decline with a reason."""
     scores = torch.randn(2, 6)
     base = torch.zeros(6, 2, dtype=torch.bool)
     use_backend("auto")

@@ -1,7 +1,10 @@
-"""Fused operators of mmlatent: one public function per op, each dispatched to a backend (see dispatch.py).
+"""Fused operators of mmlatent, grouped by family (``attention/``, ``selection/``, ``losses/``, ``diffusion/``);
+each family holds its public ops (op.py), its torch backend (torch_impl.py) and its Triton kernels
+(triton_kernels.py); dispatch.py chooses a backend once per call (docs/design.md, "Operators: backends and
+dispatch").
 
     row_attention_mass      image-token attention mass of one query row, accumulated in place
-    attention_with_scores   flash-style attention that accumulates the same mass in the same pass
+    attention_with_scores   attention (differentiable) that accumulates the same mass in the same pass
     select_topk_tokens      fused eligibility mask + deterministic top-k + gather + exclusion update
     linear_cross_entropy    cross-entropy of hidden @ weight.T + bias in row chunks, never building [T, V] logits
     linear_log_probs        log-softmax of the same logits at given tokens (policy gradients), same memory bound
@@ -9,29 +12,29 @@
     layer_norm_modulate     adaLN: LayerNorm (no affine) * (1 + scale) + shift, one pass forward and backward
     diffusion_mse           the denoiser's training MSE, target formed on the fly, gradient in the same pass
 """
-from .dispatch import BACKENDS, BackendUnavailableError, requested_backend  # noqa: F401
-from .dispatch import _native_module
+from . import checks  # noqa: F401
+from .dispatch import BACKENDS, BackendUnavailableError, native_module, requested_backend  # noqa: F401
 
 # The C++ extension registers mmlatent::select_topk_tokens_native; load it before the Python ops add to the namespace.
-_native_module()
+native_module()
 
 from .attention import ATTENTION_WITH_SCORES, ROW_ATTENTION_MASS, attention_with_scores, row_attention_mass  # noqa: E402
 from .selection import SELECT_TOPK_TOKENS, register_native_fake, select_topk_tokens  # noqa: E402
 from .losses import LINEAR_CROSS_ENTROPY, LINEAR_LOG_PROBS, linear_cross_entropy, linear_log_probs  # noqa: E402
-from .sampler import DENOISE_STEP, SamplerSchedule, denoise_step_  # noqa: E402
-from .modulation import LAYER_NORM_MODULATE, layer_norm_modulate  # noqa: E402
-from .diffusion_loss import DIFFUSION_MSE, diffusion_mse  # noqa: E402
+from .diffusion import (DENOISE_STEP, DIFFUSION_MSE, LAYER_NORM_MODULATE, SamplerSchedule,  # noqa: E402
+                        denoise_step_, diffusion_mse, layer_norm_modulate)
 
 register_native_fake()
 
 OPS = {op.name: op for op in (ROW_ATTENTION_MASS, ATTENTION_WITH_SCORES, SELECT_TOPK_TOKENS, LINEAR_CROSS_ENTROPY,
-                              LINEAR_LOG_PROBS, DENOISE_STEP, LAYER_NORM_MODULATE,
-                              DIFFUSION_MSE)}
+                              LINEAR_LOG_PROBS, DENOISE_STEP, LAYER_NORM_MODULATE, DIFFUSION_MSE)}
 
 
-def backend_report(op: str, **ctx) -> dict:
-    """Every backend of ``op`` with "ok" or why it cannot run inputs described by ``ctx``."""
-    return OPS[op].report(**ctx)
+def backend_report(op: str, **inputs) -> dict:
+    """Every backend of ``op`` with "ok" or all the reasons it cannot run inputs described by ``inputs``."""
+    if op not in OPS:
+        raise ValueError(f"op: expected one of {', '.join(OPS)}, got {op!r}")
+    return OPS[op].report(**inputs)
 
 
 __all__ = ["row_attention_mass", "attention_with_scores", "select_topk_tokens", "linear_cross_entropy",

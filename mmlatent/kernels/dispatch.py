@@ -1,47 +1,54 @@
-"""Backend choice for every public op (DESIGN.md, "Backends and dispatch").
+"""Backend choice for every public op (docs/design.md, "Operators: backends and dispatch").
 
 Backends, in the default ``auto`` order:
 
 - ``native``: ``mmlatent._C`` (C++ CPU ops, CUDA ops when the extension was built with nvcc);
 - ``triton``: Triton kernels on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``;
-- ``reference``: the memory-lean pure-torch path of :mod:`mmlatent.kernels.reference`, on any device.
+- ``torch``: the memory-lean torch implementation beside each op (``<family>/torch_impl.py``), on any device.
 
-``MMLATENT_BACKEND=auto|native|triton|reference`` (read at every call) overrides the order. Each op declares, per
-backend, a function that returns ``None`` when the backend can run the given inputs or a sentence saying why not;
-when the requested backend cannot run, :class:`BackendUnavailableError` lists every backend with its reason.
+``MMLATENT_BACKEND=auto|native|triton|torch`` (read at every call) overrides the order; ``reference``, the name
+the torch backend had before, is accepted as an alias of ``torch`` so that existing scripts keep working. Each op
+declares, per backend, a function returning the list of reasons that backend cannot run the given inputs (empty:
+it can); every reason is reported, not only the first. The op asks :meth:`OpDispatch.choose` once per call; when
+no allowed backend can run, :class:`BackendUnavailableError` describes the inputs and lists every backend with all
+of its reasons.
 """
 from __future__ import annotations
 
 import functools
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 
-BACKENDS = ("native", "triton", "reference")
+from . import limits
+
+BACKENDS = ("native", "triton", "torch")
+# Old name -> backend: "reference" was the torch backend's name while it doubled as the test oracle.
+BACKEND_ALIASES = {"reference": "torch"}
 ENV_VAR = "MMLATENT_BACKEND"
 
-Reason = Optional[str]
+Reasons = List[str]
 
 
 class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run these inputs; the message names every backend and why it was skipped."""
+    """No allowed backend can run these inputs; the message describes them and lists every backend's reasons."""
 
 
 def requested_backend() -> str:
+    """``auto`` or a name in :data:`BACKENDS` (aliases resolved), from ``MMLATENT_BACKEND``."""
     value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    value = BACKEND_ALIASES.get(value, value)
     if value != "auto" and value not in BACKENDS:
-        raise ValueError(f"{ENV_VAR}: expected one of auto, {', '.join(BACKENDS)}; got {value!r}")
+        aliases = ", ".join(f"{old} (= {new})" for old, new in BACKEND_ALIASES.items())
+        raise ValueError(f"{ENV_VAR}: expected one of auto, {', '.join(BACKENDS)} or the alias {aliases}; "
+                         f"got {value!r}")
     return value
 
 
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @functools.lru_cache(maxsize=None)
-def _native_module():
+def native_module():
     """(module, None) when mmlatent._C imports, else (None, reason)."""
     try:
         from mmlatent import _C  # noqa: F401  (importing registers the mmlatent::*_native ops)
@@ -51,7 +58,7 @@ def _native_module():
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_import_reason() -> Reason:
+def _triton_import_reason():
     try:
         import triton  # noqa: F401
     except Exception as err:  # triton missing or broken
@@ -59,81 +66,95 @@ def _triton_import_reason() -> Reason:
     return None
 
 
-def native_reason(device: torch.device) -> Reason:
-    module, why = _native_module()
+def native_reasons(device: torch.device) -> Reasons:
+    module, why = native_module()
     if module is None:
-        return why
+        return [why]
     if device.type == "cuda" and not module.cuda_archs():
-        return "mmlatent._C was built without nvcc, so it has no CUDA kernels"
+        return ["mmlatent._C was built without nvcc, so it has no CUDA kernels"]
     if device.type not in ("cpu", "cuda"):
-        return f"no native kernels for device type {device.type!r}"
-    return None
+        return [f"no native kernels for device type {device.type!r}"]
+    return []
 
 
-def triton_reason(device: torch.device) -> Reason:
+def triton_reasons(device: torch.device) -> Reasons:
+    reasons = []
     why = _triton_import_reason()
     if why is not None:
-        return why
+        reasons.append(why)
     if device.type == "cpu":
-        return None if triton_interpreting() else "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
-    if device.type == "cuda":
-        if triton_interpreting():
-            return "TRITON_INTERPRET=1 is set, and the interpreter runs on CPU tensors only"
-        return None
-    return f"no Triton target for device type {device.type!r}"
+        if not limits.triton_interpreting():
+            reasons.append("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
+    elif device.type == "cuda":
+        if limits.triton_interpreting():
+            reasons.append("TRITON_INTERPRET=1 is set, and the interpreter runs on CPU tensors only")
+    else:
+        reasons.append(f"no Triton target for device type {device.type!r}")
+    return reasons
 
 
-def reference_reason(**_) -> Reason:
-    """The reference backend (pure torch) runs any inputs on any device."""
-    return None
+def triton_float_reasons(device: torch.device, dtype: torch.dtype) -> Reasons:
+    """``triton_reasons``, and float64 refused: the kernels compute in float32, the torch backend keeps float64."""
+    reasons = triton_reasons(device)
+    if dtype == torch.float64:
+        reasons.append("float64 inputs are computed in float64 only by the torch backend")
+    return reasons
 
 
-def triton_float_reason(device: torch.device, dtype: torch.dtype) -> Reason:
-    """``triton_reason``, and float64 refused: the kernels compute in float32, the reference keeps float64 exact."""
-    why = triton_reason(device)
-    if why is None and dtype == torch.float64:
-        return "float64 inputs are computed in float64 only by the reference"
-    return why
+def torch_reasons(**_inputs) -> Reasons:
+    """The torch backend runs any inputs on any device."""
+    return []
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        dtype = str(value.dtype).replace("torch.", "")
+        return f"Tensor{list(value.shape)} {dtype} on {value.device}"
+    return repr(value)
 
 
 @dataclass
 class OpDispatch:
     """Which backends an op has and when each can run.
 
-    ``checks[backend](**ctx)`` returns ``None`` when that backend can run the inputs described by ``ctx``
-    (tensors and flags of the call), otherwise the reason it cannot. A backend missing from ``checks`` has no
-    implementation of this op. ``auto_order`` is the order ``auto`` tries; an op that deviates from the default
-    says which benchmark figure justifies it.
+    ``checks[backend](**inputs)`` returns the list of reasons that backend cannot run the inputs (tensors and
+    flags of the call); an empty list means it can. A backend missing from ``checks`` has no implementation of
+    this op. ``auto_order`` is the order ``auto`` tries; an op that deviates from the default says which
+    benchmark figure justifies it.
     """
 
     name: str
-    checks: Dict[str, Callable[..., Reason]]
+    checks: Dict[str, Callable[..., Reasons]]
     auto_order: Sequence[str] = field(default=BACKENDS)
 
-    def reason(self, backend: str, **ctx) -> Reason:
+    def reasons(self, backend: str, **inputs) -> Reasons:
         check = self.checks.get(backend)
         if check is None:
-            return f"{self.name} has no {backend} implementation"
-        return check(**ctx)
+            return [f"{self.name} has no {backend} implementation"]
+        return list(check(**inputs))
 
-    def choose(self, **ctx) -> str:
+    def choose(self, **inputs) -> str:
+        """The backend to run: the first of ``auto_order`` (or the one ``MMLATENT_BACKEND`` names) that can."""
         requested = requested_backend()
         order = tuple(self.auto_order) if requested == "auto" else (requested,)
-        reasons: Dict[str, str] = {}
         for backend in order:
-            why = self.reason(backend, **ctx)
-            if why is None:
+            if not self.reasons(backend, **inputs):
                 return backend
-            reasons[backend] = why
+        lines = []
         for backend in BACKENDS:
-            if backend not in reasons:
-                why = self.reason(backend, **ctx)
-                reasons[backend] = why or f"could run, but {ENV_VAR}={requested} asks for another backend"
-        lines = "\n".join(f"  - {b}: {reasons[b]}" for b in BACKENDS)
+            why = self.reasons(backend, **inputs)
+            if not why:
+                why = [f"could run, but {ENV_VAR}={requested} asks for another backend"]
+            lines.append(f"  - {backend}: " + "; ".join(why))
+        described = ", ".join(f"{k}={_describe(v)}" for k, v in inputs.items())
         raise BackendUnavailableError(
-            f"{self.name}: no usable backend for {ENV_VAR}={requested}. Backends and why each was skipped:\n{lines}"
-        )
+            f"{self.name}: no usable backend for {ENV_VAR}={requested} with inputs ({described}). Backends and "
+            f"why each was skipped:\n" + "\n".join(lines))
 
-    def report(self, **ctx) -> Dict[str, str]:
-        """Every backend with "ok" or the reason it cannot run these inputs (for users and error messages)."""
-        return {b: (self.reason(b, **ctx) or "ok") for b in BACKENDS}
+    def report(self, **inputs) -> Dict[str, str]:
+        """Every backend with "ok" or all the reasons it cannot run these inputs (for users and error messages)."""
+        return {b: ("; ".join(self.reasons(b, **inputs)) or "ok") for b in BACKENDS}
+
+
+__all__ = ["BACKENDS", "BACKEND_ALIASES", "ENV_VAR", "BackendUnavailableError", "requested_backend", "OpDispatch",
+           "native_module", "native_reasons", "triton_reasons", "triton_float_reasons", "torch_reasons"]

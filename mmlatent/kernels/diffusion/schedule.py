@@ -1,5 +1,4 @@
-"""Batched denoising steps: :class:`SamplerSchedule` (coefficient tables) and ``denoise_step_`` (contract in its
-docstring).
+"""Sampler schedules: :class:`SamplerSchedule`, the coefficient tables ``denoise_step_`` (op.py) steps through.
 
 Every supported sampler step is affine in the state and the model output once the schedule is fixed:
 
@@ -21,8 +20,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from . import checks
-from .dispatch import OpDispatch, reference_reason, triton_reason
+from .. import checks
 
 KINDS = ("ddpm", "ddim", "flow_euler")
 PREDICTIONS = {"ddpm": ("epsilon", "v_prediction", "sample"), "ddim": ("epsilon", "v_prediction", "sample"),
@@ -345,89 +343,3 @@ class SamplerSchedule:
 
 
 __all__ = ["SamplerSchedule", "KINDS", "PREDICTIONS", "COLUMNS"]
-
-
-def _triton_step_reason(x, model_out, noise, **_) -> Optional[str]:
-    why = triton_reason(x.device)
-    if why is None:
-        if x.stride(1) != 1 or model_out.stride(1) != 1 or (noise is not None and noise.stride(1) != 1):
-            return "x, model_out and noise need unit stride along C"
-        if model_out.dtype == torch.float64:
-            return "float64 model outputs are read exactly only by the reference"
-    return why
-
-
-DENOISE_STEP = OpDispatch("denoise_step_", {"triton": _triton_step_reason, "reference": reference_reason})
-
-
-def denoise_step_(x: torch.Tensor, model_out: torch.Tensor, step, schedule: SamplerSchedule, *,
-                  noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                  cfg_scale: Optional[float] = None) -> torch.Tensor:
-    """One sampler step for every row, in place.
-
-    Args:
-        x: [R, C] float32 state, updated in place; every element must have its own memory (an ``expand``-ed
-            state raises ValueError before anything is written). R = 0 or C = 0 is a no-op, as are meta tensors.
-        model_out: [R, C] (any float dtype), or [2R, C] with ``cfg_scale``: conditional rows first, then the
-            unconditional ones; the guided output is uncond + cfg_scale * (cond - uncond).
-        step: an int, or an [R] int32/int64 tensor (each row at its own step: ragged segments in one call), in
-            [0, schedule.num_steps), indexing the schedule in sampling order.
-        schedule: a :class:`SamplerSchedule`.
-        noise: [R, C] explicit noise for stochastic steps; else drawn with ``torch.randn(generator=generator)`` on
-            x's device, with no host synchronisation. On CUDA, PyTorch's Philox generator keeps its seed and offset
-            in device tensors while a CUDA graph is captured, so a captured step draws fresh noise at every replay
-            (a non-default generator must be registered with ``CUDAGraph.register_generator_state``, as
-            ``LatentDiffusionHead.sample`` does).
-
-    Returns:
-        ``x``. Given the same model outputs and noise, a trajectory equals the diffusers scheduler's ``step()``
-        loop (tested within 1e-5 relative).
-    """
-    if not isinstance(schedule, SamplerSchedule):
-        raise TypeError(f"schedule: expected a SamplerSchedule, got {type(schedule).__name__}")
-    checks.tensor("x", x, dims=2, dtypes=(torch.float32,))
-    checks.writable("x", x)
-    R, C = x.shape
-    checks.tensor("model_out", model_out, dims=2, dtypes=checks.FLOAT_DTYPES, device=x.device)
-    if cfg_scale is None:
-        checks.shape("model_out", model_out, (R, C), "[R, C] like x")
-    else:
-        cfg_scale = checks.number("cfg_scale", cfg_scale)
-        if tuple(model_out.shape) != (2 * R, C):
-            raise ValueError(f"model_out: with cfg_scale, expected [2R, C] = [{2 * R}, {C}] (conditional rows, then "
-                             f"unconditional rows), got {tuple(model_out.shape)}")
-    S = schedule.num_steps
-    table = schedule.device_table(x.device)
-    if isinstance(step, torch.Tensor):
-        checks.tensor("step", step, dims=1, dtypes=(torch.int32, torch.int64), device=x.device)
-        checks.shape("step", step, (R,), "[R]")
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not capturing and not torch.compiler.is_compiling() and not x.is_meta and R:
-            lo, hi = (int(v) for v in torch.aminmax(step))
-            if lo < 0 or hi >= S:
-                raise ValueError(f"step: entries must be in [0, {S}), found values in [{lo}, {hi}]")
-        stochastic = schedule.stochastic
-    else:
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise TypeError(f"step: expected an int in [0, {S}) or an [R] int tensor, got {type(step).__name__}")
-        if not 0 <= step < S:
-            raise ValueError(f"step: expected an int in [0, {S}) or an [R] tensor, got {step!r}")
-        stochastic = bool(schedule.table[step, 5] != 0)
-    if noise is not None:
-        checks.tensor("noise", noise, dims=2, dtypes=checks.FLOAT_DTYPES, device=x.device)
-        checks.shape("noise", noise, (R, C), "[R, C] like x")
-    if x.is_meta or R == 0 or C == 0:  # shapes only, or nothing to update: no kernel, no noise drawn
-        return x
-    if noise is None and stochastic:  # on x's device: a CUDA generator's draws can be captured in a CUDA graph
-        noise = torch.randn(R, C, generator=generator, device=x.device, dtype=torch.float32)
-    noise = noise if stochastic else None
-    if DENOISE_STEP.choose(x=x, model_out=model_out, noise=noise) == "triton":
-        from .triton.sampler import denoise_step
-        return denoise_step(x, model_out, table, step, schedule.clip, noise, cfg_scale)
-    from . import reference
-    out = model_out
-    if cfg_scale is not None:
-        cond, uncond = model_out[:R].to(torch.float32), model_out[R:].to(torch.float32)
-        out = uncond + cfg_scale * (cond - uncond)
-    coefficients = table.index_select(0, step.long()) if isinstance(step, torch.Tensor) else table[step:step + 1]
-    return reference.denoise_step_(x, out, coefficients, schedule.clip, noise)

@@ -5,7 +5,7 @@ row then streams its logits twice: an online log-sum-exp in float32 (with the ta
 smoothing, the sum of logits), and, when a gradient is wanted, the gradient written over the logits in place,
 in their dtype, ready for the two gradient GEMMs. The chunk never needs a second [C, V] buffer.
 
-Same contract as :func:`mmlatent.kernels.reference.softmax_loss_chunk`.
+Same contract as :func:`mmlatent.kernels.losses.torch_impl.softmax_loss_chunk`.
 """
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import triton_interpreting
-from .numerics import round_to_bf16_grid
+from ..compile_cases import CompileCase, pointers
+from ..limits import next_power_of_2, triton_interpreting
+from ..triton_numerics import round_to_bf16_grid
 
 # One config: a row is a stream, so the only choice is the tile width (16 fp32 values per thread at 8 warps).
 # compile_check proves it compiles for sm_90a without spills in every dtype and mode.
@@ -95,7 +96,7 @@ def _softmax_loss_rows(Logits, Targets, Coef, Values, LSE,
 
 
 def softmax_loss_chunk(logits: torch.Tensor, targets: torch.Tensor, spec, *, lse=None, coef=None):
-    """Triton twin of :func:`mmlatent.kernels.reference.softmax_loss_chunk` (same arguments and results); the
+    """Triton twin of :func:`mmlatent.kernels.losses.torch_impl.softmax_loss_chunk` (same arguments and results); the
     gradient is written over ``logits``, which must be row-contiguous."""
     C, V = logits.shape
     if C == 0:
@@ -110,7 +111,7 @@ def softmax_loss_chunk(logits: torch.Tensor, targets: torch.Tensor, spec, *, lse
     cfg = LOSS_CONFIGS["v4096"]
     block_v = cfg["BLOCK_V"]
     if triton_interpreting():
-        block_v = min(_INTERPRETER_BLOCK_V, triton.next_power_of_2(V))
+        block_v = min(_INTERPRETER_BLOCK_V, next_power_of_2(V))
     _softmax_loss_rows[(C,)](
         logits, targets.contiguous(), coef_buf, values if compute_values else lse_buf, lse_buf,
         V, logits.stride(0), stride_coef, float(spec.label_smoothing),
@@ -119,3 +120,23 @@ def softmax_loss_chunk(logits: torch.Tensor, targets: torch.Tensor, spec, *, lse
         COMPUTE_VALUES=compute_values, WRITE_GRAD=write_grad, BLOCK_V=block_v,
         EMULATE_BF16_RTNE=triton_interpreting() and logits.dtype == torch.bfloat16, num_warps=cfg["num_warps"])
     return values, lse_buf, (logits if write_grad else None)
+
+
+def _loss_case(dtype: str, kind: int, softcap: bool, compute_values: bool, write_grad: bool) -> CompileCase:
+    cfg = LOSS_CONFIGS["v4096"]
+    types = {"Logits": f"*{dtype}", "Targets": "*i64", "Coef": "*fp32", "Values": "*fp32", "LSE": "*fp32",
+             "label_smoothing": "fp32", "softcap": "fp32", "inv_temperature": "fp32"}
+    what = ("ce" if kind == KIND_CE else "logp") + ("+softcap" if softcap else "")
+    passes = "+".join(p for p, on in (("values", compute_values), ("grad", write_grad)) if on)
+    return CompileCase(f"softmax_loss_rows[v4096] {dtype} {what} {passes}", _softmax_loss_rows, types,
+                       dict(KIND=kind, HAS_SOFTCAP=softcap, COMPUTE_VALUES=compute_values, WRITE_GRAD=write_grad,
+                            BLOCK_V=cfg["BLOCK_V"], EMULATE_BF16_RTNE=False),
+                       num_warps=cfg["num_warps"], aligned=pointers(types) + ("stride_row",))
+
+
+COMPILE_CASES = tuple(_loss_case(dtype, KIND_CE, False, True, True) for dtype in ("bf16", "fp16", "fp32")) + (
+    _loss_case("bf16", KIND_CE, True, True, True),
+    _loss_case("bf16", KIND_CE, False, True, False),  # evaluation, or reduction="none" forward
+    _loss_case("bf16", KIND_LOGP, False, True, False),  # linear_log_probs forward
+    _loss_case("bf16", KIND_LOGP, False, False, True),  # its recomputing backward
+)

@@ -10,33 +10,36 @@ The score row's image mass is produced without any [B, H, M, N] buffer and witho
 that hold the score row store its (masked) logits, [B, Hq, N] float32, as they go; once the row's log-sum-exp is
 final, ``_accumulate_image_mass`` reads those logits at the image slots only and adds
 ``weight * sum_h exp(logit - lse)`` into ``out``.
+
+Forward only: the op (``op.py``) sends inputs that need gradients to the torch backend.
 """
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ..compile_cases import CompileCase
+from ..limits import ATTENTION_MAX_HEAD_DIM, ATTENTION_MAX_SPLITS, next_power_of_2, triton_interpreting
+
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # used inside the kernels
 
-# Launch configurations shipped for GPUs, each with the head dims it serves. compile_check.py compiles every one
+# Launch configurations shipped for GPUs, each with the head dims it serves (up to ATTENTION_MAX_HEAD_DIM).
+# compile_check compiles every one
 # for sm_90a (with the launcher's unit-stride and 16-byte specialisations) and finds no register spills; the
 # choices below are the widest tiles that got there (4 warps at 64 rows spilled 48 B at D = 128, 128 x 64 tiles
 # spilled 8-108 B, so the 128-row tiles take 32 keys a block). rows = G * M query rows per (batch, kv head).
 ATTENTION_CONFIGS = {
     "rows16": dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=2, head_dims=(1, 128)),
-    "rows16_d256": dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=2, head_dims=(129, 256)),
+    "rows16_d256": dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=2,
+                        head_dims=(129, ATTENTION_MAX_HEAD_DIM)),
     "rows64": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3, head_dims=(1, 128)),
     "rows128": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3, head_dims=(1, 128)),
 }
-MAX_HEAD_DIM = 256
-MAX_SPLITS = 128
 
 
 @triton.jit
@@ -178,10 +181,6 @@ def _accumulate_image_mass(RowLogits, RowLSE, ImageIndex, Out, Hq, Ni, key_limit
     tl.store(Out + b * stride_outb + j, old + weight * total, mask=used)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -189,8 +188,8 @@ def _sm_count(device_index: int) -> int:
 
 def attention_config(rows: int, head_dim: int) -> dict:
     """Tile shape for ``rows = G * M`` query rows per (batch, kv head) at head dim ``head_dim``."""
-    if INTERPRET:  # numpy executes whole tiles: fewer, larger blocks are faster; small rows still need >= 16
-        return dict(BLOCK_M=max(16, min(64, _next_pow2(rows))), BLOCK_N=64, num_warps=4, num_stages=1)
+    if triton_interpreting():  # numpy executes whole tiles: fewer, larger blocks are faster; small rows still need >= 16
+        return dict(BLOCK_M=max(16, min(64, next_power_of_2(rows))), BLOCK_N=64, num_warps=4, num_stages=1)
     if head_dim > 128:
         name = "rows16_d256"  # every wider tile spills at D = 256
     elif rows <= 16:
@@ -206,12 +205,12 @@ def plan_splits(programs: int, keys: int, block_n: int, device: torch.device,
                 num_splits: Optional[int] = None) -> Tuple[int, int]:
     """(num_splits, keys_per_split): split the keys when too few programs would occupy the GPU (flash-decoding)."""
     if num_splits is None:
-        if INTERPRET or device.type != "cuda":
+        if triton_interpreting() or device.type != "cuda":
             num_splits = 1
         else:
             target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-            num_splits = 1 if programs >= target // 2 else min(MAX_SPLITS, triton.cdiv(target, programs),
-                                                                 max(1, triton.cdiv(keys, 4 * block_n)))
+            num_splits = 1 if programs >= target // 2 else min(
+                ATTENTION_MAX_SPLITS, triton.cdiv(target, programs), max(1, triton.cdiv(keys, 4 * block_n)))
     num_splits = max(1, min(int(num_splits), max(1, triton.cdiv(keys, block_n))))
     keys_per_split = triton.cdiv(triton.cdiv(max(keys, 1), num_splits), block_n) * block_n
     return triton.cdiv(max(keys, 1), keys_per_split), keys_per_split
@@ -231,7 +230,7 @@ def attention_forward(q, k, v, *, causal: bool, key_valid, image_index, scores_o
     store_row = scores_out is not None
     cfg = attention_config(G * M, D)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    block_d = max(16, _next_pow2(D))
+    block_d = max(16, next_power_of_2(D))
     row_tiles = triton.cdiv(G * M, block_m)
     splits, keys_per_split = plan_splits(row_tiles * B * Hkv, N, block_n, dev, num_splits)
 
@@ -257,13 +256,13 @@ def attention_forward(q, k, v, *, causal: bool, key_valid, image_index, scores_o
         Hkv, M, N, G, score_row, scale * LOG2E, keys_per_split,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         HAS_V=has_v, HAS_KEY_VALID=key_valid is not None, CAUSAL=causal, STORE_ROW=store_row,
-        UPCAST_DOT=INTERPRET, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        UPCAST_DOT=triton_interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if splits > 1:
         _combine_splits[(B * Hq * M,)](
             part_o if has_v else part_lse, part_lse, o if has_v else lse, lse, splits,
             B * Hq * M * D, B * Hq * M,
-            HEAD_DIM=D, BLOCK_S=max(2, _next_pow2(splits)), BLOCK_D=block_d, HAS_V=has_v, num_warps=4,
+            HEAD_DIM=D, BLOCK_S=max(2, next_power_of_2(splits)), BLOCK_D=block_d, HAS_V=has_v, num_warps=4,
         )
     if store_row:
         accumulate_image_mass(row_logits, lse[:, :, score_row], image_index, scores_out,
@@ -275,9 +274,50 @@ def accumulate_image_mass(row_logits, row_lse, image_index, out, *, key_limit: i
     """out[b, j] += weight * sum_h exp(row_logits[b, h, image_index[b, j]] - row_lse[b, h]) at non-padding slots."""
     B, Hq, _ = row_logits.shape
     Ni = image_index.shape[1]
-    block_i = 128 if INTERPRET else 256
+    block_i = 128 if triton_interpreting() else 256
     _accumulate_image_mass[(B, triton.cdiv(Ni, block_i))](
         row_logits, row_lse, image_index, out, Hq, Ni, key_limit, weight,
         row_logits.stride(0), row_logits.stride(1), row_lse.stride(0), row_lse.stride(1),
         image_index.stride(0), out.stride(0), BLOCK_I=block_i, num_warps=4,
     )
+
+
+# ------------------------------------------------------------------------------------------------ compile cases
+
+_COMPILED_HEAD_DIMS = (64, 80, 128, 256)
+
+
+def _attention_case(cfg_name: str, head_dim: int, dtype: str, has_v: bool) -> CompileCase:
+    cfg = ATTENTION_CONFIGS[cfg_name]
+    ptr = f"*{dtype}"
+    strides16 = ("stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn", "stride_vb",
+                 "stride_vh", "stride_vn", "stride_ob", "stride_oh", "stride_om", "stride_rb", "stride_rh")
+    types = {"Q": ptr, "K": ptr, "V": ptr, "KeyValid": "*u8", "O": ptr, "LSE": "*fp32", "RowLogits": "*fp32",
+             "qk_scale": "fp32"}
+    return CompileCase(
+        f"attention[{cfg_name}] D={head_dim} {dtype} {'qkv' if has_v else 'qk-only'}", _attention_fwd, types,
+        dict(HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+             BLOCK_D=max(16, next_power_of_2(head_dim)), HAS_V=has_v, HAS_KEY_VALID=True, CAUSAL=has_v,
+             STORE_ROW=True, UPCAST_DOT=False),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], unit=("stride_qd", "stride_kd", "stride_vd"),
+        aligned=("Q", "K", "V", "KeyValid", "O", "LSE", "RowLogits") + (strides16 if head_dim % 16 == 0 else ()))
+
+
+def _attention_cases():
+    for cfg_name, cfg in ATTENTION_CONFIGS.items():
+        lo, hi = cfg["head_dims"]
+        for head_dim in (d for d in _COMPILED_HEAD_DIMS if lo <= d <= hi):
+            yield _attention_case(cfg_name, head_dim, "bf16", True)
+            if head_dim == 128:
+                yield _attention_case(cfg_name, head_dim, "fp16", True)
+            if cfg["BLOCK_M"] == 16:  # row_attention_mass: one row, no V
+                yield _attention_case(cfg_name, head_dim, "bf16", False)
+    yield CompileCase("combine_splits D=128", _combine_splits,
+                      {"PartO": "*fp32", "PartLSE": "*fp32", "O": "*bf16", "LSE": "*fp32"},
+                      dict(HEAD_DIM=128, BLOCK_S=ATTENTION_MAX_SPLITS, BLOCK_D=128, HAS_V=True), num_warps=4)
+    yield CompileCase("accumulate_image_mass", _accumulate_image_mass,
+                      {"RowLogits": "*fp32", "RowLSE": "*fp32", "ImageIndex": "*i64", "Out": "*fp32",
+                       "weight": "fp32"}, dict(BLOCK_I=256), num_warps=4)
+
+
+COMPILE_CASES = tuple(_attention_cases())

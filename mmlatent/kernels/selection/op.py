@@ -1,76 +1,79 @@
-"""Public selection op: ``select_topk_tokens`` (contract in DESIGN.md)."""
+"""Public selection op: ``select_topk_tokens``.
+
+The public function validates and documents; the ``mmlatent::select_topk_tokens`` custom op (fake implementation
+registered; no autograd: indices and bit copies have no gradient) wraps the computation; inside it dispatch
+chooses once among the C++/CUDA op of ``mmlatent._C``, the Triton kernel and the torch implementation.
+"""
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 import torch
 
-from . import checks, reference
-from .dispatch import OpDispatch, native_reason, reference_reason, triton_reason
-
-# Mirrors kMmlatentSelectMaxTokens (csrc/select_topk_cuda.h); the Triton limit is triton/selection.py's MAX_TOKENS,
-# kept here too so that dispatch does not import triton.
-_MAX_CUDA_TOKENS = 16384
-_MAX_TRITON_TOKENS = 8192
+from .. import checks
+from ..dispatch import OpDispatch, Reasons, native_reasons, torch_reasons, triton_reasons
+from ..limits import SELECTION_TRITON_MAX_TOKENS, cuda_select_max_tokens
+from . import torch_impl
 
 
-def _contiguous_exclude_reason(exclude) -> Optional[str]:
+def _contiguous_exclude_reasons(exclude) -> Reasons:
     if exclude is not None and not exclude.is_contiguous():
-        return "exclude is not contiguous, and it is updated in place"
-    return None
+        return ["exclude is not contiguous, and it is updated in place"]
+    return []
 
 
-def _native_reason(scores, exclude, embeds, **_) -> Optional[str]:
-    why = native_reason(scores.device) or _contiguous_exclude_reason(exclude)
-    if why is None and scores.device.type == "cuda":
+def _native_reasons(scores, exclude, embeds, **_) -> Reasons:
+    reasons = native_reasons(scores.device) + _contiguous_exclude_reasons(exclude)
+    if scores.device.type == "cuda":
         if scores.dtype == torch.float64:
-            return "the CUDA op ranks float32/float16/bfloat16 scores (float64: native CPU op or reference)"
-        if scores.shape[1] > _MAX_CUDA_TOKENS:
-            return f"the CUDA op ranks at most {_MAX_CUDA_TOKENS} tokens per row, got Ni = {scores.shape[1]}"
+            reasons.append("the CUDA op ranks float32/float16/bfloat16 scores (float64: native CPU op or torch)")
+        if not reasons:  # the extension imports: ask it for the cap it was compiled with
+            try:
+                cap = cuda_select_max_tokens()
+            except AttributeError:
+                reasons.append("mmlatent._C predates its sources (rebuild it: pip install -e .)")
+            else:
+                if scores.shape[1] > cap:
+                    reasons.append(f"the CUDA op ranks at most {cap} tokens per row, got Ni = {scores.shape[1]}")
         if embeds is not None and (embeds.shape[2] * embeds.element_size()) % 2:
-            return "the CUDA op gathers rows of an even number of bytes"
-    return why
+            reasons.append("the CUDA op gathers rows of an even number of bytes")
+    return reasons
 
 
-def _triton_reason(scores, exclude, embeds, **_) -> Optional[str]:
-    why = triton_reason(scores.device) or _contiguous_exclude_reason(exclude)
-    if why is None:
-        if scores.dtype == torch.float64:
-            return "float64 scores would be ranked after rounding to float32 (native CPU op and reference are exact)"
-        if scores.shape[1] > _MAX_TRITON_TOKENS:
-            return f"one Triton program ranks at most {_MAX_TRITON_TOKENS} tokens, got Ni = {scores.shape[1]}"
-    return why
+def _triton_reasons(scores, exclude, embeds, **_) -> Reasons:
+    reasons = triton_reasons(scores.device) + _contiguous_exclude_reasons(exclude)
+    if scores.dtype == torch.float64:
+        reasons.append("float64 scores would be ranked after rounding to float32 (native CPU op and torch are "
+                       "exact)")
+    if scores.shape[1] > SELECTION_TRITON_MAX_TOKENS:
+        reasons.append(f"one Triton program ranks at most {SELECTION_TRITON_MAX_TOKENS} tokens, got "
+                       f"Ni = {scores.shape[1]}")
+    return reasons
 
 
 SELECT_TOPK_TOKENS = OpDispatch("select_topk_tokens", {
-    "native": _native_reason,
-    "triton": _triton_reason,
-    "reference": reference_reason,
+    "native": _native_reasons,
+    "triton": _triton_reasons,
+    "torch": torch_reasons,
 })
-
-
-def _select_impl(scores, k: int, exclude, valid, embeds, by_position: bool):
-    backend = SELECT_TOPK_TOKENS.choose(scores=scores, exclude=exclude, embeds=embeds)
-    if backend == "native":
-        return torch.ops.mmlatent.select_topk_tokens_native(scores, k, exclude, valid, embeds, not by_position)
-    if backend == "triton":
-        from .triton.selection import select_topk
-        reference.eligible_tokens(scores, exclude, valid, k)  # raises before anything is modified
-        return select_topk(scores.contiguous(), k, exclude=exclude,
-                           valid=None if valid is None else valid.contiguous(),
-                           embeds=None if embeds is None else embeds.contiguous(), by_position=by_position)
-    idx, gathered = reference.select_topk_tokens(scores, k, exclude=exclude, valid=valid, embeds=embeds,
-                                                 order="position" if by_position else "score")
-    if gathered is None:
-        gathered = scores.new_empty(scores.shape[0], k, 0)
-    return idx, gathered
 
 
 @torch.library.custom_op("mmlatent::select_topk_tokens", mutates_args=("exclude",))
 def _select_topk_tokens_op(scores: torch.Tensor, k: int, exclude: Optional[torch.Tensor],
                            valid: Optional[torch.Tensor], embeds: Optional[torch.Tensor],
                            by_position: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    idx, gathered = _select_impl(scores, k, exclude, valid, embeds, by_position)
+    backend = SELECT_TOPK_TOKENS.choose(scores=scores, exclude=exclude, embeds=embeds)
+    if backend == "native":
+        return torch.ops.mmlatent.select_topk_tokens_native(scores, k, exclude, valid, embeds, not by_position)
+    if backend == "triton":
+        from .triton_kernels import select_topk  # imports triton: only once that backend was chosen
+        torch_impl.eligible_tokens(scores, exclude, valid, k)  # raises before anything is modified
+        return select_topk(scores.contiguous(), k, exclude=exclude,
+                           valid=None if valid is None else valid.contiguous(),
+                           embeds=None if embeds is None else embeds.contiguous(), by_position=by_position)
+    idx, gathered = torch_impl.select_topk_tokens(scores, k, exclude, valid, embeds, by_position)
+    if gathered is None:
+        gathered = scores.new_empty(scores.shape[0], k, 0)
     return idx, gathered
 
 
@@ -136,6 +139,12 @@ def select_topk_tokens(scores: torch.Tensor, k: int, *, exclude: Optional[torch.
 
     Returns:
         (idx [B, k] int64 indices into the Ni axis, gathered [B, k, Dm] in embeds' dtype, or None).
+
+    Example::
+
+        >>> exclude = torch.zeros(1, 4, dtype=torch.bool)
+        >>> select_topk_tokens(torch.tensor([[0.1, 0.9, 0.5, 0.9]]), 2, exclude=exclude)[0]
+        tensor([[1, 3]])
     """
     checks.tensor("scores", scores, dims=2, dtypes=checks.FLOAT_DTYPES)
     B, Ni = scores.shape
@@ -156,8 +165,8 @@ def select_topk_tokens(scores: torch.Tensor, k: int, *, exclude: Optional[torch.
         raise ValueError(f"order: expected 'position' or 'score', got {order!r}")
     by_position = order == "position"
     bits = None if embeds is None else _as_gatherable(embeds)
-    if torch.compiler.is_compiling() or checks.on_meta(scores):
-        idx, gathered = _select_topk_tokens_op(scores, k, exclude, valid, bits, by_position)
-    else:
-        idx, gathered = _select_impl(scores, k, exclude, valid, bits, by_position)
+    idx, gathered = _select_topk_tokens_op(scores, k, exclude, valid, bits, by_position)
     return idx, (_restore_dtype(gathered, embeds.dtype) if embeds is not None else None)
+
+
+__all__ = ["select_topk_tokens", "register_native_fake", "SELECT_TOPK_TOKENS"]

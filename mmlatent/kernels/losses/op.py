@@ -2,8 +2,8 @@
 
 Both compute softmax quantities of z = hidden @ weight.T + bias without ever holding the [T, V] logits: row
 chunks of ``chunk_rows`` rows are computed, reduced and freed one at a time (see
-:func:`mmlatent.kernels.reference.linear_softmax_loss`). Per-chunk softmax math runs in float32 on the reference
-(torch) or the Triton backend; the GEMMs are torch's (cuBLAS on a GPU).
+``chunks.py``). Per-chunk softmax math runs in float32 on the torch or the Triton backend, chosen once per call
+inside the registered op; the GEMMs are torch's (cuBLAS on a GPU).
 
 Two gradient strategies:
 
@@ -24,43 +24,27 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import checks, reference
-from .dispatch import OpDispatch, reference_reason, triton_float_reason
-from .reference import SoftmaxLossSpec
-
-# Bytes of one chunk's logits buffer that the default chunk_rows aims at. On the CPU, the float32 chunk should sit
-# in the last-level cache more or less; on a GPU the chunk's GEMM must stay large enough to run near peak and to
-# amortise the read-modify-write of grad_weight that every chunk's accumulation costs.
-# 512 MiB on a GPU keeps T = 1024 rows of Qwen2's 152064-word vocabulary in one chunk (no float32 grad_weight
-# accumulator, see reference.linear_softmax_loss) and costs at most 0.1x of the naive path's logits at T >= 8192.
-_CHUNK_BYTES = {"cpu": 32 * 2**20, "cuda": 512 * 2**20}
-_MIN_CHUNK_ROWS, _MAX_CHUNK_ROWS, _CHUNK_ALIGN = 16, 8192, 16
-
-
-def default_chunk_rows(vocab: int, element_size: int, device: torch.device) -> int:
-    """Most rows per chunk when ``chunk_rows`` is None: as many as fit the device's chunk budget (a multiple of 16).
-    The walk then splits T rows into equal chunks of at most this many."""
-    budget = _CHUNK_BYTES.get(device.type, _CHUNK_BYTES["cpu"])
-    per_row = vocab * max(element_size, 4 if device.type == "cpu" else element_size)
-    rows = budget // max(per_row, 1) // _CHUNK_ALIGN * _CHUNK_ALIGN
-    return int(min(_MAX_CHUNK_ROWS, max(_MIN_CHUNK_ROWS, rows)))
-
+from .. import checks
+from ..dispatch import OpDispatch, torch_reasons, triton_float_reasons
+from . import torch_impl
+from .chunks import SoftmaxLossSpec, default_chunk_rows, linear_softmax_loss
 
 LINEAR_CROSS_ENTROPY = OpDispatch("linear_cross_entropy", {
-    "triton": triton_float_reason,
-    "reference": reference_reason,
+    "triton": triton_float_reasons,
+    "torch": torch_reasons,
 })
 LINEAR_LOG_PROBS = OpDispatch("linear_log_probs", {
-    "triton": triton_float_reason,
-    "reference": reference_reason,
+    "triton": triton_float_reasons,
+    "torch": torch_reasons,
 })
 
 
 def _chunk_fn(op: OpDispatch, hidden: torch.Tensor):
+    """The chunk function of the backend dispatch chooses, once per call of a registered op."""
     if op.choose(device=hidden.device, dtype=hidden.dtype) == "triton":
-        from .triton.losses import softmax_loss_chunk
+        from .triton_kernels import softmax_loss_chunk  # imports triton: only once that backend was chosen
         return softmax_loss_chunk
-    return reference.softmax_loss_chunk
+    return torch_impl.softmax_loss_chunk
 
 
 def _kept_rows(targets: torch.Tensor, vocab: int, ignore_index: Optional[int], name: str):
@@ -97,7 +81,7 @@ def _fused_ce_impl(hidden, weight, bias, labels, ignore_index, reduction, label_
     h, y = (hidden, labels) if rows is None else (hidden.index_select(0, rows), labels.index_select(0, rows))
     scale = 1.0 / kept if reduction == "mean" else 1.0
     coef = torch.full((1,), scale, dtype=torch.float32, device=hidden.device) if any(want) else None
-    values, _, gh, gw, gb = reference.linear_softmax_loss(
+    values, _, gh, gw, gb = linear_softmax_loss(
         h, weight, bias, y, SoftmaxLossSpec("ce", label_smoothing, logit_softcap, 1.0), chunk_rows, coef=coef,
         needs=want, chunk_fn=_chunk_fn(LINEAR_CROSS_ENTROPY, hidden))
     loss = values.sum() * scale
@@ -158,7 +142,7 @@ def _rows_forward_impl(hidden, weight, bias, targets, kind, ignore_index, label_
     h, y = (hidden, targets) if rows is None else (hidden.index_select(0, rows), targets.index_select(0, rows))
     coef = torch.ones(1, dtype=torch.float32, device=hidden.device) if row_grad_hidden else None
     spec = SoftmaxLossSpec(kind, label_smoothing, softcap, temperature)
-    v, l, gh, _, _ = reference.linear_softmax_loss(h, weight, bias, y, spec, chunk_rows, coef=coef,
+    v, l, gh, _, _ = linear_softmax_loss(h, weight, bias, y, spec, chunk_rows, coef=coef,
                                                    needs=(True, False, False), chunk_fn=_chunk_fn(op, hidden))
     if rows is None:
         return v, l, (gh if row_grad_hidden else grad_h)
@@ -180,7 +164,7 @@ def _rows_backward_impl(grad_values, hidden, weight, bias, targets, lse, kind, i
     pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
     op = LINEAR_CROSS_ENTROPY if kind == "ce" else LINEAR_LOG_PROBS
     spec = SoftmaxLossSpec(kind, label_smoothing, softcap, temperature)
-    _, _, gh, gw, gb = reference.linear_softmax_loss(
+    _, _, gh, gw, gb = linear_softmax_loss(
         pick(hidden), weight, bias, pick(targets), spec, chunk_rows, lse=pick(lse),
         coef=pick(grad_values.to(torch.float32)), needs=want, chunk_fn=_chunk_fn(op, hidden))
     if gh is not None and rows is not None:

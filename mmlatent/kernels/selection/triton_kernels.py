@@ -7,22 +7,19 @@ are ``Ni - 1 - index`` so that equal scores prefer the lower index. ``tl.topk`` 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ..compile_cases import CompileCase, pointers
+from ..limits import SELECTION_TRITON_MAX_TOKENS, next_power_of_2, triton_interpreting
 
-# Largest Ni one program ranks: the row's keys live in registers, and at 16384 every warp count spills on sm_90a.
-MAX_TOKENS = 8192
 # Shipped launch configurations by row width (the padded Ni), compiled for sm_90a by compile_check.py: each is the
 # fewest warps that do not spill (4 warps spilled 372 B at Ni = 1024).
 SELECTION_CONFIGS = {
     "ni1024": dict(num_warps=8, BLOCK_D=128),
     "ni4096": dict(num_warps=8, BLOCK_D=128),
-    "ni8192": dict(num_warps=16, BLOCK_D=128),
+    "ni8192": dict(num_warps=16, BLOCK_D=128),  # Ni up to SELECTION_TRITON_MAX_TOKENS
 }
 
 
@@ -68,12 +65,8 @@ def _select_topk(Scores, Valid, Exclude, Embeds, Idx, Gathered,
             tl.store(Gathered + b * stride_gb + slot[:, None] * stride_gk + d[None, :], rows, mask=keep)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
-
-
 def selection_config(num_tokens: int) -> dict:
-    if INTERPRET:
+    if triton_interpreting():
         return dict(num_warps=4, BLOCK_D=64)
     for name, limit in (("ni1024", 1024), ("ni4096", 4096)):
         if num_tokens <= limit:
@@ -102,7 +95,23 @@ def select_topk(scores, k: int, *, exclude, valid, embeds, by_position: bool):
         embeds.stride(0) if embeds is not None else 0, embeds.stride(1) if embeds is not None else 0,
         gathered.stride(0), gathered.stride(1),
         HAS_VALID=valid is not None, HAS_EXCLUDE=exclude is not None, HAS_EMBEDS=embeds is not None,
-        BY_POSITION=by_position, BLOCK_NI=max(16, _next_pow2(Ni)), BLOCK_K=max(2, _next_pow2(k)),
+        BY_POSITION=by_position, BLOCK_NI=max(16, next_power_of_2(Ni)), BLOCK_K=max(2, next_power_of_2(k)),
         BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
     )
     return idx, gathered
+
+
+def _selection_case(cfg_name: str, ni: int, score_dtype: str, embed_dtype: str) -> CompileCase:
+    cfg = SELECTION_CONFIGS[cfg_name]
+    types = {"Scores": f"*{score_dtype}", "Valid": "*u8", "Exclude": "*u8", "Embeds": f"*{embed_dtype}",
+             "Idx": "*i64", "Gathered": f"*{embed_dtype}"}
+    return CompileCase(f"select_topk[{cfg_name}] scores={score_dtype} embeds={embed_dtype}", _select_topk, types,
+                       dict(HAS_VALID=True, HAS_EXCLUDE=True, HAS_EMBEDS=True, BY_POSITION=True, BLOCK_NI=ni,
+                            BLOCK_K=64, BLOCK_D=cfg["BLOCK_D"]),
+                       num_warps=cfg["num_warps"], aligned=pointers(types))
+
+
+COMPILE_CASES = tuple(_selection_case(name, ni, "fp32", "bf16")
+                      for name, ni in (("ni1024", 1024), ("ni4096", 4096),
+                                       ("ni8192", SELECTION_TRITON_MAX_TOKENS))) + (
+    _selection_case("ni4096", 4096, "bf16", "fp32"),)
