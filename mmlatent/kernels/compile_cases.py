@@ -26,6 +26,9 @@ class CompileCase:
     num_stages: int = 1
     unit: Sequence[str] = ()
     aligned: Sequence[str] = field(default=())
+    # names starting with one of these are aligned too (resolved at compile time: under the interpreter a kernel
+    # has no parameter list)
+    aligned_prefixes: Sequence[str] = ()
 
     def specialised(self) -> Tuple[Dict[str, str], Dict[str, object], Dict[tuple, list]]:
         """(signature, constexprs, attrs) as ``triton.compiler.ASTSource`` takes them."""
@@ -49,7 +52,9 @@ class CompileCase:
         unknown = [n for n in list(self.types) + list(self.aligned) if n not in names]
         if unknown:
             raise ValueError(f"{self.name}: {', '.join(unknown)} are not parameters of the kernel")
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in self.aligned}
+        aligned = list(self.aligned) + [n for n in names if n not in self.aligned
+                                        and any(n.startswith(p) for p in self.aligned_prefixes)]
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
         return signature, constexprs, attrs
 
 

@@ -188,10 +188,10 @@ def _modulation_cases():
                         "DScale": ptr}
             for direction, kernel, types in (("fwd", _layer_norm_modulate_fwd, forward),
                                              ("bwd", _layer_norm_modulate_bwd, backward)):
-                strides = tuple(p.name for p in kernel.params if p.name.startswith("stride"))
                 yield CompileCase(f"layer_norm_modulate_{direction}[{cfg_name}] {dtype}", kernel, types,
                                   dict(BLOCK_W=cfg["BLOCK_W"], EMULATE_BF16_RTNE=False),
-                                  num_warps=cfg["num_warps"], aligned=pointers(types) + strides)
+                                  num_warps=cfg["num_warps"], aligned=pointers(types),
+                                  aligned_prefixes=("stride",))
 
 
 # --------------------------------------------------------------------------------------------- diffusion loss
