@@ -156,5 +156,10 @@ class OpDispatch:
         return {b: ("; ".join(self.reasons(b, **inputs)) or "ok") for b in BACKENDS}
 
 
-__all__ = ["BACKENDS", "BACKEND_ALIASES", "ENV_VAR", "BackendUnavailableError", "requested_backend", "OpDispatch",
+def triton_or_torch(name: str, triton_check: Callable[..., Reasons]) -> OpDispatch:
+    """The dispatch of an op with a Triton kernel and the torch implementation (every op but selection)."""
+    return OpDispatch(name, {"triton": triton_check, "torch": torch_reasons})
+
+
+__all__ = ["triton_or_torch", "BACKENDS", "BACKEND_ALIASES", "ENV_VAR", "BackendUnavailableError", "requested_backend", "OpDispatch",
            "native_module", "native_reasons", "triton_reasons", "triton_float_reasons", "torch_reasons"]

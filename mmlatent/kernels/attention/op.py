@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import checks
-from ..dispatch import OpDispatch, Reasons, torch_reasons, triton_float_reasons
+from ..dispatch import Reasons, triton_float_reasons, triton_or_torch
 from ..limits import ATTENTION_MAX_HEAD_DIM
 from . import torch_impl
 
@@ -34,14 +34,8 @@ def _triton_attention_reasons(device, dtype, head_dim, out=None, needs_grad=Fals
     return reasons
 
 
-ROW_ATTENTION_MASS = OpDispatch("row_attention_mass", {
-    "triton": _triton_attention_reasons,
-    "torch": torch_reasons,
-})
-ATTENTION_WITH_SCORES = OpDispatch("attention_with_scores", {
-    "triton": _triton_attention_reasons,
-    "torch": torch_reasons,
-})
+ROW_ATTENTION_MASS = triton_or_torch("row_attention_mass", _triton_attention_reasons)
+ATTENTION_WITH_SCORES = triton_or_torch("attention_with_scores", _triton_attention_reasons)
 
 
 def _triton_kernels():

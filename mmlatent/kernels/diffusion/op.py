@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import checks
-from ..dispatch import OpDispatch, Reasons, torch_reasons, triton_float_reasons, triton_reasons
+from ..dispatch import Reasons, triton_float_reasons, triton_or_torch, triton_reasons
 from ..limits import MODULATION_MAX_WIDTH
 from . import torch_impl
 from .schedule import SamplerSchedule
@@ -39,10 +39,9 @@ def _triton_modulate_reasons(device, dtype, width) -> Reasons:
     return reasons
 
 
-DENOISE_STEP = OpDispatch("denoise_step_", {"triton": _triton_step_reasons, "torch": torch_reasons})
-LAYER_NORM_MODULATE = OpDispatch("layer_norm_modulate", {"triton": _triton_modulate_reasons,
-                                                         "torch": torch_reasons})
-DIFFUSION_MSE = OpDispatch("diffusion_mse", {"triton": triton_float_reasons, "torch": torch_reasons})
+DENOISE_STEP = triton_or_torch("denoise_step_", _triton_step_reasons)
+LAYER_NORM_MODULATE = triton_or_torch("layer_norm_modulate", _triton_modulate_reasons)
+DIFFUSION_MSE = triton_or_torch("diffusion_mse", triton_float_reasons)
 
 
 def _triton_kernels():

@@ -25,18 +25,12 @@ from typing import List, Optional, Tuple
 import torch
 
 from .. import checks
-from ..dispatch import OpDispatch, torch_reasons, triton_float_reasons
+from ..dispatch import OpDispatch, triton_float_reasons, triton_or_torch
 from . import torch_impl
 from .chunks import SoftmaxLossSpec, default_chunk_rows, linear_softmax_loss
 
-LINEAR_CROSS_ENTROPY = OpDispatch("linear_cross_entropy", {
-    "triton": triton_float_reasons,
-    "torch": torch_reasons,
-})
-LINEAR_LOG_PROBS = OpDispatch("linear_log_probs", {
-    "triton": triton_float_reasons,
-    "torch": torch_reasons,
-})
+LINEAR_CROSS_ENTROPY = triton_or_torch("linear_cross_entropy", triton_float_reasons)
+LINEAR_LOG_PROBS = triton_or_torch("linear_log_probs", triton_float_reasons)
 
 
 def _chunk_fn(op: OpDispatch, hidden: torch.Tensor):
