@@ -18,7 +18,8 @@ from .dispatch import BACKENDS, BackendUnavailableError, native_module, requeste
 # The C++ extension registers mmlatent::select_topk_tokens_native; load it before the Python ops add to the namespace.
 native_module()
 
-from .attention import ATTENTION_WITH_SCORES, ROW_ATTENTION_MASS, attention_with_scores, row_attention_mass  # noqa: E402
+from .attention import (ATTENTION_WITH_SCORES, ROW_ATTENTION_MASS, attention_with_scores,  # noqa: E402
+                        row_attention_mass)
 from .selection import SELECT_TOPK_TOKENS, register_native_fake, select_topk_tokens  # noqa: E402
 from .losses import LINEAR_CROSS_ENTROPY, LINEAR_LOG_PROBS, linear_cross_entropy, linear_log_probs  # noqa: E402
 from .diffusion import (DENOISE_STEP, DIFFUSION_MSE, LAYER_NORM_MODULATE, SamplerSchedule,  # noqa: E402

@@ -161,5 +161,6 @@ def triton_or_torch(name: str, triton_check: Callable[..., Reasons]) -> OpDispat
     return OpDispatch(name, {"triton": triton_check, "torch": torch_reasons})
 
 
-__all__ = ["triton_or_torch", "BACKENDS", "BACKEND_ALIASES", "ENV_VAR", "BackendUnavailableError", "requested_backend", "OpDispatch",
+__all__ = ["triton_or_torch", "BACKENDS", "BACKEND_ALIASES", "ENV_VAR", "BackendUnavailableError",
+           "requested_backend", "OpDispatch",
            "native_module", "native_reasons", "triton_reasons", "triton_float_reasons", "torch_reasons"]

@@ -188,7 +188,8 @@ def _sm_count(device_index: int) -> int:
 
 def attention_config(rows: int, head_dim: int) -> dict:
     """Tile shape for ``rows = G * M`` query rows per (batch, kv head) at head dim ``head_dim``."""
-    if triton_interpreting():  # numpy executes whole tiles: fewer, larger blocks are faster; small rows still need >= 16
+    # numpy executes whole tiles: fewer, larger blocks are faster; small rows still need >= 16
+    if triton_interpreting():
         return dict(BLOCK_M=max(16, min(64, next_power_of_2(rows))), BLOCK_N=64, num_warps=4, num_stages=1)
     if head_dim > 128:
         name = "rows16_d256"  # every wider tile spills at D = 256
