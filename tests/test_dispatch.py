@@ -58,6 +58,8 @@ def _opcheck_cases():
         (torch.ops.mmlatent.attention_with_scores.default,
          (q, k, v, True, key_valid, image_index, torch.zeros(2, 3), 2, 0.25, 1.0)),
         (torch.ops.mmlatent.attention_with_scores.default, (q, k, v, False, None, None, None, 0, 0.25, 1.0)),
+        (torch.ops.mmlatent.attention_with_scores.default,
+         (q, k, v, True, key_valid, image_index, torch.zeros(2, 3), 1, 0.25, 1.0, False)),
         (torch.ops.mmlatent.row_attention_mass.default,
          (q[:, :, 0], k, image_index, torch.zeros(2, 3), key_valid, 0.25, 0.5)),
         (torch.ops.mmlatent.select_topk_tokens.default,
@@ -70,7 +72,7 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(7))
 def test_opcheck(case, use_backend):
     use_backend("auto")
     op, args = _opcheck_cases()[case]

@@ -1,14 +1,11 @@
 """Public attention ops: ``attention_with_scores`` and ``row_attention_mass``.
 
-Each public function validates and documents; a ``torch.library`` custom op (fake implementation registered, and
-the autograd formula where the op is differentiable) wraps the computation, so eager calls, ``torch.compile`` and
-meta tensors take one path; inside the op, dispatch chooses the backend once per call.
+Each public function validates and documents; a ``torch.library`` custom op (fake implementation registered)
+wraps the computation, so eager calls, ``torch.compile`` and meta tensors take one path; inside the op, dispatch
+chooses the backend once per call. Both ops are forward-only: they produce a selection signal, never a gradient.
 
-- ``mmlatent::attention_with_scores`` (mutates ``scores_out``, forward only): attention and the score row's
-  image mass in one pass (Triton), or attention then the mass from the row's lse (torch).
-- ``mmlatent::attention`` (functional, with ``mmlatent::attention_backward`` as its autograd formula): the
-  differentiable attention, which calls needing gradients take; their mass then comes from
-  ``mmlatent::row_attention_mass`` under no_grad.
+- ``mmlatent::attention_with_scores`` (mutates ``scores_out``): attention and the score row's image mass in one
+  pass (Triton), or attention then the mass from the row's lse (torch).
 - ``mmlatent::row_attention_mass`` (mutates ``out``).
 """
 from __future__ import annotations
@@ -23,14 +20,12 @@ from ..limits import ATTENTION_MAX_HEAD_DIM
 from . import torch_impl
 
 
-def _triton_attention_reasons(device, dtype, head_dim, out=None, needs_grad=False) -> Reasons:
+def _triton_attention_reasons(device, dtype, head_dim, out=None) -> Reasons:
     reasons = triton_float_reasons(device, dtype)
     if head_dim > ATTENTION_MAX_HEAD_DIM:
         reasons.append(f"head dim {head_dim} is above the Triton kernels' limit of {ATTENTION_MAX_HEAD_DIM}")
     if out is not None and out.shape[1] > 1 and out.stride(1) != 1:
         reasons.append("the scores buffer is not contiguous along Ni, and it is updated in place")
-    if needs_grad:
-        reasons.append("the Triton attention kernels are forward-only, and q, k or v requires grad")
     return reasons
 
 
@@ -137,57 +132,9 @@ def row_attention_mass(q: torch.Tensor, k: torch.Tensor, image_index: torch.Tens
     return out
 
 
-# ------------------------------------------------------------------------------ attention (differentiable)
-
-def _empty_attention(q):
+def _empty_attention(q, return_lse: bool = True):
     B, Hq, M, D = q.shape
-    return q.new_empty(B, Hq, M, D), q.new_empty(B, Hq, M, dtype=torch.float32)
-
-
-@torch.library.custom_op("mmlatent::attention", mutates_args=())
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, key_valid: Optional[torch.Tensor],
-                  scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    if q.numel() == 0:
-        return _empty_attention(q)
-    # Only calls that need gradients come here: the check says so, and rejects the forward-only kernels.
-    ATTENTION_WITH_SCORES.choose(device=q.device, dtype=q.dtype, head_dim=q.shape[-1], needs_grad=True)
-    return torch_impl.attention(q, k, v, causal, key_valid, scale)
-
-
-@_attention_op.register_fake
-def _(q, k, v, causal, key_valid, scale):
-    return _empty_attention(q)
-
-
-@torch.library.custom_op("mmlatent::attention_backward", mutates_args=())
-def _attention_backward_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           o: torch.Tensor, lse: torch.Tensor, causal: bool, key_valid: Optional[torch.Tensor],
-                           scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if q.numel() == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    return torch_impl.attention_backward(grad_o, q, k, v, o, lse, causal, key_valid, scale)
-
-
-@_attention_backward_op.register_fake
-def _(grad_o, q, k, v, o, lse, causal, key_valid, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _attention_setup(ctx, inputs, output):
-    q, k, v, causal, key_valid, scale = inputs
-    o, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.causal, ctx.scale = causal, scale
-    ctx.save_for_backward(q, k, v, o, lse, key_valid)
-
-
-def _attention_backward(ctx, grad_o, _grad_lse):
-    q, k, v, o, lse, key_valid = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(grad_o.contiguous(), q, k, v, o, lse, ctx.causal, key_valid, ctx.scale)
-    return dq, dk, dv, None, None, None
-
-
-_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+    return q.new_empty(B, Hq, M, D), q.new_empty((B, Hq, M) if return_lse else (0,), dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------------- attention_with_scores
@@ -196,30 +143,37 @@ _attention_op.register_autograd(_attention_backward, setup_context=_attention_se
 def _attention_with_scores_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                               key_valid: Optional[torch.Tensor], image_index: Optional[torch.Tensor],
                               scores_out: Optional[torch.Tensor], score_row: int, scale: float,
-                              weight: float) -> Tuple[torch.Tensor, torch.Tensor]:
+                              weight: float, return_lse: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Without ``return_lse`` the second output is an empty [0] tensor (a custom op returns no None)."""
     if image_index is not None and not checks.check_index_range("image_index", image_index, k.shape[2]):
         image_index = scores_out = None  # no image slot to fill: attention only
     if q.numel() == 0:
-        return _empty_attention(q)
+        return _empty_attention(q, return_lse)
     backend = ATTENTION_WITH_SCORES.choose(device=q.device, dtype=q.dtype, head_dim=q.shape[-1], out=scores_out)
     if backend == "triton":
-        return _triton_kernels().attention_forward(
+        o, lse = _triton_kernels().attention_forward(
             q, k, v, causal=causal, key_valid=None if key_valid is None else key_valid.contiguous(),
             image_index=None if image_index is None else image_index.contiguous(), scores_out=scores_out,
             score_row=score_row, scale=scale, weight=weight)
-    return torch_impl.attention_with_scores(q, k, v, causal, key_valid, image_index, scores_out, score_row, scale,
-                                            weight)
+    elif return_lse:
+        o, lse = torch_impl.attention_with_scores(q, k, v, causal, key_valid, image_index, scores_out, score_row,
+                                                  scale, weight)
+    else:
+        o, lse = torch_impl.attention_output_with_scores(q, k, v, causal, key_valid, image_index, scores_out,
+                                                         score_row, scale, weight), None
+    return o, (lse if return_lse else q.new_empty(0, dtype=torch.float32))
 
 
 @_attention_with_scores_op.register_fake
-def _(q, k, v, causal, key_valid, image_index, scores_out, score_row, scale, weight):
-    return _empty_attention(q)
+def _(q, k, v, causal, key_valid, image_index, scores_out, score_row, scale, weight, return_lse=True):
+    return _empty_attention(q, return_lse)
 
 
 def attention_with_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                           key_valid: Optional[torch.Tensor] = None, image_index: Optional[torch.Tensor] = None,
                           scores_out: Optional[torch.Tensor] = None, score_row: int = -1,
-                          scale: Optional[float] = None, weight: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+                          scale: Optional[float] = None, weight: float = 1.0,
+                          return_lse: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Attention that also accumulates one query row's attention mass on the image tokens, in the same pass.
 
     Args:
@@ -235,24 +189,23 @@ def attention_with_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
             every entry of ``image_index`` is padding.
         score_row: which query row's mass to accumulate, in [-M, M).
         scale: softmax scale, default D ** -0.5.
+        return_lse: False when the caller needs only ``o`` (a model's attention layer); lse is then None, and the
+            torch backend may take a faster path (below).
 
     Returns:
-        (o [B, Hq, M, D] in q's dtype, lse [B, Hq, M] float32). A row with no valid key gives o = 0, lse = -inf.
-        Meta tensors give meta outputs (shapes only).
+        (o [B, Hq, M, D] in q's dtype, lse [B, Hq, M] float32 or None). A row with no valid key gives o = 0,
+        lse = -inf. Meta tensors give meta outputs (shapes only).
 
-    Gradients: ``o`` is differentiable in q, k and v (``lse`` is not; the mass never is). Such calls run the
-    torch backend, since the Triton kernels are forward-only (a pinned ``MMLATENT_BACKEND=triton`` raises
-    BackendUnavailableError saying so); their backward recomputes each block's probabilities from the lse, as
-    flash-attention does. So a model calls this op for every layer, with or without gradients, and the op
-    decides once per call what runs.
+    Forward only: with gradients enabled and q, k or v requiring grad it raises ValueError (the mass is a
+    selection signal; a differentiable pass uses the model's own attention and :func:`row_attention_mass`).
 
-    Backends: ``triton`` computes the attention and the mass in one pass (the score row's logits are written by
-    the tiles that hold it). ``torch`` computes a chunked online-softmax attention (never [B, Hq, M, N]), then
-    the mass from the score row's lse and the image keys. torch's SDPA plus ``row_attention_mass`` measured 2.5x
-    faster than that chunked attention at M = N = 1050 on 2 cores, but SDPA returns no lse, and torch's CPU
-    flash kernel, which does, gives an lse 6e-5 off a float64 oracle, beyond this op's 1e-5 contract. So a
-    caller that needs only ``o`` on the CPU (a model's rollout layer) is faster with SDPA and
-    :func:`row_attention_mass`; this op keeps the contract.
+    Backends, chosen once per call: ``triton`` computes the attention and the mass in one pass (the score row's
+    logits are written by the tiles that hold it). ``torch`` never builds [B, Hq, M, N]: with ``return_lse`` it
+    runs a chunked online-softmax attention and takes the mass from the score row's lse and the image keys;
+    without it, torch's SDPA gives ``o`` and :func:`row_attention_mass` the score row's mass (measured 2.4x faster
+    than the chunked attention at B 2, Hq 8, M = N = 1110, D 32 on 2 cores). The lse is not taken from torch's
+    CPU flash kernel, which returns one: it was measured 6e-5 off a float64 oracle, beyond this op's 1e-5
+    contract.
 
     Example::
 
@@ -270,6 +223,9 @@ def attention_with_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
         raise ValueError(f"k: expected at least as many keys as query rows (N >= M), got N = {N}, M = {M}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("attention_with_scores is forward-only, but q, k or v requires grad: run it under "
+                         "torch.no_grad(), or use F.scaled_dot_product_attention for the differentiable pass")
     _check_key_valid(key_valid, B, N, q.device)
     if (image_index is None) != (scores_out is None):
         raise ValueError("image_index and scores_out: give both (to accumulate image-token mass) or neither")
@@ -283,20 +239,11 @@ def attention_with_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     score_row = score_row % M if M > 0 else 0
     scale = D ** -0.5 if scale is None else checks.number("scale", scale, positive=True)
     weight = checks.number("weight", weight)
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-        return _attention_with_scores_op(q, k, v, causal, key_valid, image_index, scores_out, score_row, scale,
-                                         weight)
-    o, lse = _attention_op(q, k, v, causal, key_valid, scale)
-    if scores_out is not None and M > 0:
-        row = q[:, :, score_row].detach()
-        with torch.no_grad():
-            if causal:  # the score row sees keys up to N - M + score_row only
-                visible = torch.arange(N, device=q.device) <= N - M + score_row
-                row_valid = visible[None].expand(B, N) if key_valid is None else key_valid & visible
-            else:
-                row_valid = key_valid
-            _row_attention_mass_op(row, k.detach(), image_index, scores_out, row_valid, scale, weight)
-    return o, lse
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+    o, lse = _attention_with_scores_op(q, k, v, causal, key_valid, image_index, scores_out, score_row, scale,
+                                       weight, return_lse)
+    return o, (lse if return_lse else None)
 
 
 __all__ = ["attention_with_scores", "row_attention_mass", "ATTENTION_WITH_SCORES", "ROW_ATTENTION_MASS"]

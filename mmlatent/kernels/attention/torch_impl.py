@@ -4,8 +4,8 @@
   torch's CPU flash kernel (the one behind ``F.scaled_dot_product_attention``, which also returns a log-sum-exp)
   is faster, but its log-sum-exp was measured 6e-5 off a float64 oracle (float32 and float16 inputs), beyond the
   op's 1e-5 contract, so it is not used here.
-- The backward: recomputes each (query chunk, key block) of probabilities from the saved log-sum-exp, as
-  flash-attention does, so it too holds one block at a time.
+- Where the caller needs no log-sum-exp: torch's SDPA (its fused CPU kernel) with the padding and causal
+  masks, padding K and V zeroed first.
 - The score row's image-token mass: from the row's log-sum-exp and the image keys only.
 
 Math is float32 (float64 for float64 inputs). Arguments arrive validated by ``op.py``.
@@ -129,43 +129,6 @@ def attention(q, k, v, causal: bool, key_valid, scale: float) -> Tuple[torch.Ten
     return _streaming_attention(q, k, v, causal, key_valid, scale)
 
 
-def attention_backward(grad_o, q, k, v, o, lse, causal: bool, key_valid,
-                       scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) in the inputs' dtypes, recomputing each block's probabilities from ``lse``:
-    dS = P * (dO V^T - rowsum(dO * O)), dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO (summed over each KV
-    head's G query heads). Padding keys and rows without keys get zero gradients."""
-    B, Hq, M, D = q.shape
-    Hkv, N = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    dt = _math_dtype(q.dtype)
-    qg, dog = q.reshape(B, Hkv, G, M, D), grad_o.reshape(B, Hkv, G, M, D)
-    delta = (dog.to(dt) * o.reshape(B, Hkv, G, M, D).to(dt)).sum(dim=-1)
-    lse = lse.reshape(B, Hkv, G, M).to(dt)
-    seen = ~torch.isneginf(lse)
-    lse = torch.where(seen, lse, 0.0)
-    k, v = _padding_zeroed(k, key_valid), _padding_zeroed(v, key_valid)
-    dq = torch.zeros(B, Hkv, G, M, D, dtype=dt, device=q.device)
-    dk = torch.zeros(B, Hkv, N, D, dtype=dt, device=q.device)
-    dv = torch.zeros(B, Hkv, N, D, dtype=dt, device=q.device)
-    for m0 in range(0, M, QUERY_CHUNK):
-        m1 = min(M, m0 + QUERY_CHUNK)
-        qc, doc = qg[:, :, :, m0:m1].to(dt), dog[:, :, :, m0:m1].to(dt)
-        row_limit = (torch.arange(m0, m1, device=q.device) + (N - M)) if causal else None
-        hi = min(N, N - M + m1) if causal else N
-        for n0 in range(0, hi, KEY_BLOCK):
-            n1 = min(hi, n0 + KEY_BLOCK)
-            kb, vb = k[:, :, n0:n1].to(dt), v[:, :, n0:n1].to(dt)
-            p = torch.exp(torch.einsum("bhgmd,bhnd->bhgmn", qc * scale, kb) - lse[..., m0:m1, None])
-            allowed = seen[..., m0:m1, None]
-            mask = _key_mask(key_valid, n0, n1, row_limit)
-            p = torch.where(allowed if mask is None else allowed & mask, p, 0.0)
-            dv[:, :, n0:n1] += torch.einsum("bhgmn,bhgmd->bhnd", p, doc)
-            ds = p * (torch.einsum("bhgmd,bhnd->bhgmn", doc, vb) - delta[..., m0:m1, None])
-            dq[:, :, :, m0:m1] += torch.einsum("bhgmn,bhnd->bhgmd", ds, kb) * scale
-            dk[:, :, n0:n1] += torch.einsum("bhgmn,bhgmd->bhnd", ds, qc) * scale
-    return dq.reshape(B, Hq, M, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
 def attention_with_scores(q, k, v, causal: bool, key_valid, image_index, scores_out, score_row: int, scale: float,
                           weight: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`attention`, then the score row's image mass from its lse (``score_row`` already in [0, M))."""
@@ -175,6 +138,35 @@ def attention_with_scores(q, k, v, causal: bool, key_valid, image_index, scores_
         accumulate_row_mass(q[:, :, score_row], k, image_index, scores_out, lse[:, :, score_row], key_valid,
                             (N - M + score_row) if causal else None, scale, weight)
     return o, lse
+
+
+def _causal_valid(key_valid, B: int, M: int, N: int, causal: bool, device):
+    """[B, 1, M, N] bool of the keys each query row may attend (bottom-right causal and padding), or None."""
+    allowed = None
+    if causal:
+        allowed = (torch.arange(N, device=device)[None, :] <= torch.arange(M, device=device)[:, None] + (N - M))
+        allowed = allowed[None, None]
+    if key_valid is not None:
+        padding = key_valid[:, None, None, :]
+        allowed = padding if allowed is None else allowed & padding
+    return None if allowed is None else allowed.expand(B, 1, M, N)
+
+
+def attention_output_with_scores(q, k, v, causal: bool, key_valid, image_index, scores_out, score_row: int,
+                                 scale: float, weight: float) -> torch.Tensor:
+    """o [B, Hq, M, D] from SDPA, then the score row's image mass by :func:`row_attention_mass` (no lse)."""
+    B, Hq, M, _ = q.shape
+    N = k.shape[2]
+    allowed = _causal_valid(key_valid, B, M, N, causal, q.device)
+    k_in, v_in = _padding_zeroed(k, key_valid), _padding_zeroed(v, key_valid)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k_in, v_in, attn_mask=allowed, scale=scale,
+                                                         enable_gqa=Hq != k.shape[1])
+    if allowed is not None:  # a row with no valid key is 0, as the other backends give it (SDPA leaves NaN)
+        o = torch.where(allowed.any(dim=-1, keepdim=True), o, 0.0)
+    if scores_out is not None:
+        row_valid = None if allowed is None else allowed[:, 0, score_row]
+        row_attention_mass(q[:, :, score_row], k, image_index, scores_out, row_valid, scale, weight)
+    return o
 
 
 def row_lse(q, k, *, key_valid=None, scale: float) -> torch.Tensor:
@@ -199,5 +191,5 @@ def row_attention_mass(q, k, image_index, out, key_valid, scale: float, weight: 
     return out
 
 
-__all__ = ["attention", "attention_backward", "attention_with_scores", "row_attention_mass", "row_lse",
+__all__ = ["attention", "attention_with_scores", "attention_output_with_scores", "row_attention_mass", "row_lse",
            "accumulate_row_mass"]
