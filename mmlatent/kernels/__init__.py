@@ -4,7 +4,7 @@ each family holds its public ops (op.py), its torch backend (torch_impl.py) and 
 dispatch").
 
     row_attention_mass      image-token attention mass of one query row, accumulated in place
-    attention_with_scores   attention (differentiable) that accumulates the same mass in the same pass
+    attention_with_scores   forward-only attention that accumulates the same mass in the same pass
     select_topk_tokens      fused eligibility mask + deterministic top-k + gather + exclusion update
     linear_cross_entropy    cross-entropy of hidden @ weight.T + bias in row chunks, never building [T, V] logits
     linear_log_probs        log-softmax of the same logits at given tokens (policy gradients), same memory bound
