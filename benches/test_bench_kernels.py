@@ -8,13 +8,13 @@ import os
 import pytest
 import torch
 
-from mmlatent.bench import _impl, cases_for
+from mmlatent.bench import cases_for, implementation
 
 SIZES = os.environ.get("MMLATENT_BENCH_SIZES", "gpu" if torch.cuda.is_available() else "tiny")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 CASES = cases_for(SIZES)
-PARAMS = [(i, name) for i, case in enumerate(CASES) for name in ["mmlatent", *case.baselines]]
+PARAMS = [(i, name) for i, case in enumerate(CASES) for name in case.implementations()]
 
 
 @pytest.mark.parametrize("index, impl", PARAMS,
@@ -23,7 +23,7 @@ def test_kernel(benchmark, index, impl):
     case = CASES[index]
     benchmark.group = f"{case.op} {case.shape}"
     args = case.make(DEVICE, DTYPE)
-    fn = _impl(case, impl)
+    fn = implementation(case, impl)
 
     def call():
         fn(args)

@@ -1,0 +1,94 @@
+"""Diffusion family: the head's layer_norm_modulate (adaLN) and diffusion_mse (its training loss), forward +
+backward with the gradients returned, against the torch expressions the head ran before them."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from mmlatent.kernels import diffusion_mse, layer_norm_modulate
+
+from ..case import Case
+from ..ceilings import diffusion_mse_bytes, layer_norm_modulate_bytes
+from .inputs import cpu_generator, normal_tensors
+
+# LatentDiffusionHead's LayerNorm epsilon.
+HEAD_EPS = 1e-6
+
+
+def _modulate_inputs(N, W):
+    """x [N, W] and mods [N, 3W] (shift, scale, gate; both require grad), dy [N, W]: all in the run's dtype."""
+    def make(device, dtype):
+        randn = normal_tensors(cpu_generator(), device, dtype)
+        return dict(x=randn(N, W).requires_grad_(), mods=randn(N, 3 * W).requires_grad_(), dy=randn(N, W))
+    return make
+
+
+def _torch_layer_norm_modulate(x, shift, scale):
+    """The head before the fused op: LayerNorm without affine, then the adaLN modulation."""
+    return F.layer_norm(x, x.shape[-1:], eps=HEAD_EPS) * (1 + scale) + shift
+
+
+def _fused_layer_norm_modulate(x, shift, scale):
+    return layer_norm_modulate(x, shift, scale, eps=HEAD_EPS)
+
+
+def _modulate_fwd_bwd(fn):
+    def call(a):
+        shift, scale, _gate = a["mods"].chunk(3, dim=1)
+        return torch.autograd.grad(fn(a["x"], shift, scale), (a["x"], a["mods"]), a["dy"])
+    return call
+
+
+def modulate_case(N, W) -> Case:
+    """adaLN forward + backward on N rows of width W: the fused op against the torch expression."""
+    return Case("layer_norm_modulate", f"N{N} W{W} fwd+bwd", _modulate_inputs(N, W),
+                _modulate_fwd_bwd(_fused_layer_norm_modulate),
+                {"torch LayerNorm * (1 + scale) + shift": _modulate_fwd_bwd(_torch_layer_norm_modulate)},
+                bytes_moved=layer_norm_modulate_bytes(N, W))
+
+
+def _mse_inputs(R, C):
+    """pred [R, C] (requires grad), x0 and noise [R, C], in the run's dtype; alphas [R] float32 in [0, 1), each
+    row's alpha-bar."""
+    def make(device, dtype):
+        g = cpu_generator()
+        randn = normal_tensors(g, device, dtype)
+        return dict(pred=randn(R, C).requires_grad_(), x0=randn(R, C), noise=randn(R, C),
+                    alphas=torch.rand(R, generator=g).to(device))
+    return make
+
+
+def _torch_v_prediction_mse(pred, x0, noise, alphas_cumprod):
+    """The head's loss before the fused op: the v target sqrt(a) noise - sqrt(1 - a) x0 built in float32, then the
+    squared error's mean over channels and rows."""
+    a = alphas_cumprod.to(torch.float32)[:, None]
+    target = a.sqrt() * noise.to(torch.float32) - (1 - a).sqrt() * x0.to(torch.float32)
+    return (pred.to(torch.float32) - target).square().mean()
+
+
+def _fused_v_prediction_mse(pred, x0, noise, alphas_cumprod):
+    return diffusion_mse(pred, x0, noise, alphas_cumprod, "v_prediction")
+
+
+def _mse_fwd_bwd(loss_fn):
+    def call(a):
+        return torch.autograd.grad(loss_fn(a["pred"], a["x0"], a["noise"], a["alphas"]), a["pred"])
+    return call
+
+
+def diffusion_mse_case(R, C) -> Case:
+    """The head's loss on its prediction, forward + backward, against the torch expression."""
+    return Case("diffusion_mse", f"R{R} C{C} v-target fwd+bwd", _mse_inputs(R, C),
+                _mse_fwd_bwd(_fused_v_prediction_mse), {"torch target + MSE": _mse_fwd_bwd(_torch_v_prediction_mse)},
+                bytes_moved=diffusion_mse_bytes(R, C))
+
+
+def cases(sizes: str) -> List[Case]:
+    if sizes == "tiny":
+        return [modulate_case(8, 64), diffusion_mse_case(8, 64)]
+    if sizes == "gpu":
+        out = [modulate_case(N, 1024) for N in (256, 4096, 65536)]  # the head's width; 65536 rows: HBM-bound
+        return out + [diffusion_mse_case(R, 3584) for R in (1024, 16384)]  # 32-row sketches x batch x batch_mul
+    return []  # the default CPU set times the whole head instead (diffusion_head)

@@ -1,0 +1,132 @@
+"""IVT-LR at stage 3 (LATENT_STEPS latent steps) against ``ivtlr_reference (public code)``: IVT-LR as its public
+code computes it, on a twin of the model loaded with eager attention (as that code loads it). The mmlatent side
+wraps a model loaded with SDPA, except in the rows named "eager-loaded model", where it wraps the public code's
+own setup. Training rows return the gradients of the trainable parameters; inference rows generate 32 tokens."""
+from __future__ import annotations
+
+import copy
+from typing import List
+
+import torch
+
+from ..case import Case
+
+LATENT_STEPS = 3
+NEW_TOKENS = 32
+REFERENCE = "ivtlr_reference (public code)"
+# the LoRA rows adapt every projection of the language model, as IVT-LR's public training does
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def _with_adapters(model, lora_rank, checkpointing):
+    if lora_rank:
+        import peft
+        torch.manual_seed(0)
+        model = peft.get_peft_model(model, peft.LoraConfig(r=lora_rank, lora_alpha=16, lora_dropout=0.0,
+                                                           target_modules=LORA_TARGETS))
+    if checkpointing:  # as IVT-LR's public training runs
+        from mmlatent.models import enable_activation_checkpointing
+        enable_activation_checkpointing(model, use_reentrant=False)
+        model.train()
+    return model
+
+
+def _ivtlr_inputs(build, images, prompt_lengths, answer_lengths, k, lora_rank, prompt_only, checkpointing,
+                  attn_implementation):
+    """batch: a synthetic batch (labels dropped for inference); models: {"mmlatent", "reference"} the two copies
+    of the same weights; mmlatent: IVTLR around the first; reference: ivtlr_reference around the second."""
+    def make(device, dtype):
+        from mmlatent.models import IVTLR, ivtlr_reference
+        from mmlatent.models.tiny import LATENT_ID, synthetic_batch
+        model = build(device=device, dtype=dtype, attn_implementation=attn_implementation)
+        for name, p in model.named_parameters():  # vision tower and embeddings frozen, as IVT-LR trains
+            p.requires_grad_(lora_rank is None and "language_model.layers" in name)
+        batch = synthetic_batch(model, images=images, prompt_lengths=prompt_lengths, answer_lengths=answer_lengths,
+                                num_latents=[LATENT_STEPS] * len(images), with_answer=not prompt_only)
+        batch = {key: value.to(device) for key, value in batch.items()}
+        if prompt_only:
+            del batch["labels"]
+        # the public code loads the model with eager attention for everything: its twin gets the same weights
+        twin = copy.deepcopy(model)
+        twin.set_attn_implementation("eager")
+        models = {which: _with_adapters(m, lora_rank, checkpointing)
+                  for which, m in (("mmlatent", model), ("reference", twin))}
+        return dict(batch=batch, models=models, mmlatent=IVTLR(models["mmlatent"], LATENT_ID, k=k),
+                    reference=ivtlr_reference(models["reference"], LATENT_ID, k=k))
+    return make
+
+
+def _ivtlr_train_step(which):
+    def step(a):
+        loss = a[which](**a["batch"]).loss
+        return torch.autograd.grad(loss, [p for p in a["models"][which].parameters() if p.requires_grad])
+    return step
+
+
+def _ivtlr_generate(which):
+    def generate(a):
+        return a[which].generate(**a["batch"], max_new_tokens=NEW_TOKENS, eos_token_id=-1)  # never stops early
+    return generate
+
+
+def ivtlr_case(kind, build, shape, images, prompt_lengths, answer_lengths, k=32, lora_rank=None, repeats=None,
+               checkpointing=False, attn_implementation="sdpa") -> Case:
+    """IVT-LR at stage 3 against ivtlr_reference: a training step (``kind`` "train": forward + backward, gradients
+    returned) or inference (``kind`` "inference": 3 latent steps, then 32 new tokens).
+
+    Args:
+        build: ``build(device=, dtype=, attn_implementation=)`` -> a Qwen2-VL model.
+        shape: the model's label in the table.
+        images, prompt_lengths, answer_lengths: per sample, as ``mmlatent.models.tiny.synthetic_batch`` takes them.
+        k: image tokens selected per latent step.
+        lora_rank: LoRA adapters of this rank on the language model (None: its layers trained in full).
+        repeats: timed runs for this case instead of ``--repeats``.
+        checkpointing: activation checkpointing, as IVT-LR's public training runs.
+        attn_implementation: what the model mmlatent wraps is loaded with ("eager": as IVT-LR's public code loads
+            it); the reference always runs a twin loaded with eager.
+    """
+    if kind not in ("train", "inference"):
+        raise ValueError(f"kind: expected 'train' or 'inference', got {kind!r}")
+    train = kind == "train"
+    make = _ivtlr_inputs(build, images, prompt_lengths, answer_lengths, k, lora_rank, prompt_only=not train,
+                         checkpointing=checkpointing, attn_implementation=attn_implementation)
+    step = _ivtlr_train_step if train else _ivtlr_generate
+    label = f"{shape} B{len(images)} k{k} {LATENT_STEPS} latent steps" + (f" LoRA r{lora_rank}" if lora_rank else "")
+    op = "ivtlr inference (+32 tokens)"
+    if train:
+        op = "ivtlr training step" + (", grad checkpointing" if checkpointing else "")
+    if attn_implementation != "sdpa":
+        op += f", {attn_implementation}-loaded model"
+    return Case(op, label, make, step("mmlatent"), {REFERENCE: step("reference")}, repeats=repeats)
+
+
+def _cpu_ivtlr_model(device=None, dtype=None, attn_implementation="sdpa"):
+    from mmlatent.models.tiny import tiny_qwen2_vl
+    return tiny_qwen2_vl(vocab=8192, hidden=256, layers=4, heads=8, kv_heads=2, intermediate=1024, vision_dim=64,
+                         device=device, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def _gpu_ivtlr_model(device=None, dtype=None, attn_implementation="sdpa"):
+    from mmlatent.models.tiny import qwen2_vl_7b_shapes
+    return qwen2_vl_7b_shapes(device=device, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def _tiny_ivtlr_model(device=None, dtype=None, attn_implementation="sdpa"):
+    from mmlatent.models.tiny import tiny_qwen2_vl
+    return tiny_qwen2_vl(device=device, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def cases(sizes: str) -> List[Case]:
+    if sizes == "gpu":  # Qwen2-VL-7B shapes, 1000 image tokens per sample (560 x 1400 pixels at patch 14)
+        args = (_gpu_ivtlr_model, "Qwen2-VL-7B shapes", [[(560, 1400)]] * 2, [60, 90], [30, 20])
+        return [ivtlr_case("train", *args, lora_rank=64, repeats=5, checkpointing=True),
+                ivtlr_case("train", *args, lora_rank=64, repeats=5), ivtlr_case("inference", *args, repeats=5)]
+    if sizes == "tiny":
+        args = (_tiny_ivtlr_model, "tiny Qwen2-VL", [[(16, 32)]] * 2, [3, 5], [4, 2])
+        return [ivtlr_case("train", *args, k=2, checkpointing=True), ivtlr_case("train", *args, k=2),
+                ivtlr_case("inference", *args, k=2)]
+    # hidden 256, 4 layers, 8 heads, 2 KV heads, 1000 image tokens per sample (160 x 400 pixels at patch 4)
+    args = (_cpu_ivtlr_model, "Qwen2-VL h256 L4 H8 KV2 V8192", [[(160, 400)]] * 2, [60, 90], [30, 20])
+    # the eager-loaded row: the model as IVT-LR's public code loads it, wrapped as it is
+    return [ivtlr_case("train", *args, checkpointing=True), ivtlr_case("train", *args),
+            ivtlr_case("train", *args, attn_implementation="eager"), ivtlr_case("inference", *args)]
