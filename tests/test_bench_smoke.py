@@ -1,8 +1,12 @@
 """The benchmark harness runs end to end and writes its three result files; memory probes measure real bytes."""
+import ast
 import json
+import pathlib
 
+import pytest
 import torch
 
+import mmlatent.kernels
 from mmlatent import bench
 
 
@@ -61,3 +65,28 @@ def test_ivtlr_cases_agree_with_their_reference():
             assert len(ours) == len(theirs) > 0
             for a, b in zip(ours, theirs):
                 assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bench_uses_only_public_kernel_names():
+    for source in pathlib.Path(bench.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mmlatent.kernels"):
+                assert node.module == "mmlatent.kernels", (source, node.module)
+                assert {a.name for a in node.names} <= set(mmlatent.kernels.__all__), source
+
+
+def test_unknown_sizes_and_implementations_are_value_errors_naming_the_argument():
+    with pytest.raises(ValueError, match="sizes"):
+        bench.cases_for("huge")
+    case = bench.cases_for("tiny")[0]
+    assert bench.implementation(case, "mmlatent") is case.ours
+    with pytest.raises(ValueError, match="name: .*sdpa"):
+        bench.implementation(case, "no such baseline")
+
+
+def test_hardware_rates_hold_the_formulas_against_the_ceilings():
+    # 2 * 3 GEMMs * T H V FLOPs for a trainable head
+    assert bench.linear_head_flops(2, 3, 5, trainable_head=True) == 2 * 3 * 2 * 3 * 5
+    rates = bench.hardware_rates(flops=790e12, bytes_moved=4.3e12, seconds=1.0, device="nvidia-h200")
+    assert rates == {"tflops": 790.0, "fraction_of_bf16_ceiling": 1.0, "gbps": 4300.0, "fraction_of_hbm": 1.0}
+    assert "fraction_of_hbm" not in bench.hardware_rates(0.0, 1e9, 1.0, "cpu-2core")
