@@ -2,7 +2,7 @@
 
 Each formula counts the least work any implementation must do: FLOPs of the matrix products (2 per
 multiply-add), or the bytes of the tensors that must be read and written once. The ceilings are the measured
-dense bf16 matmul rate and HBM bandwidth (docs/design.md, "Benchmarks: hardware ceilings").
+dense bf16 matmul rate and HBM bandwidth (docs/benchmarks.md, "Hardware ceilings").
 """
 from __future__ import annotations
 
