@@ -104,7 +104,10 @@ class AttentionOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def sdpa(self, kind) -> int:
-        return sum(n for (k, op), n in self.ops.items() if k == kind and "scaled_dot_product" in op)
+        """Probability-free attention calls: torch's SDPA, or mmlatent's attention op (opaque to a dispatch mode;
+        its torch backend runs SDPA inside when no lse is asked for)."""
+        return sum(n for (k, op), n in self.ops.items()
+                   if k == kind and ("scaled_dot_product" in op or op == "attention_with_scores"))
 
     def softmax(self, kind) -> int:
         return sum(n for (k, op), n in self.ops.items() if k == kind and "softmax" in op)
@@ -119,8 +122,8 @@ def test_probability_free_calls_run_sdpa_on_an_eager_loaded_model(name, use_back
     """Every attention call of IVTLR's training step and generation runs torch's SDPA: each language-model call
     exactly one, each vision-tower call one per image (Qwen2-VL splits its patches by image), and none builds
     softmax probabilities. The reference, on the same model, runs the vision tower eager as the public code.
-    (mmlatent's reference backend pinned: where the fused attention_with_scores has a fast backend, the no-grad
-    rollout reads run it instead of SDPA, also without probabilities.)"""
+    (The no-grad rollout reads run mmlatent's attention_with_scores, whose torch backend is SDPA plus the score
+    row's mass; the reference alias of that backend is pinned, as user scripts may still pin it.)"""
     use_backend("reference")
     model = eager_loaded(name)
     text, vision = ATTENTION[name]

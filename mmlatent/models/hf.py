@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from mmlatent.kernels import ATTENTION_WITH_SCORES, attention_with_scores, row_attention_mass
+from mmlatent.kernels import attention_with_scores, row_attention_mass
 
 ATTENTION_PREFIX = "mmlatent_"
 
@@ -120,10 +120,10 @@ def mmlatent_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     arguments, so a checkpointed layer replays the same choice in its backward:
 
     - ``mmlatent_rollout``: adds the last query row's image-token mass into the rollout's score buffer. Under
-      no_grad on a GPU by :func:`mmlatent.kernels.attention_with_scores`, in the same pass as the attention (no
-      attention matrix); when differentiable (the training prefill), or where that op would run its reference
-      backend (CPU), the output comes from the call's implementation (below) and the mass from
-      :func:`mmlatent.kernels.row_attention_mass` (one more read of K, for one row).
+      no_grad by :func:`mmlatent.kernels.attention_with_scores` (``return_lse=False``), which decides once what
+      runs: on a GPU the attention and the mass in one pass, on a CPU SDPA and the row's mass. When
+      differentiable (the training prefill) the output comes from the call's implementation (below) and the mass
+      from :func:`mmlatent.kernels.row_attention_mass` (one more read of K, for one row).
     - ``mmlatent_eager``: eager attention returning its probabilities (the reference's latent passes).
     - neither (the loss pass, decoding, the vision tower): the call's implementation, which is
       :func:`fast_implementation` of ``fallback`` when ``mmlatent_lease.fast`` (IVTLR's calls: SDPA on an
@@ -139,12 +139,7 @@ def mmlatent_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     if ctx is None or not causal:
         return _fallback_attention(implementation, module, query, key, value, attention_mask, scaling, dropout,
                                    **kwargs)
-    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    # The fused op's reference backend is an oracle, not a fast CPU attention: torch's SDPA plus the one score
-    # row measured 2.5x faster than it at M = N = 1050 on 2 cores (and it is forward-only, so a differentiable
-    # call never asks for it).
-    if differentiable or ATTENTION_WITH_SCORES.choose(device=query.device, dtype=query.dtype,
-                                                      head_dim=query.shape[-1], out=ctx.scores) == "reference":
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
         out = _fallback_attention(implementation, module, query, key, value, attention_mask, scaling, dropout,
                                   **kwargs)
         with torch.no_grad():
@@ -153,7 +148,7 @@ def mmlatent_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         return out
     o, _ = attention_with_scores(query, key, value, causal=True, key_valid=ctx.key_valid,
                                  image_index=ctx.image_index, scores_out=ctx.scores, score_row=-1, scale=scaling,
-                                 weight=ctx.weight)
+                                 weight=ctx.weight, return_lse=False)
     return o.transpose(1, 2), None
 
 
