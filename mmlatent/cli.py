@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", parents=[debug],
                               help="evaluate a saved run (a folder written by mmlatent train)")
     evaluate.add_argument("--checkpoint", required=True, help="a finished run's final/ folder")
-    evaluate.add_argument("--n", type=bench_module._positive_int,
+    evaluate.add_argument("--n", type=bench_module.positive_int,
                           help="evaluate the first N held-out records (default: all)")
     evaluate.add_argument("--out", help="JSON file for the full results (default: only the summary is printed)")
     evaluate.add_argument("--device", type=_device, help="cpu or cuda (default: cpu)")

@@ -26,9 +26,6 @@ from .harness import (compare_with_ours, measure, memory_probe, peak_memory_cpu_
                       time_call)
 from .report import device_label, markdown, plot
 
-# mmlatent.cli reads the argparse type under its former name
-_positive_int = positive_int
-
 __all__ = ["Case", "MMLATENT", "FLOOR_PREFIX", "implementation", "SIZES", "FAMILIES", "cases_for",
            "attention_case", "row_mass_case", "select_case", "cross_entropy_case", "log_probs_case",
            "modulate_case", "diffusion_mse_case", "diffusion_case", "ivtlr_case", "LATENT_STEPS",
