@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from mmlatent.data import (Record, VLMCollator, WordTokenizer, image_processor_for, lenient_correct,
-                           stage_for_epoch, strict_answer, synthetic)
+                           strict_answer, synthetic)
 from mmlatent.data.readers import read_m3cot, read_scienceqa
 from mmlatent.models.tiny import tiny_qwen2_vl
+from mmlatent.train.curriculum import Curriculum, stage_for_epoch
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,25 @@ def test_record_checks_steps_and_scoring():
     assert strict_answer("answer : b") is None
     assert lenient_correct("Answer: A ... the answer is B", "A") and not lenient_correct("the answer is C", "A")
     assert [stage_for_epoch(e, 2, 3) for e in range(9)] == [0, 0, 1, 1, 2, 2, 3, 3, 3]
+
+
+def test_curriculum_is_the_one_place_that_tells_modes_apart():
+    ivtlr = Curriculum("ivtlr", epochs_per_stage=2, max_latent_steps=3, reset_optimizer_per_stage=True)
+    assert [ivtlr.stage(e) for e in range(9)] == [0, 0, 1, 1, 2, 2, 3, 3, 3] and ivtlr.final_stage(12) == 3
+    assert [ivtlr.resets_optimizer(e, p) for e, p in [(0, None), (1, 0), (2, 1), (8, 7)]] == [False, False, True,
+                                                                                                False]
+    for mode in ("cot", "no_cot"):
+        flat = Curriculum(mode, epochs_per_stage=1, reset_optimizer_per_stage=True)
+        assert {flat.stage(e) for e in range(6)} == {0} and not flat.resets_optimizer(3, 2)
+    with pytest.raises(ValueError, match="mode"):
+        Curriculum("latent")
+    with pytest.raises(ValueError, match="epochs_per_stage"):
+        Curriculum("ivtlr", epochs_per_stage=0)
+
+
+def test_collator_refuses_latent_steps_outside_ivtlr(tokenizer):
+    with pytest.raises(ValueError, match="stage: mode 'cot' has no latent steps"):
+        VLMCollator(tokenizer, None, mode="cot", stage=2)
 
 
 # ------------------------------------------------------------------------------------------------------ readers

@@ -88,8 +88,9 @@ class VLMCollator:
         tokenizer: a :class:`mmlatent.data.tokenizer.WordTokenizer` (or anything with ``encode`` and the
             pad/bos/eos/latent/image/vision_start/vision_end ids).
         image_processor: a Qwen2-VL image processor (see :func:`image_processor_for`).
-        mode: "no_cot", "cot" or "ivtlr"; stage: latent steps for "ivtlr"; max_latent_steps: the rationale is cut
-            into at most this many steps.
+        mode: "no_cot" (answer only), "cot" (rationale, then answer) or "ivtlr"; stage: the number of latent
+            steps (the curriculum's stage, :mod:`mmlatent.train.curriculum`; only "ivtlr" has any);
+            max_latent_steps: the rationale is cut into at most this many steps.
         prompt_only: stop after the latent tokens (generation prompts); labels are then omitted.
         image_token_ids: (placeholder, start, end) ids when the model's differ from the tokenizer's (Chameleon:
             :func:`vlm_image_token_ids`).
@@ -108,6 +109,8 @@ class VLMCollator:
             raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
         if self.stage < 0 or self.stage > self.max_latent_steps:
             raise ValueError(f"stage: expected 0..{self.max_latent_steps}, got {self.stage}")
+        if self.stage and self.mode != "ivtlr":
+            raise ValueError(f"stage: mode {self.mode!r} has no latent steps, got stage {self.stage}")
 
     def sample(self, record: Record, image_tokens: int):
         t = self.tokenizer
@@ -116,7 +119,7 @@ class VLMCollator:
         prompt += [start_id] + [image_id] * image_tokens + [end_id]
         prompt += t.encode(prompt_text(record))
         steps = record.steps(self.max_latent_steps)
-        latents = self.stage if self.mode == "ivtlr" else 0
+        latents = self.stage
         prompt += [t.latent_id] * latents
         if self.prompt_only:
             return prompt, None
@@ -158,10 +161,5 @@ class VLMCollator:
         return batch
 
 
-def stage_for_epoch(epoch: int, epochs_per_stage: int, max_stage: int) -> int:
-    """IVT-LR's curriculum: stage = epoch // epochs_per_stage, capped at the last stage."""
-    return min(epoch // epochs_per_stage, max_stage)
-
-
 __all__ = ["VLMCollator", "ChameleonImages", "image_processor_for", "vlm_image_token_ids", "load_image",
-           "stage_for_epoch", "MODES"]
+           "MODES"]

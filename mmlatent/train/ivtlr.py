@@ -17,13 +17,14 @@ import numpy as np
 import torch
 
 from mmlatent.data import (MODES, VLMCollator, WordTokenizer, image_processor_for, lenient_correct, prompt_text,
-                           stage_for_epoch, strict_answer, synthetic)
+                           strict_answer, synthetic)
 from mmlatent.data.records import Record
 from mmlatent.models import IVTLR
 from mmlatent.models import tiny as tiny_models
 
 from .checkpoint import (CheckpointError, check_shapes, load_tensors, read_json, read_manifest, resolve_checkpoint,
                          write_checkpoint, write_json)
+from .curriculum import Curriculum
 from .loop import EpochBatches, TrainConfig, Trainer, check_int
 
 
@@ -303,9 +304,15 @@ def build_model(config: RunConfig, vocab_size: int, device):
     return model
 
 
+def curriculum(config: RunConfig) -> Curriculum:
+    return Curriculum(config.mode, config.epochs_per_stage, config.max_latent_steps,
+                      config.reset_optimizer_per_stage)
+
+
 def collator(config: RunConfig, tokenizer, image_processor, stage: int, prompt_only: bool = False,
              image_token_ids=None) -> VLMCollator:
-    return VLMCollator(tokenizer, image_processor, mode=config.mode, stage=stage if config.mode == "ivtlr" else 0,
+    """``stage``: the curriculum's stage, the number of latent steps in each prompt."""
+    return VLMCollator(tokenizer, image_processor, mode=config.mode, stage=stage,
                        max_latent_steps=config.max_latent_steps, prompt_only=prompt_only,
                        image_token_ids=image_token_ids)
 
@@ -317,8 +324,7 @@ def _image_token_ids(wrapper: IVTLR):
 
 
 def final_stage(config: RunConfig) -> int:
-    return stage_for_epoch(config.epochs - 1, config.epochs_per_stage, config.max_latent_steps) \
-        if config.mode == "ivtlr" else 0
+    return curriculum(config).final_stage(config.epochs)
 
 
 # ------------------------------------------------------------------------------------------------------ running
@@ -344,11 +350,11 @@ def train(config: RunConfig, device=None, resume: Optional[str] = None, progress
     model = build_model(config, len(tokenizer), device)
     image_processor = _image_processor(config, model)
     wrapper = IVTLR(model, tokenizer.latent_id, k=config.k)
-    stage_of = lambda epoch: stage_for_epoch(epoch, config.epochs_per_stage, config.max_latent_steps)  # noqa: E731
+    stages = curriculum(config)
     collators = {}
 
     def collate(records, epoch):
-        stage = stage_of(epoch) if config.mode == "ivtlr" else 0
+        stage = stages.stage(epoch)
         if stage not in collators:
             collators[stage] = collator(config, tokenizer, image_processor, stage,
                                         image_token_ids=_image_token_ids(wrapper))
@@ -362,17 +368,15 @@ def train(config: RunConfig, device=None, resume: Optional[str] = None, progress
     def on_epoch(epoch, previous):
         # the stage of the previous epoch comes from the trainer's saved epoch tracker, so a resumed run resets
         # the optimizer at exactly the boundaries an uninterrupted one does
-        if config.mode == "ivtlr" and config.reset_optimizer_per_stage and previous is not None \
-                and stage_of(epoch) != stage_of(previous):
+        if stages.resets_optimizer(epoch, previous):
             trainer.reset_optimizer()
 
     def loss_fn(m, batch):
         return wrapper(**batch).loss
 
     def eval_fn(_model):  # periodic evaluation on the first held-out questions, at the current stage
-        stage = stage_of(batches.epoch) if config.mode == "ivtlr" else 0
         metrics = evaluate(wrapper, tokenizer, image_processor, config, eval_records[:config.eval_samples],
-                           stage=stage)
+                           stage=stages.stage(trainer.epoch))
         return {k: metrics[k] for k in ("accuracy", "accuracy_stderr", "stage", "n")}
 
     train_config.progress = progress and train_config.progress

@@ -74,8 +74,9 @@ def check_int(name: str, value, minimum: int = 1) -> None:
 
 
 class EpochBatches:
-    """A deterministic stream of batches: each epoch visits the records in an order drawn from (seed, epoch), in
-    batches of ``batch_size`` built by ``collate(records, epoch)``. Its position is part of every checkpoint."""
+    """A deterministic stream of ``(epoch, batch)`` pairs: each epoch visits the records in an order drawn from
+    (seed, epoch), in batches of ``batch_size`` built by ``collate(records, epoch)``. Its position is part of every
+    checkpoint."""
 
     def __init__(self, records: Sequence, batch_size: int, collate: Callable, seed: int = 0, drop_last: bool = True):
         if batch_size < 1 or batch_size > len(records):
@@ -93,7 +94,7 @@ class EpochBatches:
         order = self._order(self.epoch)
         chosen = order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
         self.index += 1
-        return self.collate([self.records[i] for i in chosen], self.epoch)
+        return self.epoch, self.collate([self.records[i] for i in chosen], self.epoch)
 
     def __iter__(self) -> Iterator:
         return self
@@ -141,6 +142,7 @@ class Trainer:
             raise ValueError("model: no parameter requires grad; nothing to train")
         self.step = 0
         self.history: Dict[str, List] = {"train": [], "eval": []}
+        # the epoch of the last batch trained on (None before the first): what on_epoch was last called with
         self._seen_epoch = None
         self.reset_optimizer()
         if config.gradient_checkpointing:
@@ -178,33 +180,35 @@ class Trainer:
             t0 = time.perf_counter()
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
-            total_loss, tokens = 0.0, 0
+            step_loss, tokens = torch.zeros((), device=self.device), 0
             for _ in range(c.grad_accum):
-                self._epoch_hook()
-                batch = next(self.batches)
+                epoch, batch = next(self.batches)
+                self._enter_epoch(epoch)
+                # counted on the host copy, before the move: no device sync
+                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
                 batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     loss = self.loss_fn(self.model, batch)
                 (loss / c.grad_accum).backward()
-                # sync point: the loss value is read on the host once per micro-batch (progress and history)
-                total_loss += float(loss.detach()) / c.grad_accum
-                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+                step_loss += loss.detach().float() / c.grad_accum  # stays on the device until it is logged
             params = [p for _, p in self.named_params]
-            # sync point: the gradient norm is read for the history
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.clip)) if c.clip > 0 else float("nan")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, c.clip) if c.clip > 0 else None
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
+            # sync point, once per optimizer step: the loss and gradient norm are logged (history, progress bar)
+            step_loss = float(step_loss)
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             elapsed = time.perf_counter() - t0
             peak = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
                     else _rss_peak_bytes())
-            record = dict(step=self.step, loss=total_loss, lr=self.scheduler.get_last_lr()[0], grad_norm=grad_norm,
+            record = dict(step=self.step, loss=step_loss, lr=self.scheduler.get_last_lr()[0], grad_norm=grad_norm,
                           tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0, peak_memory_bytes=peak,
-                          epoch=self.batches.epoch, seconds=elapsed)
+                          epoch=epoch, seconds=elapsed)
             self.history["train"].append(record)
-            bar.set_postfix(loss=f"{total_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                            peak=f"{peak / 2**20:.0f}MiB", epoch=self.batches.epoch)
+            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            peak=f"{peak / 2**20:.0f}MiB", epoch=epoch)
             bar.update(1)
             if self.eval_fn is not None and c.eval_every and self.step % c.eval_every == 0:
                 self.evaluate()
@@ -217,8 +221,12 @@ class Trainer:
     def finished(self) -> bool:
         return self.step >= self.config.max_steps
 
-    def _epoch_hook(self):
-        epoch = self.batches.epoch if self.batches.index < self.batches.per_epoch else self.batches.epoch + 1
+    @property
+    def epoch(self) -> int:
+        """The epoch of the last batch trained on (0 before the first)."""
+        return 0 if self._seen_epoch is None else self._seen_epoch
+
+    def _enter_epoch(self, epoch: int) -> None:
         if epoch != self._seen_epoch:
             previous, self._seen_epoch = self._seen_epoch, epoch
             if self.on_epoch is not None:
