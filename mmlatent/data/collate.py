@@ -22,49 +22,18 @@ from .records import Record, answer_text, prompt_text
 MODES = ("no_cot", "cot", "ivtlr")
 
 
-class ChameleonImages:
-    """Chameleon's image inputs: each image resized to the VQ-GAN's resolution and scaled to [-1, 1] (as its
-    processor does); every image becomes ``tokens_per_image`` placeholders."""
-
-    def __init__(self, resolution: int, tokens_per_image: int):
-        self.resolution, self.tokens_per_image = resolution, tokens_per_image
-
-    def __call__(self, images, return_tensors="pt"):
-        from PIL import Image
-        out = []
-        for image in images:
-            resized = Image.fromarray(image).convert("RGB").resize((self.resolution, self.resolution),
-                                                                   Image.BICUBIC)
-            out.append(torch.from_numpy(np.asarray(resized, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
-        return {"pixel_values": torch.stack(out)}
-
-
 def vlm_image_token_ids(vlm):
-    """(placeholder, start, end) ids of a model's image tokens: Qwen's image pad and vision start/end, or
-    Chameleon's <image>, <racm3:break> and <eoss>."""
-    config = vlm.config
-    if config.model_type == "chameleon":
-        names = config.vocabulary_map
-        return names["<image>"], names["<racm3:break>"], names["<eoss>"]
-    return config.image_token_id, config.vision_start_token_id, config.vision_end_token_id
+    """(placeholder, start, end) ids of a model's image tokens (its backbone's: Qwen's image pad and vision
+    start/end, Chameleon's <image>, <racm3:break> and <eoss>)."""
+    from mmlatent.models.backbones import VLMBackbone
+    return VLMBackbone(vlm).image_token_ids()
 
 
 def image_processor_for(vlm):
-    """The image processor a Qwen2-VL / Qwen2.5-VL model expects, built from its config (no download): pixels
-    rescaled to [0, 1] and not normalised (the tiny models are trained from scratch on that scale). For
-    Chameleon, :class:`ChameleonImages`."""
-    if vlm.config.model_type == "chameleon":
-        vq = vlm.config.vq_config
-        return ChameleonImages(vq.resolution, (vq.resolution // 2 ** (len(vq.channel_multiplier) - 1)) ** 2)
-    try:  # the PIL backend: torchvision is not a dependency
-        from transformers import Qwen2VLImageProcessorPil as Processor
-    except ImportError:
-        from transformers import Qwen2VLImageProcessor as Processor
-    vision = vlm.config.vision_config
-    side = vision.patch_size * vision.spatial_merge_size
-    return Processor(patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-                                 merge_size=vision.spatial_merge_size, image_mean=[0.0] * 3, image_std=[1.0] * 3,
-                                 min_pixels=side * side, max_pixels=1024 * 1024)
+    """The image processor a model expects, built from its config by its backbone (no download): for Qwen2-VL /
+    Qwen2.5-VL pixels rescaled to [0, 1], not normalised; for Chameleon its VQ-GAN resolution in [-1, 1]."""
+    from mmlatent.models.backbones import VLMBackbone
+    return VLMBackbone(vlm).image_processor()
 
 
 def load_image(image, record_id: str) -> np.ndarray:
@@ -161,5 +130,5 @@ class VLMCollator:
         return batch
 
 
-__all__ = ["VLMCollator", "ChameleonImages", "image_processor_for", "vlm_image_token_ids", "load_image",
+__all__ = ["VLMCollator", "image_processor_for", "vlm_image_token_ids", "load_image",
            "MODES"]

@@ -1,13 +1,11 @@
-"""Hugging Face vision-language models as IVT-LR backbones, and the attention function of the latent rollout.
+"""The attention function of the latent rollout, and its installation on a Hugging Face model.
 
-:class:`VLMBackbone` gives one interface over the supported families (Qwen2-VL, Qwen2.5-VL, Chameleon): their
-language model, their image embeddings (vision-merger outputs, or Chameleon's embedded VQ tokens), their
-positions and their output head. Nothing in transformers is patched: :func:`mmlatent_attention` is registered
-with ``AttentionInterface`` (with the previous implementation's mask function in ``AttentionMaskInterface``) and
-set as the language model's implementation (and the vision tower's, where that one is eager); keyword arguments of
-each call select the rollout kernels, eager probabilities or the fast implementation, and every call without them
-(the user's own) runs the previous implementation. :meth:`VLMBackbone.install_attention` records what the model had
-and :meth:`VLMBackbone.restore_attention` puts it back.
+The model families themselves are in :mod:`mmlatent.models.backbones`. Nothing in transformers is patched:
+:func:`mmlatent_attention` is registered with ``AttentionInterface`` (with the previous implementation's mask
+function in ``AttentionMaskInterface``) and set as the language model's implementation (and the vision tower's,
+where that one is eager); keyword arguments of each call select the rollout kernels, eager probabilities or the
+fast implementation, and every call without them (the user's own) runs the previous implementation. :func:`install_attention` records what the model had and
+:func:`restore_attention` puts it back.
 """
 from __future__ import annotations
 
@@ -205,194 +203,63 @@ def _restore(model: nn.Module, record: _Installation) -> None:
     _INSTALLATIONS.pop(model, None)
 
 
-_FAMILIES = {
-    "Qwen2VLForConditionalGeneration": ("qwen", 32),
-    "Qwen2_5_VLForConditionalGeneration": ("qwen", 32),
-    "ChameleonForConditionalGeneration": ("chameleon", 64),
-}
+def _wanted_attention(backbone: "VLMBackbone") -> Dict[str, str]:
+    """sub-config key -> the mmlatent implementation it needs: the language model's always (the rollout's
+    keywords), the vision tower's where a faster implementation than its own exists."""
+    wanted = {backbone.text_key: attention_name(wrapped_implementation(backbone.text_config._attn_implementation))}
+    key = backbone.vision_attention_key
+    if key is not None:
+        vision = wrapped_implementation(getattr(backbone.config, key)._attn_implementation)
+        if fast_implementation(vision) != vision:
+            wanted[key] = attention_name(vision)
+    return wanted
 
 
-class VLMBackbone:
-    """One interface over the supported vision-language models (a PEFT-wrapped model is unwrapped to its base,
-    whose modules carry the adapters)."""
+def _current_attention(backbone: "VLMBackbone", key: str) -> Optional[str]:
+    return (getattr(backbone.config, key) if key else backbone.config)._attn_implementation
 
-    def __init__(self, vlm: nn.Module):
-        base = vlm.get_base_model() if hasattr(vlm, "get_base_model") else vlm
-        name = type(base).__name__
-        if name not in _FAMILIES:
-            raise TypeError(f"vlm: unsupported model class {name}; IVT-LR supports "
-                            f"{', '.join(sorted(_FAMILIES))}")
-        self.model = base
-        self.family, self.default_k = _FAMILIES[name]
-        self.config = base.config
-        self.text_config = base.config.get_text_config()
-        self.image_token_id = int(base.config.image_token_id)
 
-    # ---------------------------------------------------------------------------------------------- modules
-    @property
-    def language_model(self) -> nn.Module:
-        """Decoder taking inputs_embeds, attention_mask, position_ids and a KV cache -> last_hidden_state."""
-        return self.model.model.language_model if self.family == "qwen" else self.model.model
+def install_attention(backbone: "VLMBackbone", lease: AttentionLease) -> Dict[str, str]:
+    """Routes the language model's attention (and an eager vision tower's) through :func:`mmlatent_attention`,
+    kept as long as ``lease`` (or another lease on the same model) is alive; returns what was set.
 
-    @property
-    def lm_head(self) -> nn.Linear:
-        return self.model.get_output_embeddings()
-
-    @property
-    def num_layers(self) -> int:
-        return self.text_config.num_hidden_layers
-
-    @property
-    def num_heads(self) -> int:
-        return self.text_config.num_attention_heads
-
-    @property
-    def text_key(self) -> str:
-        """The language model's sub-config key for ``set_attn_implementation`` ("" for Chameleon: its own)."""
-        return "text_config" if self.family == "qwen" else ""
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(input_ids)
-
-    # ----------------------------------------------------------------------------------------------- inputs
-    def check_images(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
-                     image_grid_thw: Optional[torch.Tensor]) -> None:
-        """Clear errors for image inputs that do not fit the placeholders of ``input_ids``."""
-        n_tokens = int((input_ids == self.image_token_id).sum())
-        if pixel_values is None:
-            if n_tokens:
-                raise ValueError(f"pixel_values: required, input_ids hold {n_tokens} image tokens")
-            return
-        if self.family == "chameleon":
-            per_image = self.tokens_per_chameleon_image()
-            if pixel_values.dim() != 4:
-                raise ValueError(f"pixel_values: expected [images, 3, H, W], got {tuple(pixel_values.shape)}")
-            if pixel_values.shape[0] * per_image != n_tokens:
-                images = pixel_values.shape[0]
-                raise ValueError(f"pixel_values: {images} images make {images * per_image} image tokens, but "
-                                 f"input_ids hold {n_tokens}")
-            return
-        if image_grid_thw is None:
-            raise ValueError("image_grid_thw: required with pixel_values for Qwen2-VL / Qwen2.5-VL")
-        if image_grid_thw.dim() != 2 or image_grid_thw.shape[1] != 3:
-            raise ValueError(f"image_grid_thw: expected [images, 3] (t, h, w), got {tuple(image_grid_thw.shape)}")
-        patches = int(image_grid_thw.prod(dim=1).sum())
-        if pixel_values.shape[0] != patches:
-            raise ValueError(f"pixel_values: expected {patches} rows (the sum of t*h*w over image_grid_thw), "
-                             f"got {pixel_values.shape[0]}")
-        merge = self.config.vision_config.spatial_merge_size
-        if patches // merge ** 2 != n_tokens:
-            raise ValueError(f"image_grid_thw: describes {patches // merge ** 2} image tokens, but input_ids hold "
-                             f"{n_tokens}")
-
-    def tokens_per_chameleon_image(self) -> int:
-        vq = self.config.vq_config
-        return (vq.resolution // 2 ** (len(vq.channel_multiplier) - 1)) ** 2
-
-    def input_embeddings(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
-                         image_grid_thw: Optional[torch.Tensor],
-                         lease: Optional[AttentionLease] = None) -> torch.Tensor:
-        """[B, S, D] layer-0 inputs: token embeddings, image placeholders replaced by the image embeddings
-        (vision-merger outputs for Qwen, embedded VQ tokens for Chameleon), in images' order. ``lease`` goes with
-        the vision tower's attention calls (Chameleon's VQ-GAN has no attention function to choose)."""
-        embeds = self.embed_tokens(input_ids)
-        if pixel_values is None:
-            return embeds
-        inner = self.model.model
-        if self.family == "qwen":
-            dtype = inner.visual.dtype if hasattr(inner.visual, "dtype") else embeds.dtype
-            extra = {} if lease is None else {"mmlatent_lease": lease}
-            features = inner.get_image_features(pixel_values.to(dtype), image_grid_thw, return_dict=True, **extra)
-            image = torch.cat(list(features.pooler_output), dim=0)
+    Set on the model rather than per call: gradient checkpointing's backward recomputes layers with whatever
+    is set then. Calls without mmlatent's keyword arguments still run the implementation the model was loaded
+    with. Called before every wrapper call: it reinstalls after :func:`restore_attention` or after the user
+    set another implementation (whose value is then the one restored)."""
+    model = backbone.model
+    wanted = _wanted_attention(backbone)
+    record = _INSTALLATIONS.get(model)
+    if record is None or any(_current_attention(backbone, k) != name for k, name in wanted.items()):
+        originals = [(config, wrapped_implementation(config._attn_implementation_internal))
+                     for config in backbone.attention_configs()]
+        if record is not None:  # values the user set since the first installation win
+            before = {id(config): value for config, value in record.originals}
+            originals = [(config, before.get(id(config), value)
+                          if config._attn_implementation_internal in _REGISTERED else value)
+                         for config, value in originals]
+            record.originals = originals
         else:
-            features = inner.get_image_features(pixel_values.to(embeds.dtype), return_dict=True)
-            image = features.pooler_output.reshape(-1, embeds.shape[-1])
-        mask = (input_ids == self.image_token_id)[..., None].expand_as(embeds)
-        return embeds.masked_scatter(mask, image.to(embeds.dtype))
+            record = _INSTALLATIONS[model] = _Installation(originals, weakref.WeakSet())
+        model.set_attn_implementation(wanted)
+    if lease not in record.leases:
+        record.leases.add(lease)
+        weakref.finalize(lease, _release, weakref.ref(model)).atexit = False
+    return wanted
 
-    def model_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        image_grid_thw: Optional[torch.Tensor]) -> torch.Tensor:
-        """The model's own positions of the original sequence: [3, B, S] M-RoPE for Qwen (its get_rope_index),
-        [1, B, S] for Chameleon (arange over the padded row, as its forward builds them)."""
-        B, S = input_ids.shape
-        if self.family == "chameleon" or image_grid_thw is None:
-            return torch.arange(S, device=input_ids.device).expand(1, B, S).clone()
-        mm_types = (input_ids == self.image_token_id).int()
-        positions, _ = self.model.model.get_rope_index(input_ids, mm_token_type_ids=mm_types,
-                                                       image_grid_thw=image_grid_thw,
-                                                       attention_mask=attention_mask)
-        return positions
 
-    def position_ids(self, positions: torch.Tensor) -> torch.Tensor:
-        """[R, B, M] positions -> what the language model takes: [3, B, M] for Qwen, [B, M] for Chameleon."""
-        if self.family == "qwen":
-            return positions.expand(3, -1, -1)
-        return positions[0]
+def restore_attention(model: nn.Module) -> None:
+    """Gives the model back the ``_attn_implementation`` of every config as it was before mmlatent's was
+    installed (a config the user changed since keeps the user's value). Live wrappers reinstall at their next
+    call."""
+    record = _INSTALLATIONS.get(model)
+    if record is not None:
+        _restore(model, record)
 
-    # ------------------------------------------------------------------------------------------- attention
-    def attention_configs(self) -> List[object]:
-        """Every config of the model that carries an attention implementation, once each: its own, its
-        sub-configs at any depth, and those of its sub-models."""
-        from transformers import PreTrainedModel
-        found, queue = {}, [self.config]
-        queue += [m.config for m in self.model.modules() if isinstance(m, PreTrainedModel)]
-        while queue:
-            config = queue.pop(0)
-            if id(config) in found:
-                continue
-            found[id(config)] = config
-            queue += [getattr(config, key) for key in getattr(config, "sub_configs", {})
-                      if getattr(config, key, None) is not None]
-        return list(found.values())
 
-    def _wanted_attention(self) -> Dict[str, str]:
-        """sub-config key -> the mmlatent implementation it needs: the language model's always (the rollout's
-        keywords), the vision tower's where a faster implementation than its own exists."""
-        wanted = {self.text_key: attention_name(wrapped_implementation(self.text_config._attn_implementation))}
-        if self.family == "qwen":
-            vision = wrapped_implementation(self.config.vision_config._attn_implementation)
-            if fast_implementation(vision) != vision:
-                wanted["vision_config"] = attention_name(vision)
-        return wanted
-
-    def _current_attention(self, key: str) -> Optional[str]:
-        return (getattr(self.config, key) if key else self.config)._attn_implementation
-
-    def install_attention(self, lease: AttentionLease) -> Dict[str, str]:
-        """Routes the language model's attention (and an eager vision tower's) through :func:`mmlatent_attention`,
-        kept as long as ``lease`` (or another lease on the same model) is alive; returns what was set.
-
-        Set on the model rather than per call: gradient checkpointing's backward recomputes layers with whatever
-        is set then. Calls without mmlatent's keyword arguments still run the implementation the model was loaded
-        with. Called before every wrapper call: it reinstalls after :meth:`restore_attention` or after the user
-        set another implementation (whose value is then the one restored)."""
-        wanted = self._wanted_attention()
-        record = _INSTALLATIONS.get(self.model)
-        if record is None or any(self._current_attention(k) != name for k, name in wanted.items()):
-            originals = [(config, wrapped_implementation(config._attn_implementation_internal))
-                         for config in self.attention_configs()]
-            if record is not None:  # values the user set since the first installation win
-                before = {id(config): value for config, value in record.originals}
-                originals = [(config, before.get(id(config), value)
-                              if config._attn_implementation_internal in _REGISTERED else value)
-                             for config, value in originals]
-                record.originals = originals
-            else:
-                record = _INSTALLATIONS[self.model] = _Installation(originals, weakref.WeakSet())
-            self.model.set_attn_implementation(wanted)
-        if lease not in record.leases:
-            record.leases.add(lease)
-            weakref.finalize(lease, _release, weakref.ref(self.model)).atexit = False
-        return wanted
-
-    def restore_attention(self) -> None:
-        """Gives the model back the ``_attn_implementation`` of every config as it was before mmlatent's was
-        installed (a config the user changed since keeps the user's value). Live wrappers reinstall at their
-        next call."""
-        record = _INSTALLATIONS.get(self.model)
-        if record is not None:
-            _restore(self.model, record)
-
+# the backbones call install_attention / restore_attention; imported last, as they import this module lazily
+from .backbones import VLMBackbone  # noqa: E402
 
 __all__ = ["VLMBackbone", "RolloutScores", "EagerProbabilities", "AttentionLease", "mmlatent_attention",
-           "eager_attention", "fast_implementation", "attention_name", "wrapped_implementation", "ATTENTION_PREFIX"]
+           "eager_attention", "fast_implementation", "attention_name", "wrapped_implementation", "install_attention",
+           "restore_attention", "ATTENTION_PREFIX"]

@@ -27,7 +27,8 @@ from torch import nn
 from mmlatent.kernels import select_topk_tokens
 
 from .compat import cache_kwargs
-from .hf import AttentionLease, EagerProbabilities, RolloutScores, VLMBackbone
+from .backbones import VLMBackbone
+from .hf import AttentionLease, EagerProbabilities, RolloutScores
 from .lm_head import head_for
 
 POSITION_MODES = ("linear", "mrope")
@@ -171,7 +172,7 @@ class _IVTLRBase(nn.Module):
         self.k = _resolve_k(self.backbone, k)
         if position_mode not in POSITION_MODES:
             raise ValueError(f"position_mode: expected 'linear' or 'mrope', got {position_mode!r}")
-        if position_mode == "mrope" and self.backbone.family != "qwen":
+        if position_mode == "mrope" and not self.backbone.has_mrope:
             raise ValueError("position_mode: 'mrope' needs an M-RoPE model (Qwen2-VL, Qwen2.5-VL); Chameleon's "
                              "positions are 1-D, use 'linear'")
         self.position_mode = position_mode

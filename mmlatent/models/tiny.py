@@ -10,6 +10,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .backbones import VLMBackbone
+
 PAD_ID, BOS_ID, EOS_ID, LATENT_ID = 0, 1, 2, 3
 FIRST_TEXT_ID = 6
 
@@ -92,14 +94,8 @@ def tiny_chameleon(text_vocab=200, codebook=32, hidden=64, layers=2, heads=4, kv
 
 
 def image_tokens_per_image(vlm, image_hw) -> int:
-    """Image tokens the language model sees for one image of ``image_hw`` pixels."""
-    config = vlm.config
-    if config.model_type == "chameleon":
-        vq = config.vq_config
-        return (vq.resolution // 2 ** (len(vq.channel_multiplier) - 1)) ** 2
-    patch = config.vision_config.patch_size
-    merge = config.vision_config.spatial_merge_size
-    return (image_hw[0] // patch) * (image_hw[1] // patch) // merge ** 2
+    """Image tokens the language model sees for one image of ``image_hw`` pixels (its backbone's count)."""
+    return VLMBackbone(vlm).tokens_per_image(image_hw)
 
 
 def synthetic_batch(vlm, *, images: Sequence[Sequence[Sequence[int]]], prompt_lengths: Sequence[int],
@@ -121,27 +117,19 @@ def synthetic_batch(vlm, *, images: Sequence[Sequence[Sequence[int]]], prompt_le
     """
     g = torch.Generator().manual_seed(seed)
     config = vlm.config
-    chameleon = config.model_type == "chameleon"
+    backbone = VLMBackbone(vlm)
+    # text ids end where the image ids begin: Chameleon's VQ codes, or the tiny Qwen vocabulary's top 4 ids
     vocab = (config.vocabulary_map and min(v for k, v in config.vocabulary_map.items() if k.startswith("IMGIMG"))) \
-        if chameleon else config.text_config.vocab_size - 4
-    image_id = config.image_token_id
-    start_id, end_id = ((config.vocabulary_map["<racm3:break>"], config.vocabulary_map["<eoss>"]) if chameleon
-                        else (config.vision_start_token_id, config.vision_end_token_id))
+        if backbone.family == "chameleon" else config.text_config.vocab_size - 4
+    image_id, start_id, end_id = backbone.image_token_ids()
     rows: List[List[int]] = []
     label_rows: List[List[int]] = []
-    pixels, grids = [], []
+    pixels = []  # drawn image by image, between the samples' text, so every batch keeps its random values
     for b, sample_images in enumerate(images):
         ids = [BOS_ID]
         for hw in sample_images:
-            ids += [start_id] + [image_id] * image_tokens_per_image(vlm, hw) + [end_id]
-            if chameleon:
-                pixels.append(torch.rand(3, hw[0], hw[1], generator=g) * 2 - 1)
-            else:
-                patch = config.vision_config.patch_size
-                temporal = config.vision_config.temporal_patch_size
-                gh, gw = hw[0] // patch, hw[1] // patch
-                grids.append([1, gh, gw])
-                pixels.append(torch.rand(gh * gw, 3 * temporal * patch * patch, generator=g))
+            ids += [start_id] + [image_id] * backbone.tokens_per_image(hw) + [end_id]
+            pixels.append(backbone.random_pixel_values([hw], g))
         text = lambda n: torch.randint(FIRST_TEXT_ID, vocab, (n,), generator=g).tolist()  # noqa: E731
         ids += text(prompt_lengths[b]) + [latent_id] * num_latents[b]
         answer = text(answer_lengths[b]) + [EOS_ID] if with_answer else []
@@ -156,13 +144,8 @@ def synthetic_batch(vlm, *, images: Sequence[Sequence[Sequence[int]]], prompt_le
         input_ids[b, S - len(ids):] = torch.tensor(ids)
         attention_mask[b, S - len(ids):] = 1
         labels[b, S - len(ids):] = torch.tensor(lab)
-    batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-    if chameleon:
-        batch["pixel_values"] = torch.stack(pixels)
-    else:
-        batch["pixel_values"] = torch.cat(pixels)
-        batch["image_grid_thw"] = torch.tensor(grids)
-    return batch
+    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                **{key: torch.cat([p[key] for p in pixels]) for key in pixels[0]})
 
 
 __all__ = ["tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_chameleon", "qwen2_vl_7b_shapes", "synthetic_batch",

@@ -16,10 +16,11 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from mmlatent.data import (MODES, VLMCollator, WordTokenizer, image_processor_for, lenient_correct, prompt_text,
-                           strict_answer, synthetic)
+from mmlatent.data import (MODES, VLMCollator, WordTokenizer, lenient_correct, prompt_text, strict_answer,
+                           synthetic)
 from mmlatent.data.records import Record
 from mmlatent.models import IVTLR
+from mmlatent.models.backbones import VLMBackbone
 from mmlatent.models import tiny as tiny_models
 
 from .checkpoint import (CheckpointError, check_shapes, load_tensors, read_json, read_manifest, resolve_checkpoint,
@@ -317,12 +318,6 @@ def collator(config: RunConfig, tokenizer, image_processor, stage: int, prompt_o
                        image_token_ids=image_token_ids)
 
 
-def _image_token_ids(wrapper: IVTLR):
-    """The model's own image token ids where they differ from the tokenizer's layout (Chameleon)."""
-    from mmlatent.data.collate import vlm_image_token_ids
-    return vlm_image_token_ids(wrapper.backbone.model) if wrapper.backbone.family == "chameleon" else None
-
-
 def final_stage(config: RunConfig) -> int:
     return curriculum(config).final_stage(config.epochs)
 
@@ -357,7 +352,7 @@ def train(config: RunConfig, device=None, resume: Optional[str] = None, progress
         stage = stages.stage(epoch)
         if stage not in collators:
             collators[stage] = collator(config, tokenizer, image_processor, stage,
-                                        image_token_ids=_image_token_ids(wrapper))
+                                        image_token_ids=wrapper.backbone.collator_image_token_ids())
         return collators[stage](records)
 
     batches = EpochBatches(train_records, config.batch_size, collate, seed=train_options.seed)
@@ -487,7 +482,7 @@ def _image_processor(config: RunConfig, model):
     if "path" in config.model:
         from transformers import AutoImageProcessor
         return AutoImageProcessor.from_pretrained(config.model["path"])
-    return image_processor_for(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    return VLMBackbone(model).image_processor()
 
 
 def evaluate(wrapper: IVTLR, tokenizer, image_processor, config: RunConfig, records: List[Record],
@@ -497,7 +492,7 @@ def evaluate(wrapper: IVTLR, tokenizer, image_processor, config: RunConfig, reco
     from tqdm.auto import tqdm
     stage = final_stage(config) if stage is None else stage
     make = collator(config, tokenizer, image_processor, stage, prompt_only=True,
-                    image_token_ids=_image_token_ids(wrapper))
+                    image_token_ids=wrapper.backbone.collator_image_token_ids())
     device = next(wrapper.parameters()).device
     correct, lenient, tokens, seconds, per_kind, outputs = 0, 0, 0, 0.0, {}, []
     for start in tqdm(range(0, len(records), batch_size), disable=not progress, desc=f"eval {config.name}"):

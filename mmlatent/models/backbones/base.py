@@ -1,0 +1,187 @@
+"""The interface every model family implements, and the registry that picks a family's class for a model.
+
+A backbone owns what differs between model families: the language model and its sub-config, the image embeddings
+(the layer-0 inputs that replace the image placeholders), positions, image token ids, image tokens per image, the
+image processor, the vision tower's attention config and the default k of IVT-LR. IVT-LR, the collator, the tiny
+builders and the trainer ask the backbone and never a model's type (docs/design.md, "Layout").
+
+Adding a family: one module in this package with a subclass registered by :func:`register_backbone`, imported in
+``backbones/__init__.py``, plus a tiny builder and a test.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple, Type
+
+import torch
+from torch import nn
+
+# HF model class name -> the backbone class of its family
+_FAMILIES: Dict[str, Type["VLMBackbone"]] = {}
+
+
+def register_backbone(cls: Type["VLMBackbone"]) -> Type["VLMBackbone"]:
+    """Class decorator: ``cls`` serves every Hugging Face class named in ``cls.model_classes``."""
+    for name in cls.model_classes:
+        _FAMILIES[name] = cls
+    return cls
+
+
+def supported_model_classes() -> List[str]:
+    return sorted(_FAMILIES)
+
+
+def _base_model(vlm: nn.Module) -> nn.Module:
+    """A PEFT model's base (whose modules carry the adapters), else the model itself."""
+    return vlm.get_base_model() if hasattr(vlm, "get_base_model") else vlm
+
+
+class VLMBackbone:
+    """One interface over the supported vision-language models. ``VLMBackbone(vlm)`` returns the instance of the
+    model's family class (a PEFT-wrapped model is unwrapped to its base).
+
+    Class attributes of a family: ``family`` (its short name), ``model_classes`` (the Hugging Face classes it
+    serves), ``default_k`` (IVT-LR's image tokens per latent step), ``has_mrope`` (3-D positions that IVT-LR's
+    "mrope" mode keeps) and ``vision_attention_key`` (the sub-config of a vision tower whose attention mmlatent
+    may route, or None).
+    """
+
+    family: str = ""
+    model_classes: Tuple[str, ...] = ()
+    default_k: int = 0
+    has_mrope: bool = False
+    vision_attention_key: Optional[str] = None
+
+    def __new__(cls, vlm: nn.Module):
+        if cls is VLMBackbone:
+            name = type(_base_model(vlm)).__name__
+            if name not in _FAMILIES:
+                raise TypeError(f"vlm: unsupported model class {name}; IVT-LR supports "
+                                f"{', '.join(supported_model_classes())}")
+            cls = _FAMILIES[name]
+        return super().__new__(cls)
+
+    def __init__(self, vlm: nn.Module):
+        base = _base_model(vlm)
+        self.model = base
+        self.config = base.config
+        self.text_config = base.config.get_text_config()
+        self.image_token_id = int(base.config.image_token_id)
+
+    # ------------------------------------------------------------------------------------------- modules
+    @property
+    def language_model(self) -> nn.Module:
+        """Decoder taking inputs_embeds, attention_mask, position_ids and a KV cache -> last_hidden_state."""
+        raise NotImplementedError
+
+    @property
+    def text_key(self) -> str:
+        """The language model's sub-config key for ``set_attn_implementation`` ("" when it is the model's own)."""
+        raise NotImplementedError
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.model.get_output_embeddings()
+
+    @property
+    def num_layers(self) -> int:
+        return self.text_config.num_hidden_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.text_config.num_attention_heads
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    # -------------------------------------------------------------------------------------------- images
+    def image_token_ids(self) -> Tuple[int, int, int]:
+        """(placeholder, start, end) ids of the model's image tokens."""
+        raise NotImplementedError
+
+    def collator_image_token_ids(self) -> Optional[Tuple[int, int, int]]:
+        """The ids the collator must write where they differ from a tokenizer's own layout, else None."""
+        return None
+
+    def tokens_per_image(self, image_hw: Sequence[int]) -> int:
+        """Image tokens the language model sees for one image of ``image_hw`` (height, width) pixels."""
+        raise NotImplementedError
+
+    def image_processor(self):
+        """The image processor the model expects, built from its config (nothing downloaded)."""
+        raise NotImplementedError
+
+    def random_pixel_values(self, image_hws: Sequence[Sequence[int]], generator: torch.Generator) -> Dict[str,
+                                                                                                        torch.Tensor]:
+        """Random images of the given (height, width) sizes as the model takes them: ``pixel_values`` (and
+        ``image_grid_thw`` where the family has one), for tests and benchmarks."""
+        raise NotImplementedError
+
+    def check_images(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
+                     image_grid_thw: Optional[torch.Tensor]) -> None:
+        """Clear errors for image inputs that do not fit the placeholders of ``input_ids``."""
+        n_tokens = int((input_ids == self.image_token_id).sum())
+        if pixel_values is None:
+            if n_tokens:
+                raise ValueError(f"pixel_values: required, input_ids hold {n_tokens} image tokens")
+            return
+        self._check_pixels(n_tokens, pixel_values, image_grid_thw)
+
+    def _check_pixels(self, n_tokens: int, pixel_values: torch.Tensor,
+                      image_grid_thw: Optional[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def image_embeddings(self, pixel_values: torch.Tensor, image_grid_thw: Optional[torch.Tensor], dtype,
+                         lease) -> torch.Tensor:
+        """[image tokens, D] layer-0 inputs of every image token, in the images' order."""
+        raise NotImplementedError
+
+    def input_embeddings(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
+                         image_grid_thw: Optional[torch.Tensor], lease=None) -> torch.Tensor:
+        """[B, S, D] layer-0 inputs: token embeddings, the image placeholders replaced by the image embeddings.
+        ``lease`` (an :class:`~mmlatent.models.hf.AttentionLease`) goes with the vision tower's attention calls."""
+        embeds = self.embed_tokens(input_ids)
+        if pixel_values is None:
+            return embeds
+        image = self.image_embeddings(pixel_values, image_grid_thw, embeds.dtype, lease)
+        mask = (input_ids == self.image_token_id)[..., None].expand_as(embeds)
+        return embeds.masked_scatter(mask, image.to(embeds.dtype))
+
+    # ------------------------------------------------------------------------------------------ positions
+    def model_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        image_grid_thw: Optional[torch.Tensor]) -> torch.Tensor:
+        """The model's own positions of the original sequence, [R, B, S] (R = 3 for M-RoPE, else 1)."""
+        B, S = input_ids.shape
+        return torch.arange(S, device=input_ids.device).expand(1, B, S).clone()
+
+    def position_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        """[R, B, M] positions -> what the language model takes."""
+        return positions[0]
+
+    # ------------------------------------------------------------------------------------------ attention
+    def attention_configs(self) -> List[object]:
+        """Every config of the model that carries an attention implementation, once each: its own, its
+        sub-configs at any depth, and those of its sub-models."""
+        from transformers import PreTrainedModel
+        found, queue = {}, [self.config]
+        queue += [m.config for m in self.model.modules() if isinstance(m, PreTrainedModel)]
+        while queue:
+            config = queue.pop(0)
+            if id(config) in found:
+                continue
+            found[id(config)] = config
+            queue += [getattr(config, key) for key in getattr(config, "sub_configs", {})
+                      if getattr(config, key, None) is not None]
+        return list(found.values())
+
+    def install_attention(self, lease) -> Dict[str, str]:
+        """See :func:`mmlatent.models.hf.install_attention`."""
+        from .. import hf
+        return hf.install_attention(self, lease)
+
+    def restore_attention(self) -> None:
+        """See :func:`mmlatent.models.hf.restore_attention`."""
+        from .. import hf
+        hf.restore_attention(self.model)
+
+
+__all__ = ["VLMBackbone", "register_backbone", "supported_model_classes"]

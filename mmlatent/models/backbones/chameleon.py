@@ -1,0 +1,81 @@
+"""Chameleon: images are VQ-GAN tokens, embedded as text tokens are; one position row; no vision attention."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .base import VLMBackbone, register_backbone
+
+
+class ChameleonImages:
+    """Chameleon's image inputs: each image resized to the VQ-GAN's resolution and scaled to [-1, 1] (as its
+    processor does); every image becomes ``tokens_per_image`` placeholders."""
+
+    def __init__(self, resolution: int, tokens_per_image: int):
+        self.resolution, self.tokens_per_image = resolution, tokens_per_image
+
+    def __call__(self, images, return_tensors="pt"):
+        from PIL import Image
+        out = []
+        for image in images:
+            resized = Image.fromarray(image).convert("RGB").resize((self.resolution, self.resolution),
+                                                                   Image.BICUBIC)
+            out.append(torch.from_numpy(np.asarray(resized, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
+        return {"pixel_values": torch.stack(out)}
+
+
+@register_backbone
+class ChameleonBackbone(VLMBackbone):
+    family = "chameleon"
+    model_classes = ("ChameleonForConditionalGeneration",)
+    default_k = 64
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def text_key(self) -> str:
+        return ""
+
+    def image_token_ids(self) -> Tuple[int, int, int]:
+        """<image>, <racm3:break> and <eoss>."""
+        names = self.config.vocabulary_map
+        return names["<image>"], names["<racm3:break>"], names["<eoss>"]
+
+    def collator_image_token_ids(self) -> Tuple[int, int, int]:
+        return self.image_token_ids()
+
+    def tokens_per_image(self, image_hw: Sequence[int] = ()) -> int:
+        """Every image is resized to the VQ-GAN's resolution: (resolution / 2^(levels - 1))^2 tokens."""
+        vq = self.config.vq_config
+        return (vq.resolution // 2 ** (len(vq.channel_multiplier) - 1)) ** 2
+
+    def image_processor(self) -> ChameleonImages:
+        return ChameleonImages(self.config.vq_config.resolution, self.tokens_per_image())
+
+    def random_pixel_values(self, image_hws, generator) -> Dict[str, torch.Tensor]:
+        """[images, 3, H, W] in [-1, 1) (all images one size: the VQ-GAN's resolution)."""
+        images = [torch.rand(3, hw[0], hw[1], generator=generator) * 2 - 1 for hw in image_hws]
+        return dict(pixel_values=torch.stack(images))
+
+    def _check_pixels(self, n_tokens: int, pixel_values: torch.Tensor,
+                      image_grid_thw: Optional[torch.Tensor]) -> None:
+        per_image = self.tokens_per_image()
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values: expected [images, 3, H, W], got {tuple(pixel_values.shape)}")
+        if pixel_values.shape[0] * per_image != n_tokens:
+            images = pixel_values.shape[0]
+            raise ValueError(f"pixel_values: {images} images make {images * per_image} image tokens, but "
+                             f"input_ids hold {n_tokens}")
+
+    def image_embeddings(self, pixel_values, image_grid_thw, dtype, lease) -> torch.Tensor:
+        # the VQ-GAN has no attention function to choose, so the lease has nothing to go with
+        features = self.model.model.get_image_features(pixel_values.to(dtype), return_dict=True)
+        return features.pooler_output.reshape(-1, self.text_config.hidden_size)
+
+
+__all__ = ["ChameleonBackbone", "ChameleonImages"]
