@@ -6,7 +6,7 @@ start/end of latent reasoning; the image placeholder and vision start/end ids si
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
