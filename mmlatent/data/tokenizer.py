@@ -4,7 +4,6 @@ words, then the image pad, video pad, vision start and vision end tokens at the 
 from __future__ import annotations
 
 import json
-import os
 from typing import Iterable, List
 
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
@@ -47,12 +46,16 @@ class WordTokenizer:
         hidden = set(range(7)) | {self.image_id, self.video_id, self.vision_start_id, self.vision_end_id}
         return " ".join(self.tokens[i] for i in ids if not (skip_special and i in hidden) and 0 <= i < len(self))
 
+    def state(self) -> dict:
+        """What :meth:`load` reads back: the words (without the fixed special and vision tokens) and the size."""
+        words = [w for w in self.tokens[len(SPECIALS):-len(VISION)] if not w.startswith("<unused")]
+        return {"words": words, "size": len(self.tokens)}
+
     def save(self, path: str) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            words = [w for w in self.tokens[len(SPECIALS):-len(VISION)] if not w.startswith("<unused")]
-            json.dump({"words": words, "size": len(self.tokens)}, f)
-        os.replace(tmp, path)
+        """Writes :meth:`state` as JSON. A checkpoint writes it through :mod:`mmlatent.train.checkpoint`, whose
+        atomic writer makes it crash-safe."""
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.state(), f)
 
     @classmethod
     def load(cls, path: str) -> "WordTokenizer":

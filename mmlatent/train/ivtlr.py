@@ -423,7 +423,7 @@ def save_run(directory: str, model, tokenizer: WordTokenizer, config: RunConfig,
     writers = {"model.safetensors": lambda path: save_file(weights, path),
                "run.json": lambda path: write_json(path, {"config": asdict(config), "result": summary})}
     if isinstance(tokenizer, WordTokenizer):
-        writers["tokenizer.json"] = tokenizer.save
+        writers["tokenizer.json"] = lambda path: write_json(path, tokenizer.state())
     else:  # a checkpoint's tokenizer, with the latent tokens added: its files, saved in a scratch folder
         scratch = tempfile.mkdtemp(prefix="mmlatent-tokenizer-")
         tokenizer.tokenizer.save_pretrained(scratch)
