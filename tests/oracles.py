@@ -54,7 +54,8 @@ def max_err(a, b) -> float:
 
 
 def assert_close_fp32(actual, expected, rtol=1e-5, atol=1e-6, what=""):
-    """1e-5 relative (docs/design.md, "Numerics and tolerances"), with a small atol for values near zero; matching infinities agree."""
+    """1e-5 relative (docs/design.md, "Numerics and tolerances"), with a small atol for values near zero;
+    matching infinities agree."""
     a, e = actual.double(), expected.double()
     both_inf = torch.isinf(a) & torch.isinf(e) & (torch.sign(a) == torch.sign(e))
     bad = ~both_inf & ((a - e).abs() > atol + rtol * e.abs())
