@@ -3,7 +3,7 @@ Chameleon: same selections, loss, gradients and generated tokens; bad input; the
 import pytest
 import torch
 
-import mmlatent.models.hf as hf
+import mmlatent.models.attention as attention
 from mmlatent.models import IVTLR, ivtlr_reference
 from mmlatent.models.compat import enable_activation_checkpointing
 from mmlatent.models.tiny import LATENT_ID, synthetic_batch, tiny_chameleon, tiny_qwen2_5_vl, tiny_qwen2_vl
@@ -113,10 +113,10 @@ def test_rollout_runs_the_fused_kernels(models, monkeypatch, use_backend, backen
     use_backend(backend)
     model = models["qwen2_vl"]
     calls = {"row": 0, "fused": 0}
-    real_row, real_fused = hf.row_attention_mass, hf.attention_with_scores
-    monkeypatch.setattr(hf, "row_attention_mass", lambda *a, **kw: calls.__setitem__("row", calls["row"] + 1)
+    real_row, real_fused = attention.row_attention_mass, attention.attention_with_scores
+    monkeypatch.setattr(attention, "row_attention_mass", lambda *a, **kw: calls.__setitem__("row", calls["row"] + 1)
                         or real_row(*a, **kw))
-    monkeypatch.setattr(hf, "attention_with_scores", lambda *a, **kw: calls.__setitem__("fused", calls["fused"] + 1)
+    monkeypatch.setattr(attention, "attention_with_scores", lambda *a, **kw: calls.__setitem__("fused", calls["fused"] + 1)
                         or real_fused(*a, **kw))
     batch = synthetic_batch(model, images=IMAGES["qwen2_vl"], prompt_lengths=[3, 6], answer_lengths=[4, 2],
                             num_latents=[3, 3])

@@ -17,6 +17,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from mmlatent.models.backbones import VLMBackbone, processed_image_tokens
+
 from .records import Record, answer_text, prompt_text
 
 MODES = ("no_cot", "cot", "ivtlr")
@@ -25,14 +27,12 @@ MODES = ("no_cot", "cot", "ivtlr")
 def vlm_image_token_ids(vlm):
     """(placeholder, start, end) ids of a model's image tokens (its backbone's: Qwen's image pad and vision
     start/end, Chameleon's <image>, <racm3:break> and <eoss>)."""
-    from mmlatent.models.backbones import VLMBackbone
     return VLMBackbone(vlm).image_token_ids()
 
 
 def image_processor_for(vlm):
     """The image processor a model expects, built from its config by its backbone (no download): for Qwen2-VL /
     Qwen2.5-VL pixels rescaled to [0, 1], not normalised; for Chameleon its VQ-GAN resolution in [-1, 1]."""
-    from mmlatent.models.backbones import VLMBackbone
     return VLMBackbone(vlm).image_processor()
 
 
@@ -56,7 +56,8 @@ class VLMCollator:
     Args:
         tokenizer: a :class:`mmlatent.data.tokenizer.WordTokenizer` (or anything with ``encode`` and the
             pad/bos/eos/latent/image/vision_start/vision_end ids).
-        image_processor: a Qwen2-VL image processor (see :func:`image_processor_for`).
+        image_processor: the model's image processor (see :func:`image_processor_for`); each image's token
+            count is its family's (:func:`mmlatent.models.backbones.processed_image_tokens`).
         mode: "no_cot" (answer only), "cot" (rationale, then answer) or "ivtlr"; stage: the number of latent
             steps (the curriculum's stage, :mod:`mmlatent.train.curriculum`; only "ivtlr" has any);
             max_latent_steps: the rationale is cut into at most this many steps.
@@ -102,11 +103,7 @@ class VLMCollator:
     def __call__(self, records: Sequence[Record]) -> Dict[str, torch.Tensor]:
         images = [load_image(r.image, r.id) for r in records]
         processed = self.image_processor(images=images, return_tensors="pt")
-        grid = processed.get("image_grid_thw")
-        if grid is not None:  # Qwen: t * h * w patches, merged 2 x 2 into tokens
-            counts = [t * h * w // self.image_processor.merge_size ** 2 for t, h, w in grid.tolist()]
-        else:
-            counts = [self.image_processor.tokens_per_image] * len(records)
+        counts = processed_image_tokens(self.image_processor, processed)
         rows, label_rows = [], []
         for record, count in zip(records, counts):
             ids, labels = self.sample(record, count)
@@ -123,8 +120,8 @@ class VLMCollator:
             if lab is not None:
                 labels[b, width - len(ids):] = torch.tensor(lab)
         batch = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=processed["pixel_values"])
-        if grid is not None:
-            batch["image_grid_thw"] = grid
+        if "image_grid_thw" in processed:
+            batch["image_grid_thw"] = processed["image_grid_thw"]
         if not self.prompt_only:
             batch["labels"] = labels
         return batch

@@ -116,11 +116,8 @@ def synthetic_batch(vlm, *, images: Sequence[Sequence[Sequence[int]]], prompt_le
         dict with input_ids, attention_mask, labels [B, S] and pixel_values (and image_grid_thw for Qwen).
     """
     g = torch.Generator().manual_seed(seed)
-    config = vlm.config
     backbone = VLMBackbone(vlm)
-    # text ids end where the image ids begin: Chameleon's VQ codes, or the tiny Qwen vocabulary's top 4 ids
-    vocab = (config.vocabulary_map and min(v for k, v in config.vocabulary_map.items() if k.startswith("IMGIMG"))) \
-        if backbone.family == "chameleon" else config.text_config.vocab_size - 4
+    text_ids_end = backbone.first_image_vocabulary_id()
     image_id, start_id, end_id = backbone.image_token_ids()
     rows: List[List[int]] = []
     label_rows: List[List[int]] = []
@@ -130,7 +127,7 @@ def synthetic_batch(vlm, *, images: Sequence[Sequence[Sequence[int]]], prompt_le
         for hw in sample_images:
             ids += [start_id] + [image_id] * backbone.tokens_per_image(hw) + [end_id]
             pixels.append(backbone.random_pixel_values([hw], g))
-        text = lambda n: torch.randint(FIRST_TEXT_ID, vocab, (n,), generator=g).tolist()  # noqa: E731
+        text = lambda n: torch.randint(FIRST_TEXT_ID, text_ids_end, (n,), generator=g).tolist()  # noqa: E731
         ids += text(prompt_lengths[b]) + [latent_id] * num_latents[b]
         answer = text(answer_lengths[b]) + [EOS_ID] if with_answer else []
         label_rows.append([-100] * len(ids) + answer)

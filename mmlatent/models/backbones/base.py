@@ -10,7 +10,7 @@ Adding a family: one module in this package with a subclass registered by :func:
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Type
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
@@ -33,6 +33,17 @@ def supported_model_classes() -> List[str]:
 def _base_model(vlm: nn.Module) -> nn.Module:
     """A PEFT model's base (whose modules carry the adapters), else the model itself."""
     return vlm.get_base_model() if hasattr(vlm, "get_base_model") else vlm
+
+
+def processed_image_tokens(image_processor, processed: Mapping[str, torch.Tensor]) -> List[int]:
+    """Image tokens of each image in ``processed`` (what ``image_processor`` returned for a list of images), as
+    the family whose processor it is counts them."""
+    for family in dict.fromkeys(_FAMILIES.values()):
+        counts = family.processed_image_tokens(image_processor, processed)
+        if counts is not None:
+            return counts
+    raise TypeError(f"image_processor: {type(image_processor).__name__} is the processor of no supported family "
+                    f"({', '.join(supported_model_classes())})")
 
 
 class VLMBackbone:
@@ -98,6 +109,10 @@ class VLMBackbone:
         """(placeholder, start, end) ids of the model's image tokens."""
         raise NotImplementedError
 
+    def first_image_vocabulary_id(self) -> int:
+        """The lowest id the vocabulary reserves for images: every id below it is a text token."""
+        raise NotImplementedError
+
     def collator_image_token_ids(self) -> Optional[Tuple[int, int, int]]:
         """The ids the collator must write where they differ from a tokenizer's own layout, else None."""
         return None
@@ -108,6 +123,12 @@ class VLMBackbone:
 
     def image_processor(self):
         """The image processor the model expects, built from its config (nothing downloaded)."""
+        raise NotImplementedError
+
+    @classmethod
+    def processed_image_tokens(cls, image_processor, processed: Mapping[str, torch.Tensor]) -> Optional[List[int]]:
+        """Image tokens of each image ``image_processor`` turned into ``processed``, or None when that processor
+        is not one of this family's."""
         raise NotImplementedError
 
     def random_pixel_values(self, image_hws: Sequence[Sequence[int]], generator: torch.Generator) -> Dict[str,
@@ -138,7 +159,7 @@ class VLMBackbone:
     def input_embeddings(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
                          image_grid_thw: Optional[torch.Tensor], lease=None) -> torch.Tensor:
         """[B, S, D] layer-0 inputs: token embeddings, the image placeholders replaced by the image embeddings.
-        ``lease`` (an :class:`~mmlatent.models.hf.AttentionLease`) goes with the vision tower's attention calls."""
+        ``lease`` (an :class:`~mmlatent.models.attention.AttentionLease`) goes with the vision tower's attention calls."""
         embeds = self.embed_tokens(input_ids)
         if pixel_values is None:
             return embeds
@@ -174,14 +195,14 @@ class VLMBackbone:
         return list(found.values())
 
     def install_attention(self, lease) -> Dict[str, str]:
-        """See :func:`mmlatent.models.hf.install_attention`."""
-        from .. import hf
-        return hf.install_attention(self, lease)
+        """See :func:`mmlatent.models.attention.install_attention`."""
+        from .. import attention
+        return attention.install_attention(self, lease)
 
     def restore_attention(self) -> None:
-        """See :func:`mmlatent.models.hf.restore_attention`."""
-        from .. import hf
-        hf.restore_attention(self.model)
+        """See :func:`mmlatent.models.attention.restore_attention`."""
+        from .. import attention
+        attention.restore_attention(self.model)
 
 
-__all__ = ["VLMBackbone", "register_backbone", "supported_model_classes"]
+__all__ = ["VLMBackbone", "register_backbone", "supported_model_classes", "processed_image_tokens"]

@@ -1,7 +1,7 @@
 """Chameleon: images are VQ-GAN tokens, embedded as text tokens are; one position row; no vision attention."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -46,6 +46,10 @@ class ChameleonBackbone(VLMBackbone):
         names = self.config.vocabulary_map
         return names["<image>"], names["<racm3:break>"], names["<eoss>"]
 
+    def first_image_vocabulary_id(self) -> int:
+        """The first VQ code's id (its tokenizer names the codes IMGIMG...Z)."""
+        return min(v for k, v in self.config.vocabulary_map.items() if k.startswith("IMGIMG"))
+
     def collator_image_token_ids(self) -> Tuple[int, int, int]:
         return self.image_token_ids()
 
@@ -56,6 +60,12 @@ class ChameleonBackbone(VLMBackbone):
 
     def image_processor(self) -> ChameleonImages:
         return ChameleonImages(self.config.vq_config.resolution, self.tokens_per_image())
+
+    @classmethod
+    def processed_image_tokens(cls, image_processor, processed) -> Optional[List[int]]:
+        if not isinstance(image_processor, ChameleonImages):
+            return None
+        return [image_processor.tokens_per_image] * len(processed["pixel_values"])
 
     def random_pixel_values(self, image_hws, generator) -> Dict[str, torch.Tensor]:
         """[images, 3, H, W] in [-1, 1) (all images one size: the VQ-GAN's resolution)."""

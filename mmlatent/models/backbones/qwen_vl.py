@@ -1,12 +1,17 @@
 """Qwen2-VL and Qwen2.5-VL: vision-merger outputs as image embeddings, M-RoPE positions, a ViT that may be eager."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .base import VLMBackbone, register_backbone
+
+
+def merged_tokens(patches: int, merge_size: int) -> int:
+    """Image tokens the language model sees for ``patches`` vision patches: the merger joins merge_size^2."""
+    return patches // merge_size ** 2
 
 
 @register_backbone
@@ -29,9 +34,24 @@ class QwenVLBackbone(VLMBackbone):
         config = self.config
         return config.image_token_id, config.vision_start_token_id, config.vision_end_token_id
 
+    def first_image_vocabulary_id(self) -> int:
+        """The lowest of the image placeholder, video placeholder and vision start/end ids."""
+        config = self.config
+        return min(config.image_token_id, config.video_token_id, config.vision_start_token_id,
+                   config.vision_end_token_id)
+
     def tokens_per_image(self, image_hw: Sequence[int]) -> int:
         vision = self.config.vision_config
-        return (image_hw[0] // vision.patch_size) * (image_hw[1] // vision.patch_size) // vision.spatial_merge_size ** 2
+        return merged_tokens((image_hw[0] // vision.patch_size) * (image_hw[1] // vision.patch_size),
+                             vision.spatial_merge_size)
+
+    @classmethod
+    def processed_image_tokens(cls, image_processor, processed) -> Optional[List[int]]:
+        """From ``image_grid_thw``: t * h * w patches per image."""
+        grid = processed.get("image_grid_thw")
+        if grid is None:
+            return None
+        return [merged_tokens(t * h * w, image_processor.merge_size) for t, h, w in grid.tolist()]
 
     def image_processor(self):
         """Pixels rescaled to [0, 1] and not normalised (the tiny models are trained from scratch on that scale);
@@ -67,10 +87,9 @@ class QwenVLBackbone(VLMBackbone):
         if pixel_values.shape[0] != patches:
             raise ValueError(f"pixel_values: expected {patches} rows (the sum of t*h*w over image_grid_thw), "
                              f"got {pixel_values.shape[0]}")
-        merge = self.config.vision_config.spatial_merge_size
-        if patches // merge ** 2 != n_tokens:
-            raise ValueError(f"image_grid_thw: describes {patches // merge ** 2} image tokens, but input_ids hold "
-                             f"{n_tokens}")
+        described = merged_tokens(patches, self.config.vision_config.spatial_merge_size)
+        if described != n_tokens:
+            raise ValueError(f"image_grid_thw: describes {described} image tokens, but input_ids hold {n_tokens}")
 
     def image_embeddings(self, pixel_values, image_grid_thw, dtype, lease) -> torch.Tensor:
         visual = self.model.model.visual
@@ -94,4 +113,4 @@ class QwenVLBackbone(VLMBackbone):
         return positions.expand(3, -1, -1)
 
 
-__all__ = ["QwenVLBackbone"]
+__all__ = ["QwenVLBackbone", "merged_tokens"]

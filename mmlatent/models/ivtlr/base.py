@@ -10,7 +10,7 @@ from torch import nn
 
 from ..backbones import VLMBackbone
 from ..compat import cache_kwargs
-from ..hf import AttentionLease
+from ..attention import AttentionLease
 from ..lm_head import LinearCrossEntropyHead, head_for
 from .layout import POSITION_MODES, LayoutPlan, PreparedInputs, assemble_with_grad, assembled_labels
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hf import EagerProbabilities
+from ..attention import EagerProbabilities
 from .base import IVTLRBase, IVTLROutput, decode
 from .layout import PreparedInputs, assembled_labels, left_pad
 

@@ -8,7 +8,7 @@ import torch
 
 from mmlatent.kernels import select_topk_tokens
 
-from ..hf import RolloutScores
+from ..attention import RolloutScores
 from .base import IVTLRBase, IVTLROutput, checkpointing_layers, checkpointing_paused, decode
 from .layout import PreparedInputs, assemble_with_grad, left_pad
 
@@ -60,7 +60,7 @@ class IVTLR(IVTLRBase):
 
     How it is fast. The prompt up to each sample's first latent token is read once, into a KV cache; every latent
     step then appends only its k image embeddings, its latent token (and any text before the next latent token),
-    under no_grad. The rollout's attention (:func:`mmlatent.models.hf.mmlatent_attention`) adds the last row's
+    under no_grad. The rollout's attention (:func:`mmlatent.models.attention.mmlatent_attention`) adds the last row's
     image-token mass of every layer into one [B, Ni] buffer in the same pass
     (:func:`mmlatent.kernels.attention_with_scores`); one :func:`mmlatent.kernels.select_topk_tokens` per step
     picks the tokens. No attention matrix is ever built. In training, that first read is differentiable and its
@@ -72,7 +72,7 @@ class IVTLR(IVTLRBase):
     However the model was loaded. Every attention call the wrapper makes that needs no probabilities (the prefix
     read, the loss pass, decoding, the vision tower) runs on a fast implementation: the model's own when it was
     loaded with SDPA, flash-attn or flex attention, SDPA when it was loaded with eager (as IVT-LR's public code
-    loads it, for its attention probabilities), see :func:`mmlatent.models.hf.fast_implementation`. The model's
+    loads it, for its attention probabilities), see :func:`mmlatent.models.attention.fast_implementation`. The model's
     own calls (``vlm(...)``, ``vlm.generate``) keep the implementation it was loaded with.
 
     What wrapping changes, and how it is undone. The ``_attn_implementation`` of the language model's config (and
