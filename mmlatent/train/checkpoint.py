@@ -13,6 +13,10 @@ Whatever instant a process is killed at, one complete checkpoint survives: the o
 ``DIR.old``. Loading never moves files; :func:`recover_checkpoint` (``mmlatent recover DIR``, and the start of
 every write to ``DIR``) finishes the interrupted replacement on disk.
 
+The two kinds of checkpoint are written here: :func:`write_trainer_checkpoint` (``checkpoint-N``, what
+:meth:`mmlatent.train.Trainer.resume` continues) and :func:`write_run_checkpoint` (a finished run's ``final``, what
+``mmlatent eval`` reads); :func:`write_json` is the one atomic JSON writer.
+
 Every load verifies the manifest: a missing, truncated or altered file is refused with a :class:`CheckpointError`
 that names the file. Files added to the folder after it was written (``eval.json``) are not covered and not
 checked.
@@ -23,9 +27,15 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from typing import Callable, Dict, Mapping, Sequence
 
+import torch
+
 MANIFEST = "manifest.json"
+# what a training checkpoint (checkpoint-N) and a finished run (final) hold besides the manifest
+TRAINER_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json")
+RUN_FILES = ("model.safetensors", "run.json")
 FORMAT = "mmlatent-checkpoint"
 VERSION = 1
 
@@ -105,6 +115,44 @@ def write_checkpoint(directory: str, writers: Mapping[str, Callable[[str], None]
     _fsync_dir(parent)
     shutil.rmtree(old, ignore_errors=True)
     return directory
+
+
+def write_trainer_checkpoint(directory: str, weights: Mapping[str, torch.Tensor],
+                             optimizer: Mapping[str, torch.Tensor], rng: Mapping[str, torch.Tensor],
+                             state: dict) -> str:
+    """``checkpoint-N``: model.safetensors (``weights``, the trainable parameters), optimizer.safetensors (the
+    optimizer's tensors), rng.safetensors (torch generator states, uint8) and trainer.json (``state``: step,
+    schedule, data position, the optimizer's other entries, RNG states, history, run config), on the CPU."""
+    from safetensors.torch import save_file
+    return write_checkpoint(directory, {
+        "model.safetensors": lambda path: save_file(dict(weights), path),
+        "optimizer.safetensors": lambda path: save_file(dict(optimizer), path),
+        "rng.safetensors": lambda path: save_file(dict(rng), path),
+        "trainer.json": lambda path: write_json(path, state, indent=None),
+    })
+
+
+def write_run_checkpoint(directory: str, weights: Mapping[str, torch.Tensor], run: dict, tokenizer) -> str:
+    """A finished run's ``final``: model.safetensors (``weights``, on the CPU), run.json (``run``: config and
+    result summary) and the tokenizer: tokenizer.json for a :class:`mmlatent.data.tokenizer.WordTokenizer`, else
+    the files its Hugging Face tokenizer saves (``tokenizer.tokenizer.save_pretrained``)."""
+    from safetensors.torch import save_file
+
+    from mmlatent.data.tokenizer import WordTokenizer
+    writers = {"model.safetensors": lambda path: save_file(dict(weights), path),
+               "run.json": lambda path: write_json(path, run)}
+    if isinstance(tokenizer, WordTokenizer):
+        writers["tokenizer.json"] = tokenizer.save
+        return write_checkpoint(directory, writers)
+    # a checkpoint's tokenizer, with the latent tokens added: its files, saved in a scratch folder first
+    scratch = tempfile.mkdtemp(prefix="mmlatent-tokenizer-")
+    try:
+        tokenizer.tokenizer.save_pretrained(scratch)
+        for name in sorted(os.listdir(scratch)):
+            writers[name] = lambda path, source=os.path.join(scratch, name): os.replace(source, path)
+        return write_checkpoint(directory, writers)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def read_manifest(directory: str, required: Sequence[str] = ()) -> dict:
@@ -241,5 +289,6 @@ def check_shapes(expected: Mapping[str, tuple], stored: Mapping, path: str, what
                                   f"but {list(shape)} in the model")
 
 
-__all__ = ["CheckpointError", "write_checkpoint", "verify_checkpoint", "resolve_checkpoint", "recover_checkpoint",
-           "write_manifest", "read_manifest", "read_json", "write_json", "load_tensors", "check_shapes", "MANIFEST"]
+__all__ = ["CheckpointError", "write_checkpoint", "write_trainer_checkpoint", "write_run_checkpoint", "verify_checkpoint", "resolve_checkpoint", "recover_checkpoint",
+           "write_manifest", "read_manifest", "read_json", "write_json", "load_tensors", "check_shapes", "MANIFEST",
+           "TRAINER_FILES", "RUN_FILES"]

@@ -7,8 +7,7 @@ import copy
 import math
 import os
 import random
-import shutil
-import tempfile
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Optional
@@ -23,8 +22,8 @@ from mmlatent.models import IVTLR
 from mmlatent.models.backbones import VLMBackbone
 from mmlatent.models import tiny as tiny_models
 
-from .checkpoint import (CheckpointError, check_shapes, load_tensors, read_json, read_manifest, resolve_checkpoint,
-                         write_checkpoint, write_json)
+from .checkpoint import (RUN_FILES, CheckpointError, check_shapes, load_tensors, read_json, read_manifest,
+                         resolve_checkpoint, write_run_checkpoint)
 from .curriculum import Curriculum
 from .loop import EpochBatches, TrainConfig, Trainer, check_int
 
@@ -291,17 +290,17 @@ def build_model(config: RunConfig, vocab_size: int, device):
             model.resize_token_embeddings(vocab_size)
     else:
         raise ValueError(f"model: unknown kind {kind!r}; expected one of {', '.join(MODEL_KINDS)}")
+    backbone = VLMBackbone(model)
     if config.freeze_vision:
-        for name, p in model.named_parameters():
-            if "visual" in name:
-                p.requires_grad_(False)
+        backbone.vision_tower.requires_grad_(False)
     if config.lora:
         import peft
         lora = dict(config.lora)
         modules = lora.pop("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                               "down_proj"])
-        model = peft.get_peft_model(model, peft.LoraConfig(
-            target_modules=r".*language_model.*\.(" + "|".join(modules) + ")", **lora))
+        # the adapters go into the language model's layers only (never the vision tower's projections)
+        pattern = re.escape(backbone.language_model_name) + r"\..*\.(" + "|".join(modules) + ")"
+        model = peft.get_peft_model(model, peft.LoraConfig(target_modules=pattern, **lora))
     return model
 
 
@@ -414,26 +413,13 @@ def _saved_state(model, config: RunConfig) -> Dict[str, torch.Tensor]:
 
 
 def save_run(directory: str, model, tokenizer: WordTokenizer, config: RunConfig, result: dict) -> str:
-    """A self-contained, verified checkpoint (see :mod:`mmlatent.train.checkpoint`): model.safetensors, the
-    tokenizer, run.json (config and summary) and manifest.json, replacing ``directory`` only once complete."""
-    from safetensors.torch import save_file
+    """A self-contained, verified checkpoint (:func:`mmlatent.train.checkpoint.write_run_checkpoint`):
+    model.safetensors, the tokenizer, run.json (config and summary) and manifest.json, replacing ``directory``
+    only once complete."""
     weights = {k: v.detach().contiguous().cpu() for k, v in _saved_state(model, config).items()}
     summary = {k: v for k, v in result.items() if k != "history"}
     summary["train_loss"] = [r["loss"] for r in result["history"]["train"]]
-    writers = {"model.safetensors": lambda path: save_file(weights, path),
-               "run.json": lambda path: write_json(path, {"config": asdict(config), "result": summary})}
-    if isinstance(tokenizer, WordTokenizer):
-        writers["tokenizer.json"] = lambda path: write_json(path, tokenizer.state())
-    else:  # a checkpoint's tokenizer, with the latent tokens added: its files, saved in a scratch folder
-        scratch = tempfile.mkdtemp(prefix="mmlatent-tokenizer-")
-        tokenizer.tokenizer.save_pretrained(scratch)
-        for name in sorted(os.listdir(scratch)):
-            writers[name] = lambda path, source=os.path.join(scratch, name): os.replace(source, path)
-    try:
-        return write_checkpoint(directory, writers)
-    finally:
-        if not isinstance(tokenizer, WordTokenizer):
-            shutil.rmtree(scratch, ignore_errors=True)
+    return write_run_checkpoint(directory, weights, {"config": asdict(config), "result": summary}, tokenizer)
 
 
 def load_run(directory: str, device=None):
@@ -447,7 +433,7 @@ def load_run(directory: str, device=None):
                                                                                               "trainer.json")):
         raise CheckpointError(f"{directory}: a training checkpoint (continue it with mmlatent train --resume); a "
                               f"finished run's final/ folder is what is evaluated")
-    path = resolve_checkpoint(directory, required=("model.safetensors", "run.json"))
+    path = resolve_checkpoint(directory, required=RUN_FILES)
     stored = read_json(path, "run.json")
     try:
         config = RunConfig(**stored["config"])

@@ -17,11 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import (CheckpointError, check_shapes, load_tensors, read_json, resolve_checkpoint,
-                         write_checkpoint, write_json)
+from .checkpoint import (TRAINER_FILES, CheckpointError, check_shapes, load_tensors, read_json,
+                         resolve_checkpoint, write_trainer_checkpoint)
 
 LOG = logging.getLogger("mmlatent")
-TRAINER_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json")
 
 # Config keys that cannot change the trained weights: a resume may differ in these without being refused.
 RESULT_NEUTRAL_KEYS = frozenset({"name", "eval_samples", "max_new_tokens", "train.progress", "train.output_dir",
@@ -251,7 +250,6 @@ class Trainer:
         parameters), optimizer.safetensors, rng.safetensors, trainer.json (step, schedule, data position, epoch
         tracker, RNG states, history, the full run config) and manifest.json, replacing ``directory`` only once
         the new checkpoint is complete."""
-        from safetensors.torch import save_file
         opt_tensors, opt_meta = _flatten_optimizer(self.optimizer.state_dict())
         rng = {"torch_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -261,12 +259,7 @@ class Trainer:
                      numpy_rng=_jsonable(np.random.get_state()), run_config=self.run_config, history=self.history,
                      seen_epoch=self._seen_epoch)
         weights = {n: p.detach().contiguous().cpu() for n, p in self.named_params}
-        return write_checkpoint(directory, {
-            "model.safetensors": lambda path: save_file(weights, path),
-            "optimizer.safetensors": lambda path: save_file(opt_tensors, path),
-            "rng.safetensors": lambda path: save_file(rng, path),
-            "trainer.json": lambda path: write_json(path, state, indent=None),
-        })
+        return write_trainer_checkpoint(directory, weights, opt_tensors, rng, state)
 
     def resume(self, directory: str, allow_config_change: bool = False) -> str:
         """Restores everything :meth:`save` wrote; the run then continues exactly where it stopped.

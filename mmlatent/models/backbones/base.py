@@ -90,6 +90,16 @@ class VLMBackbone:
         raise NotImplementedError
 
     @property
+    def language_model_name(self) -> str:
+        """The language model's module name in the model (what LoRA's target pattern starts with)."""
+        return next(name for name, module in self.model.named_modules() if module is self.language_model)
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        """The module that turns pixels into image embeddings or image tokens (what ``freeze_vision`` freezes)."""
+        raise NotImplementedError
+
+    @property
     def lm_head(self) -> nn.Linear:
         return self.model.get_output_embeddings()
 

@@ -38,6 +38,11 @@ class ChameleonBackbone(VLMBackbone):
         return self.model.model
 
     @property
+    def vision_tower(self) -> nn.Module:
+        """The VQ-GAN (its codes are discrete: no gradient reaches it through the language model)."""
+        return self.model.model.vqmodel
+
+    @property
     def text_key(self) -> str:
         return ""
 

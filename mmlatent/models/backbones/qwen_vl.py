@@ -27,6 +27,10 @@ class QwenVLBackbone(VLMBackbone):
         return self.model.model.language_model
 
     @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.visual
+
+    @property
     def text_key(self) -> str:
         return "text_config"
 
