@@ -76,7 +76,8 @@ def _vision_ids(vocab):
 def tiny_chameleon(text_vocab=200, codebook=32, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
                    resolution=32, seed=0, device=None, dtype=None, attn_implementation="sdpa"):
     """A random-weight ``ChameleonForConditionalGeneration`` with a small VQ-GAN, loaded with
-    ``attn_implementation``: ``resolution / 4`` squared image tokens per image. Image token ids ``text_vocab + i`` for codebook entry i; ``<image>`` placeholder, begin/end
+    ``attn_implementation``: ``resolution / 4`` squared image tokens per image. Image token ids ``text_vocab + i``
+    for codebook entry i; ``<image>`` placeholder, begin/end
     of image after them."""
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
     vocabulary_map = {f"tok{i}": i for i in range(text_vocab)}

@@ -289,6 +289,7 @@ def check_shapes(expected: Mapping[str, tuple], stored: Mapping, path: str, what
                                   f"but {list(shape)} in the model")
 
 
-__all__ = ["CheckpointError", "write_checkpoint", "write_trainer_checkpoint", "write_run_checkpoint", "verify_checkpoint", "resolve_checkpoint", "recover_checkpoint",
+__all__ = ["CheckpointError", "write_checkpoint", "write_trainer_checkpoint", "write_run_checkpoint",
+           "verify_checkpoint", "resolve_checkpoint", "recover_checkpoint",
            "write_manifest", "read_manifest", "read_json", "write_json", "load_tensors", "check_shapes", "MANIFEST",
            "TRAINER_FILES", "RUN_FILES"]

@@ -6,7 +6,8 @@ image processor, the vision tower's attention config and the default k of IVT-LR
 builders and the trainer ask the backbone and never a model's type (docs/design.md, "Layout").
 
 Adding a family: one module in this package with a subclass registered by :func:`register_backbone`, imported in
-``backbones/__init__.py``, plus a tiny builder and a test.
+``backbones/__init__.py``; a tiny builder in :mod:`mmlatent.models.tiny` (and its config kind in
+:mod:`mmlatent.train.ivtlr`) makes it testable and trainable without a download.
 """
 from __future__ import annotations
 
@@ -169,7 +170,8 @@ class VLMBackbone:
     def input_embeddings(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
                          image_grid_thw: Optional[torch.Tensor], lease=None) -> torch.Tensor:
         """[B, S, D] layer-0 inputs: token embeddings, the image placeholders replaced by the image embeddings.
-        ``lease`` (an :class:`~mmlatent.models.attention.AttentionLease`) goes with the vision tower's attention calls."""
+        ``lease`` (an :class:`~mmlatent.models.attention.AttentionLease`) goes with the vision tower's attention
+        calls."""
         embeds = self.embed_tokens(input_ids)
         if pixel_values is None:
             return embeds

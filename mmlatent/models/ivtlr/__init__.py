@@ -6,8 +6,8 @@ The method (docs/design.md, "IVT-LR: the method as its public code computes it")
 token; the attention of the last row it read (softmax over all keys, mean over every layer and query head) ranks
 the sample's image tokens not selected yet; the top k of them (their layer-0 input embeddings: vision-merger
 outputs, or Chameleon's embedded VQ tokens) are inserted, in ascending image-token order, right before the latent
-token, and the latent token's input embedding becomes the last row's final hidden state. Both are detached: only the last full pass over
-the assembled sequence carries gradient.
+token, and the latent token's input embedding becomes the last row's final hidden state. Both are detached: only
+the last full pass over the assembled sequence carries gradient.
 
 Layout: :mod:`.layout` (where each token goes; what the passes of one call share), :mod:`.base` (what both
 wrappers share), :mod:`.rollout` (:class:`IVTLR`), :mod:`.reference` (:class:`IVTLRReference`).
