@@ -52,8 +52,8 @@ class WordTokenizer:
         return {"words": words, "size": len(self.tokens)}
 
     def save(self, path: str) -> None:
-        """Writes :meth:`state` as JSON. A checkpoint writes it through :mod:`mmlatent.train.checkpoint`, whose
-        atomic writer makes it crash-safe."""
+        """Writes :meth:`state` as JSON. In a checkpoint it is written into the folder that
+        :mod:`mmlatent.train.checkpoint` fsyncs and swaps in whole, which makes it crash-safe."""
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.state(), f)
 
