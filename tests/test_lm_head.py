@@ -82,7 +82,7 @@ def test_head_is_a_drop_in_for_lm_head():
     after = model(**inputs).logits
     assert torch.equal(before, after)
     assert model.lm_head.weight is weight  # shared, not copied
-    assert "lm_head.lm_head.weight" in model.state_dict()
+    assert "lm_head.weight" in model.state_dict() and "lm_head.lm_head.weight" not in model.state_dict()
     # causal_lm_loss reuses a head that is already there
     _, labels = left_padded_batch()
     assert torch.isfinite(causal_lm_loss(model, labels, **inputs).loss)

@@ -6,9 +6,12 @@ from .backbones import VLMBackbone
 from .compat import cache_kwargs, cache_keyword, enable_activation_checkpointing
 from .diffusion_head import LatentDiffusionHead
 from .ivtlr import IVTLR, IVTLROutput, IVTLRReference, ivtlr_reference
+from .fused_loss import apply_fused_loss, is_fused_loss_applied, unpatch
 from .lm_head import CausalLMLoss, LinearCrossEntropyHead, causal_lm_loss, head_for, next_token_labels
+from .unwrap import unwrap_peft
 
 __all__ = ["VLMBackbone", "LatentDiffusionHead", "IVTLR", "IVTLROutput", "IVTLRReference", "ivtlr_reference",
-           "LinearCrossEntropyHead", "causal_lm_loss",
+           "LinearCrossEntropyHead", "causal_lm_loss", "apply_fused_loss", "unpatch", "is_fused_loss_applied",
+           "unwrap_peft",
            "head_for", "next_token_labels", "CausalLMLoss", "cache_kwargs", "cache_keyword",
            "enable_activation_checkpointing"]

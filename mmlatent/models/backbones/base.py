@@ -16,6 +16,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Type
 import torch
 from torch import nn
 
+from ..unwrap import unwrap_peft
+
 # HF model class name -> the backbone class of its family
 _FAMILIES: Dict[str, Type["VLMBackbone"]] = {}
 
@@ -29,11 +31,6 @@ def register_backbone(cls: Type["VLMBackbone"]) -> Type["VLMBackbone"]:
 
 def supported_model_classes() -> List[str]:
     return sorted(_FAMILIES)
-
-
-def _base_model(vlm: nn.Module) -> nn.Module:
-    """A PEFT model's base (whose modules carry the adapters), else the model itself."""
-    return vlm.get_base_model() if hasattr(vlm, "get_base_model") else vlm
 
 
 def processed_image_tokens(image_processor, processed: Mapping[str, torch.Tensor]) -> List[int]:
@@ -65,7 +62,7 @@ class VLMBackbone:
 
     def __new__(cls, vlm: nn.Module):
         if cls is VLMBackbone:
-            name = type(_base_model(vlm)).__name__
+            name = type(unwrap_peft(vlm)).__name__
             if name not in _FAMILIES:
                 raise TypeError(f"vlm: unsupported model class {name}; IVT-LR supports "
                                 f"{', '.join(supported_model_classes())}")
@@ -73,7 +70,7 @@ class VLMBackbone:
         return super().__new__(cls)
 
     def __init__(self, vlm: nn.Module):
-        base = _base_model(vlm)
+        base = unwrap_peft(vlm)
         self.model = base
         self.config = base.config
         self.text_config = base.config.get_text_config()
@@ -114,6 +111,20 @@ class VLMBackbone:
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
+
+    def suppressed_token_ids(self) -> Optional[List[int]]:
+        """Vocabulary ids whose logits the model's own forward sets to the dtype's minimum (ids it never predicts,
+        such as Chameleon's image codes), or None. Losses and decoding over the hidden states apply the same."""
+        return None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., V] logits from hidden [..., D] as the model's forward computes them: the output layer, then the
+        family's suppressed ids at the logits dtype's minimum."""
+        logits = self.lm_head(hidden)
+        suppressed = self.suppressed_token_ids()
+        if suppressed:
+            logits[..., suppressed] = torch.finfo(logits.dtype).min
+        return logits
 
     # -------------------------------------------------------------------------------------------- images
     def image_token_ids(self) -> Tuple[int, int, int]:

@@ -51,6 +51,10 @@ class ChameleonBackbone(VLMBackbone):
         names = self.config.vocabulary_map
         return names["<image>"], names["<racm3:break>"], names["<eoss>"]
 
+    def suppressed_token_ids(self) -> List[int]:
+        """The VQ codes (not <image>, <racm3:break> or <eoss>): Chameleon's forward never lets text predict them."""
+        return list(self.model.model.vocabulary_mapping.image_tokens)
+
     def first_image_vocabulary_id(self) -> int:
         """The first VQ code's id (its tokenizer names the codes IMGIMG...Z)."""
         return min(v for k, v in self.config.vocabulary_map.items() if k.startswith("IMGIMG"))

@@ -116,7 +116,7 @@ class IVTLRBase(nn.Module):
         return bank, columns
 
     def _loss(self, plan: LayoutPlan, hidden: torch.Tensor, labels, return_logits: bool):
-        logits = self.backbone.lm_head(hidden) if return_logits else None
+        logits = self.backbone.logits(hidden) if return_logits else None
         loss = None
         if labels is not None:
             loss = self._loss_head()(hidden, assembled_labels(plan, labels.long()), shift=True)
@@ -202,7 +202,7 @@ def decode(model: IVTLRBase, lm, cache, key_valid, positions, last_hidden, max_n
     finished = torch.zeros(B, dtype=torch.bool, device=last_hidden.device)
     for token in tokens:
         finished |= torch.isin(token, eos)
-    logits = model.backbone.lm_head(last_hidden)
+    logits = model.backbone.logits(last_hidden)
     for step in range(len(tokens), max_new_tokens):
         token = torch.where(finished, torch.full_like(finished, pad, dtype=torch.long),
                             model._pick(logits, do_sample, temperature))
@@ -215,7 +215,7 @@ def decode(model: IVTLRBase, lm, cache, key_valid, positions, last_hidden, max_n
                         attention_mask=key_valid.long(),
                         position_ids=model.backbone.position_ids(model._decode_positions(positions, step)),
                         cache=cache, use_cache=True)
-        logits = model.backbone.lm_head(out.last_hidden_state[:, -1])
+        logits = model.backbone.logits(out.last_hidden_state[:, -1])
     return torch.stack(tokens, dim=1)
 
 

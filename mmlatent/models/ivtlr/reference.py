@@ -33,7 +33,7 @@ class IVTLRReference(IVTLRBase):
         plan = inputs.plan
         selected, pass_logits = self._latent_passes(inputs)
         hidden = self._final_pass(inputs)
-        logits = self.backbone.lm_head(hidden)
+        logits = self.backbone.logits(hidden)
         loss = None
         if labels is not None:
             # as the public code: the logits of every pass go into one cross-entropy, the latent passes' labelled
@@ -65,7 +65,7 @@ class IVTLRReference(IVTLRBase):
                 position_ids=self.backbone.position_ids(
                     left_pad([positions[:, b, :e].t() for b, e in zip(active, ends)], width, 1).permute(2, 0, 1)),
                 output_attentions=True, use_cache=False, mmlatent_eager=EagerProbabilities(key_valid))
-            pass_logits.append(self.backbone.lm_head(out.last_hidden_state))
+            pass_logits.append(self.backbone.logits(out.last_hidden_state))
             # mean over all layers and all query heads of the last row's attention probabilities
             last_row = torch.stack([a[:, :, -1].float() for a in out.attentions]).mean(dim=(0, 2))  # [B_act, width]
             step_selected = torch.full((B, plan.k), -1, dtype=torch.long, device=filled.device)
@@ -99,7 +99,7 @@ class IVTLRReference(IVTLRBase):
         self._latent_passes(inputs)
         out = self._lm(lm, inputs_embeds=filled, attention_mask=plan.valid.long(),
                        position_ids=self.backbone.position_ids(positions), use_cache=False)
-        first = self._pick(self.backbone.lm_head(out.last_hidden_state[:, -1]), do_sample, temperature)
+        first = self._pick(self.backbone.logits(out.last_hidden_state[:, -1]), do_sample, temperature)
         if max_new_tokens == 1 or bool(torch.isin(first, eos).all()):
             return first[:, None]
         # the public code's decoding loop starts without a cache: it reads the assembled prompt and the first
