@@ -11,7 +11,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -75,10 +75,22 @@ def check_int(name: str, value, minimum: int = 1) -> None:
 class EpochBatches:
     """A deterministic stream of ``(epoch, batch)`` pairs: each epoch visits the records in an order drawn from
     (seed, epoch), in batches of ``batch_size`` built by ``collate(records, epoch)``. Its position is part of every
-    checkpoint."""
+    checkpoint.
 
-    def __init__(self, records: Sequence, batch_size: int, collate: Callable, seed: int = 0, drop_last: bool = True):
-        if batch_size < 1 or batch_size > len(records):
+    Args:
+        records: any sequence (mmlatent Records, strings, dicts): collate's input.
+        batch_size: records per batch, 1..len(records).
+        collate: ``collate(records: list, epoch: int) -> dict`` of tensors (and other values) for ``loss_fn``.
+        seed: the shuffling seed (every epoch's order is drawn from (seed, epoch)).
+        drop_last: drop an epoch's last, incomplete batch.
+    """
+
+    def __init__(self, records: Sequence, batch_size: int, collate: Callable[[list, int], Dict[str, Any]],
+                 seed: int = 0, drop_last: bool = True):
+        if not callable(collate):
+            raise TypeError(f"collate: expected a callable collate(records, epoch), got {type(collate).__name__}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1 \
+                or batch_size > len(records):
             raise ValueError(f"batch_size: expected 1..{len(records)} (the number of records), got {batch_size}")
         self.records, self.batch_size, self.collate, self.seed = records, batch_size, collate, seed
         self.per_epoch = len(records) // batch_size if drop_last else math.ceil(len(records) / batch_size)
@@ -113,24 +125,59 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def batch_tokens(batch: Mapping[str, Any]) -> int:
+    """Tokens one batch trains on, the Trainer's default count for tokens/s: the ones of ``attention_mask``, else
+    every position of ``input_ids`` (or of ``labels``), else 0. On host tensors (what a collate function returns)
+    this needs no device synchronisation."""
+    for key in ("attention_mask", "input_ids", "labels"):
+        value = batch.get(key)
+        if torch.is_tensor(value):
+            return int(value.sum()) if key == "attention_mask" else value.numel()
+    return 0
+
+
 class Trainer:
     """Runs ``loss_fn(model, batch) -> scalar loss`` over ``batches`` for ``config.max_steps`` optimizer steps.
 
-    Only the parameters that require grad are optimized and checkpointed (LoRA adapters, or everything when
-    training from scratch). ``eval_fn(model) -> dict`` runs every ``eval_every`` steps (with the RNG states
-    restored afterwards, so evaluating never changes the training run); ``history`` keeps every step's loss,
-    learning rate and throughput, and every evaluation. ``on_epoch(epoch, previous_epoch)`` is called before the
-    first batch of each epoch (``previous_epoch`` is None at the start of a run); its inputs are part of the
-    checkpoint, so a resumed run makes the same calls. ``run_config`` is the full, JSON-able config of the run
-    (default: the :class:`TrainConfig`); it is stored in every checkpoint and compared on resume.
+    Args:
+        model: any ``nn.Module`` (a transformers model, a PEFT model, an mmlatent wrapper's model). Only the
+            parameters that require grad are optimized and checkpointed (LoRA adapters, or everything).
+        loss_fn: ``loss_fn(model, batch) -> torch.Tensor``, a scalar; called under bf16 autocast when
+            ``config.bf16`` (default: on a GPU) with ``batch`` already on the model's device. For a plain causal
+            LM patched by :func:`mmlatent.models.apply_fused_loss`: ``lambda m, b: m(**b).loss``.
+        batches: an :class:`EpochBatches` over the training records; its ``collate(records, epoch) -> dict``
+            builds each batch from a list of records and the epoch they are drawn in (curricula change the batch
+            with the epoch; ignore ``epoch`` otherwise). Tensor values move to the device; others pass as they are.
+        config: :class:`TrainConfig`.
+        eval_fn: ``eval_fn(model) -> dict`` of JSON-able metrics, every ``config.eval_every`` steps, under
+            no_grad and eval mode, with the RNG states restored afterwards (evaluating never changes the run).
+        on_epoch: ``on_epoch(epoch, previous_epoch)`` before the first batch of each epoch (``previous_epoch`` None
+            at the start of a run); its inputs are part of the checkpoint, so a resumed run makes the same calls.
+        describe: the progress bar's label.
+        run_config: the run's full JSON-able config (default: the :class:`TrainConfig`), stored in every
+            checkpoint and compared on :meth:`resume`, which refuses a change that would alter the run.
+        count_tokens: ``count_tokens(batch) -> int``, the tokens a batch trains on, for tokens/s (default
+            :func:`batch_tokens`); called on the batch before it moves to the device.
+
+    ``history`` keeps every step's loss, learning rate, gradient norm, tokens/s, peak memory and seconds, and every
+    evaluation. One host synchronisation per optimizer step: the loss and gradient norm, when they are logged.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, batches: EpochBatches, config: TrainConfig,
-                 eval_fn: Optional[Callable] = None,
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Dict[str, Any]], torch.Tensor],
+                 batches: EpochBatches, config: TrainConfig,
+                 eval_fn: Optional[Callable[[nn.Module], Dict[str, Any]]] = None,
                  on_epoch: Optional[Callable[[int, Optional[int]], None]] = None, describe: str = "train",
-                 run_config: Optional[dict] = None):
+                 run_config: Optional[dict] = None,
+                 count_tokens: Callable[[Mapping[str, Any]], int] = batch_tokens):
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn: expected a callable loss_fn(model, batch), got {type(loss_fn).__name__}")
+        if not isinstance(batches, EpochBatches):
+            raise TypeError(f"batches: expected an EpochBatches, got {type(batches).__name__}")
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
         self.model, self.loss_fn, self.batches, self.config = model, loss_fn, batches, config
         self.eval_fn, self.on_epoch, self.describe = eval_fn, on_epoch, describe
+        self.count_tokens = count_tokens
         self.run_config = json.loads(json.dumps(run_config if run_config is not None else {"train": asdict(config)}))
         self.device = next(model.parameters()).device
         self.bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
@@ -183,8 +230,8 @@ class Trainer:
             for _ in range(c.grad_accum):
                 epoch, batch = next(self.batches)
                 self._enter_epoch(epoch)
-                # counted on the host copy, before the move: no device sync
-                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+                # counted before the move: on a host batch (what collate returns) this is no device sync
+                tokens += self.count_tokens(batch)
                 batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     loss = self.loss_fn(self.model, batch)
@@ -421,4 +468,5 @@ def _tuples(value):
     return value
 
 
-__all__ = ["TrainConfig", "Trainer", "EpochBatches", "warmup_cosine", "config_changes", "RESULT_NEUTRAL_KEYS"]
+__all__ = ["TrainConfig", "Trainer", "EpochBatches", "batch_tokens", "warmup_cosine", "config_changes",
+           "RESULT_NEUTRAL_KEYS"]
