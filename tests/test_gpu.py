@@ -212,11 +212,11 @@ def test_graph_captured_ddpm_is_deterministic_under_a_generator(use_backend):
     head = _graph_head(torch.bfloat16)
     cond = torch.randn(100, 96, device="cuda")
     generator = torch.Generator("cuda")  # one object, reseeded: the first call captures, the others replay
-    runs = [head.sample(cond, steps=25, sampler="ddpm", generator=generator.manual_seed(s)) for s in (5, 5, 6)]
+    runs = [head.sample(cond, steps=25, schedule="ddpm", generator=generator.manual_seed(s)) for s in (5, 5, 6)]
     assert len(head._graphs) == 1
     assert torch.equal(runs[0], runs[1])
     assert not torch.allclose(runs[0], runs[2])
-    default = [head.sample(cond, steps=25, sampler="ddpm") for _ in range(2)]  # the default generator advances
+    default = [head.sample(cond, steps=25, schedule="ddpm") for _ in range(2)]  # the default generator advances
     assert not torch.allclose(default[0], default[1])
 
 

@@ -9,6 +9,15 @@ so a schedule is a table of six coefficients per step, computed once in float64 
 the device as float32): DDPM (``fixed_small`` / ``fixed_large`` variance), DDIM (any eta) and flow-matching Euler,
 for epsilon, v and sample predictions (velocity for flow). A step is then one elementwise pass, and rows may sit at
 different steps (ragged segments in one launch).
+
+Flow-matching time shifts, as diffusers' ``FlowMatchEulerDiscreteScheduler``: a static ``shift`` s maps each sigma to
+s * sigma / (1 + (s - 1) * sigma); dynamic shifting with ``mu`` maps it to e^mu / (e^mu + 1 / sigma - 1)
+("exponential", the same function with s = e^mu) or mu / (mu + 1 / sigma - 1) ("linear"). The two paths differ in
+the grid they shift: the static scheduler shifts its training sigmas at construction, so its inference grid runs
+linearly between the *shifted* extremes [1, shift(1 / T)] and is then shifted again; dynamic shifting leaves the
+construction sigmas alone, so its grid runs over [1, 1 / T] and is shifted once. Only the low end moves, so the
+schedules agree at sigma = 1 and drift apart towards the last step (with e^mu = 3.16, T = 1000 and 10 steps the last
+timestep is 9.89 under the static shift and 3.15 under dynamic shifting).
 """
 from __future__ import annotations
 
@@ -70,6 +79,7 @@ def _check_alphas(name: str, alphas) -> None:
 
 
 SHIFT_RANGE = (1e-6, 1e6)
+TIME_SHIFT_TYPES = ("exponential", "linear")
 ETA_MAX = 1e6
 
 def _betas(schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float):
@@ -122,6 +132,8 @@ class SamplerSchedule:
         timesteps: [S] the model's time input at each step, in sampling order (int64 training timesteps, or
             float32 flow times in [0, 1] x num_train_timesteps as diffusers passes them).
         table: [S, 6] float64 host table, columns ``COLUMNS``; ``clip``: x0 clamp range or None.
+        alphas_cumprod: the discrete kinds' training alpha-bars (a list of T floats); num_train_timesteps: T. The
+            builders set both (flow schedules: only T); a schedule constructed directly may leave them None.
     """
 
     kind: str
@@ -131,6 +143,7 @@ class SamplerSchedule:
     clip: Optional[float] = None
     eta: float = 0.0
     alphas_cumprod: Optional[list] = field(default=None, repr=False)  # the training schedule (discrete kinds)
+    num_train_timesteps: Optional[int] = None  # T of the training schedule; None when constructed directly
     _device_copies: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -152,6 +165,8 @@ class SamplerSchedule:
         self.eta = checks.number("eta", self.eta)
         if not 0 <= self.eta <= ETA_MAX:
             raise ValueError(f"eta: expected a value in [0, {ETA_MAX:g}], got {self.eta:g}")
+        if self.num_train_timesteps is not None:
+            self.num_train_timesteps = _int_in("num_train_timesteps", self.num_train_timesteps, 2)
 
     @property
     def num_steps(self) -> int:
@@ -160,6 +175,12 @@ class SamplerSchedule:
     @property
     def stochastic(self) -> bool:
         return bool((self.table[:, 5] != 0).any())
+
+    def cache_key(self) -> tuple:
+        """A hashable key equal for schedules that step identically (kind, prediction, clamp, table, timesteps):
+        what a captured sampling loop may be reused for."""
+        return (self.kind, self.prediction, self.clip, self.timesteps.dtype, self.table.numpy().tobytes(),
+                self.timesteps.cpu().numpy().tobytes())
 
     def device_table(self, device: Union[str, torch.device]) -> torch.Tensor:
         """[S, 6] float32 on ``device``, copied once and cached (no host-to-device copy per step)."""
@@ -181,15 +202,24 @@ class SamplerSchedule:
                beta_schedule: str = "linear", beta_start: float = 0.0001, beta_end: float = 0.02,
                eta: float = 0.0, clip_sample: Union[None, bool, float] = None, timestep_spacing: str = "leading",
                steps_offset: int = 0, set_alpha_to_one: bool = True, variance_type: str = "fixed_small",
-               shift: float = 1.0) -> "SamplerSchedule":
+               shift: float = 1.0, mu: Optional[float] = None,
+               time_shift_type: str = "exponential") -> "SamplerSchedule":
         """A schedule without diffusers, with diffusers' defaults (linear betas 1e-4..0.02 over 1000 steps,
         "leading" spacing; "trailing" and "linspace" too).
+
+        flow_euler reproduces ``FlowMatchEulerDiscreteScheduler(num_train_timesteps, shift)`` (``mu`` None), or
+        with ``mu`` the same scheduler configured with ``use_dynamic_shifting=True`` and ``time_shift_type`` after
+        ``set_timesteps(num_steps, mu=mu)``: the same float32 timesteps and sigmas (diffusers' own float32 and
+        float64 steps are followed, not only its formulas). ``mu`` is named as diffusers names it; Flux and SD3
+        pipelines derive it from the image sequence length (:meth:`dynamic_shift_mu`).
 
         Every argument's domain is checked, whether or not ``kind`` uses it (ValueError / TypeError naming it):
         num_train_timesteps >= 2; 1 <= num_steps <= num_train_timesteps (any num_steps >= 1 for flow_euler);
         beta_start and beta_end in (0, 1); eta >= 0; clip_sample None, a bool (diffusers' switch, True = range
         1.0) or a positive range; steps_offset >= 0 and keeping "leading" steps below num_train_timesteps;
-        shift > 0 (flow_euler's time shift)."""
+        shift > 0 (flow_euler's static time shift); mu only for flow_euler and only with shift = 1 (dynamic
+        shifting replaces the static shift), e^mu ("exponential") or mu ("linear") in [1e-6, 1e6];
+        time_shift_type "exponential" or "linear", and "linear" only with mu."""
         if kind not in KINDS:
             raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
         if prediction not in PREDICTIONS[kind]:
@@ -224,11 +254,21 @@ class SamplerSchedule:
         if not SHIFT_RANGE[0] <= shift <= SHIFT_RANGE[1]:
             raise ValueError(f"shift: expected a value in [{SHIFT_RANGE[0]:g}, {SHIFT_RANGE[1]:g}], got {shift:g} "
                              f"(beyond, 1 + (shift - 1) * sigma rounds to 0 or every shifted sigma to an end)")
-        if kind == "flow_euler":  # as diffusers: linspace between the shifted extremes, then shifted again
-            shifted = lambda s: shift * s / (1 + (shift - 1) * s)  # noqa: E731  (shift in range: never 0 / 0)
-            low = shifted(1.0 / T)
-            sigmas = [1.0 - (i / (num_steps - 1) if num_steps > 1 else 0.0) * (1.0 - low) for i in range(num_steps)]
-            return cls._flow([shifted(s) for s in sigmas] + [0.0], T)
+        if time_shift_type not in TIME_SHIFT_TYPES:
+            raise ValueError(f"time_shift_type: expected exponential or linear, got {time_shift_type!r}")
+        if mu is not None:
+            if kind != "flow_euler":
+                raise ValueError(f"mu: dynamic time shifting is flow_euler's; {kind} takes no mu")
+            if shift != 1.0:
+                raise ValueError(f"mu: dynamic shifting replaces the static shift (as diffusers ignores its shift "
+                                 f"under use_dynamic_shifting); pass shift=1 with mu, got shift={shift:g}")
+            mu = _mu(mu, time_shift_type)
+        elif time_shift_type != "exponential":
+            raise ValueError("time_shift_type: only dynamic shifting (mu) uses it; pass mu with "
+                             f"time_shift_type={time_shift_type!r}")
+        if kind == "flow_euler":
+            sigmas, timesteps = _flow_sigmas(T, num_steps, shift, mu, time_shift_type)
+            return cls._flow(sigmas, T, timesteps=timesteps)
         if timestep_spacing == "leading":
             ratio = T // num_steps
             steps = [i * ratio + steps_offset for i in range(num_steps)][::-1]
@@ -244,13 +284,19 @@ class SamplerSchedule:
         return cls._discrete(kind, prediction, steps, alphas, T, eta, clip, variance_type, final)
 
     @classmethod
-    def from_diffusers(cls, scheduler, num_inference_steps: int, *, eta: float = 0.0) -> "SamplerSchedule":
+    def from_diffusers(cls, scheduler, num_inference_steps: int, *, eta: float = 0.0,
+                       mu: Optional[float] = None) -> "SamplerSchedule":
         """The schedule a configured ``DDPMScheduler``, ``DDIMScheduler`` or ``FlowMatchEulerDiscreteScheduler``
-        steps through with ``num_inference_steps`` (the scheduler itself is not modified). ``eta`` is DDIM's.
+        steps through with ``num_inference_steps`` (the scheduler itself is not modified). ``eta`` is DDIM's (a
+        ``step()`` argument in diffusers, so not part of the scheduler). ``mu`` is what diffusers'
+        ``set_timesteps(num_inference_steps, mu=mu)`` takes: required by a FlowMatchEulerDiscreteScheduler
+        configured with ``use_dynamic_shifting=True`` (the timesteps and sigmas are then that call's, exactly) and
+        refused by every other scheduler (it would be ignored).
 
         Checked before the scheduler is touched: num_inference_steps >= 1 (and <= num_train_timesteps for the
         discrete schedulers), eta >= 0; then the scheduler's configuration: num_train_timesteps >= 2, a positive
-        flow shift, alphas_cumprod in (0, 1)."""
+        flow shift, mu given exactly when dynamic shifting is on (e^mu, or mu for ``time_shift_type="linear"``,
+        in [1e-6, 1e6]), alphas_cumprod in (0, 1)."""
         name = type(scheduler).__name__
         if name not in ("DDPMScheduler", "DDIMScheduler", "FlowMatchEulerDiscreteScheduler"):
             raise TypeError(f"scheduler: expected DDPMScheduler, DDIMScheduler or FlowMatchEulerDiscreteScheduler, "
@@ -270,16 +316,30 @@ class SamplerSchedule:
                              f"beyond, the step's variance overflows)")
         if getattr(config, "thresholding", False):
             raise ValueError(f"scheduler: {name} with thresholding=True is not supported (dynamic thresholding)")
+        dynamic = name == "FlowMatchEulerDiscreteScheduler" and bool(getattr(config, "use_dynamic_shifting", False))
+        if mu is not None and not dynamic:
+            why = ("its config has use_dynamic_shifting=False, so set_timesteps would ignore mu; configure "
+                   "use_dynamic_shifting=True or drop mu" if name == "FlowMatchEulerDiscreteScheduler"
+                   else "only a FlowMatchEulerDiscreteScheduler with use_dynamic_shifting=True takes mu")
+            raise ValueError(f"mu: {name} takes no mu ({why})")
+        if dynamic:
+            if mu is None:
+                raise ValueError("mu: this FlowMatchEulerDiscreteScheduler has use_dynamic_shifting=True, which "
+                                 "needs mu (what set_timesteps(num_inference_steps, mu=mu) takes; Flux and SD3 "
+                                 "derive it from the image sequence length, see SamplerSchedule.dynamic_shift_mu)")
+            mu = _mu(mu, getattr(config, "time_shift_type", "exponential"))
         if name == "FlowMatchEulerDiscreteScheduler":
             if getattr(config, "stochastic_sampling", False):
                 raise ValueError("scheduler: FlowMatchEulerDiscreteScheduler with stochastic_sampling=True is not "
                                  "supported")
             shift = getattr(config, "shift", 1.0)
-            if not getattr(config, "use_dynamic_shifting", False) and not (isinstance(shift, (int, float))
-                                                                          and 0 < shift < float("inf")):
+            if not dynamic and not (isinstance(shift, (int, float)) and 0 < shift < float("inf")):
                 raise ValueError(f"scheduler: shift must be a positive number, got {shift!r}")
             local = copy.deepcopy(scheduler)
-            local.set_timesteps(num_inference_steps)
+            if dynamic:
+                local.set_timesteps(num_inference_steps, mu=mu)
+            else:
+                local.set_timesteps(num_inference_steps)
             sigmas = [float(s) for s in local.sigmas.double()]
             if not all(0.0 <= s <= 1.0 for s in sigmas):
                 raise ValueError(f"scheduler: its sigmas must lie in [0, 1], got [{min(sigmas)}, {max(sigmas)}]")
@@ -332,14 +392,76 @@ class SamplerSchedule:
                     cx, co, x0_weight = A * px + direction * qx, A * po + direction * qo, 0.0
             rows.append([cx, co, px, po, x0_weight, sigma])
         return cls(kind, prediction, torch.tensor(steps, dtype=torch.int64), torch.tensor(rows, dtype=torch.float64),
-                   clip=None if clip is None else float(clip), eta=eta, alphas_cumprod=list(alphas))
+                   clip=None if clip is None else float(clip), eta=eta, alphas_cumprod=list(alphas),
+                   num_train_timesteps=T)
 
     @classmethod
-    def _flow(cls, sigmas, T, timesteps=None):
+    def _flow(cls, sigmas, T, timesteps):
+        """sigmas: S + 1 floats (float32 values, the last 0), timesteps [S] float32, as diffusers holds them: the
+        step's dt = sigma_next - sigma is then exact in float64 and rounds to diffusers' float32 difference."""
         rows = [[1.0, sigmas[i + 1] - sigmas[i], 0.0, 0.0, 0.0, 0.0] for i in range(len(sigmas) - 1)]
-        if timesteps is None:
-            timesteps = torch.tensor([s * T for s in sigmas[:-1]], dtype=torch.float32)
-        return cls("flow_euler", "velocity", timesteps, torch.tensor(rows, dtype=torch.float64))
+        return cls("flow_euler", "velocity", timesteps, torch.tensor(rows, dtype=torch.float64),
+                   num_train_timesteps=T)
+
+    @staticmethod
+    def dynamic_shift_mu(image_seq_len: int, *, base_seq_len: int = 256, max_seq_len: int = 4096,
+                         base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+        """The ``mu`` Flux and SD3 pipelines pass to a dynamically shifting FlowMatchEulerDiscreteScheduler: linear
+        in the sequence length, ``base_shift`` at ``base_seq_len`` tokens and ``max_shift`` at ``max_seq_len``
+        (the scheduler config's base_shift, max_shift, base_image_seq_len, max_image_seq_len; these defaults are
+        its defaults), as diffusers' ``calculate_shift``. Longer sequences get a larger shift (more steps spent
+        at high noise)."""
+        image_seq_len = _int_in("image_seq_len", image_seq_len, 1)
+        base_seq_len = _int_in("base_seq_len", base_seq_len, 1)
+        max_seq_len = _int_in("max_seq_len", max_seq_len, 1)
+        if max_seq_len == base_seq_len:
+            raise ValueError(f"max_seq_len: must differ from base_seq_len = {base_seq_len} (the line through them "
+                             f"gives mu)")
+        base_shift, max_shift = checks.number("base_shift", base_shift), checks.number("max_shift", max_shift)
+        m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+        b = base_shift - m * base_seq_len
+        return image_seq_len * m + b
+
+
+def _mu(mu, time_shift_type: str) -> float:
+    """mu checked for the time shift it feeds: e^mu (exponential) or mu (linear) in SHIFT_RANGE, so that no sigma
+    rounds to an end or divides 0 by 0."""
+    mu = checks.number("mu", mu)
+    if time_shift_type == "linear":
+        if not SHIFT_RANGE[0] <= mu <= SHIFT_RANGE[1]:
+            raise ValueError(f"mu: the linear time shift needs mu in [{SHIFT_RANGE[0]:g}, {SHIFT_RANGE[1]:g}], "
+                             f"got {mu:g}")
+    elif not math.log(SHIFT_RANGE[0]) <= mu <= math.log(SHIFT_RANGE[1]):
+        raise ValueError(f"mu: the exponential time shift needs e^mu in [{SHIFT_RANGE[0]:g}, {SHIFT_RANGE[1]:g}] "
+                         f"(mu in [{math.log(SHIFT_RANGE[0]):.4g}, {math.log(SHIFT_RANGE[1]):.4g}]), got {mu:g}")
+    return mu
+
+
+def _flow_sigmas(T: int, num_steps: int, shift: float, mu: Optional[float], time_shift_type: str):
+    """FlowMatchEulerDiscreteScheduler's sigmas (S + 1 floats, float32 values, the last 0) and timesteps [S]
+    float32 after ``set_timesteps(num_steps[, mu=mu])``, computed in the precisions diffusers uses, so that they
+    agree bit for bit: the construction sigmas in float32 torch, the inference grid and its shift in float64 (numpy
+    there, Python floats here: the same IEEE operations in the same order), one rounding to float32, and the
+    timesteps as float32 sigma * T."""
+    ends = torch.tensor([float(T), 1.0], dtype=torch.float32) / T  # the first and last training sigmas
+    if mu is None:  # a static scheduler shifts its training sigmas at construction; a dynamic one does not
+        ends = shift * ends / (1 + (shift - 1) * ends)
+    start, stop = float(ends[0]) * T, float(ends[1]) * T
+    if num_steps > 1:  # numpy.linspace: start + i * step, the last one exactly stop
+        step = (stop - start) / (num_steps - 1)
+        grid = [i * step + start for i in range(num_steps - 1)] + [stop]
+    else:
+        grid = [start]
+    sigmas = [t / T for t in grid]
+    if mu is None:
+        sigmas = [shift * s / (1 + (shift - 1) * s) for s in sigmas]
+    elif time_shift_type == "exponential":
+        e = math.exp(mu)
+        sigmas = [e / (e + (1 / s - 1) ** 1.0) for s in sigmas]
+    else:
+        sigmas = [mu / (mu + (1 / s - 1) ** 1.0) for s in sigmas]
+    sigmas32 = torch.tensor(sigmas, dtype=torch.float64).to(torch.float32)
+    return [float(s) for s in sigmas32] + [0.0], sigmas32 * T
 
 
 __all__ = ["SamplerSchedule", "KINDS", "PREDICTIONS", "COLUMNS"]
