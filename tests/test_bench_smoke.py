@@ -19,13 +19,25 @@ def test_bench_tiny_writes_json_markdown_png(tmp_path):
     assert ops == {"attention_with_scores", "row_attention_mass", "select_topk_tokens", "linear_cross_entropy",
                    "linear_log_probs", "ivtlr training step", "ivtlr training step, grad checkpointing",
                    "ivtlr inference (+32 tokens)", "layer_norm_modulate", "diffusion_mse",
-                   "diffusion head sample"}
+                   "diffusion head sample", "apply_fused_loss training step"}
     baselines = [r for r in result["rows"] if r["impl"] != "mmlatent"]
     assert baselines and all(r["speedup_of_mmlatent"] > 0 for r in baselines)
     assert "eager+output_attentions" in table and "sdpa" in table and "torch topk" in table
     assert "logits+F.cross_entropy" in table and "logits+log_softmax" in table
     assert "ivtlr_reference (public code)" in table
     assert "x this floor" in table  # the diffusion row's distance to 50 head forwards
+    assert "mmlatent vs logits+F.cross_entropy: " in table  # every baseline read in one line
+
+
+def test_demo_rows_are_cpu_set_rows_with_a_reading():
+    """Each row the demo shows is a row of the default CPU set (a renamed case must rename its demo entry), and the
+    reading of a row says faster or slower and leaner or heavier from its ratios."""
+    demo = bench.cases_for("demo")
+    assert {(c.op, c.shape) for c in demo} == set(bench.DEMO_ROWS)
+    assert len(demo) == len(bench.DEMO_ROWS)
+    row = dict(impl="eager", speedup_of_mmlatent=0.5, memory_ratio_of_mmlatent=0.25)
+    assert bench.reading(row) == "mmlatent vs eager: 2.00x slower, 4.0x less peak memory"
+    assert bench.reading(dict(impl="x", speedup_of_mmlatent=3.0)) == "mmlatent vs x: 3.00x faster"
 
 
 def test_loss_cases_return_the_same_gradients_as_their_baselines():

@@ -30,7 +30,8 @@ def positive_int(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The benchmark's options, shared by ``python -m mmlatent.bench`` and ``mmlatent bench``."""
     parser.add_argument("--sizes", choices=SIZES, default=None,
-                        help="shape set: default (CPU), gpu (real sizes), tiny (smoke test)")
+                        help="shape set: default (CPU), gpu (real sizes), tiny (smoke test), demo (the CPU rows "
+                             "make demo shows)")
     parser.add_argument("--repeats", type=positive_int, default=None, help="timed runs per row (median reported)")
     parser.add_argument("--dtype", default=None, choices=DTYPES,
                         help="input dtype (default: bfloat16 on GPU, float32 on CPU)")
@@ -42,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _result_stem(sizes: str, ops) -> str:
-    stem = "kernels" if sizes != "tiny" else "kernels-tiny"
+    stem = "kernels" if sizes in ("default", "gpu") else f"kernels-{sizes}"
     if ops:
         stem += "-" + re.sub(r"[^a-z0-9]+", "-", ops.lower()).strip("-")
     return stem
@@ -75,6 +76,6 @@ def main(argv=None) -> int:
         f.write(table)
     plot(result, os.path.join(out, f"{stem}.png"))
     print()
-    print(table)
+    print(table)  # the table ends with one line of reading per baseline
     print(f"wrote {out}/{stem}.json, .md, .png")
     return 0
