@@ -79,6 +79,19 @@ def test_opcheck(case, use_backend):
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("case", range(3))
+def test_opcheck_torch_backend(case, use_backend):
+    """The torch backend's outputs have the strides the fake kernel promises (a compiled graph reads them so):
+    SDPA's CPU path returns o in [B, M, H, D] memory order, which the op makes contiguous."""
+    use_backend("torch")
+    op, args = _opcheck_cases()[case]
+    # q, k, v as a model's attention layer makes them: projections viewed [B, M, H, D], transposed to [B, H, M, D]
+    args = tuple(t.transpose(1, 2).contiguous().transpose(1, 2) if i < 3 else t for i, t in enumerate(args))
+    torch.library.opcheck(op, args)
+    o, _ = op(*args)
+    assert o.is_contiguous()
+
+
 def test_torch_compile_fullgraph(use_backend):
     """The public ops trace into one graph (fake implementations), and compiled results equal eager ones."""
     use_backend("auto")

@@ -161,7 +161,9 @@ def _attention_with_scores_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     else:
         o, lse = torch_impl.attention_output_with_scores(q, k, v, causal, key_valid, image_index, scores_out,
                                                          score_row, scale, weight), None
-    return o, (lse if return_lse else q.new_empty(0, dtype=torch.float32))
+    # the fake kernel promises a contiguous o, and a compiled graph reads it with those strides: SDPA's CPU path
+    # returns it in [B, M, H, D] memory order
+    return o.contiguous(), (lse if return_lse else q.new_empty(0, dtype=torch.float32))
 
 
 @_attention_with_scores_op.register_fake
