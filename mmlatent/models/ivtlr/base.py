@@ -1,9 +1,9 @@
 """What the fast wrapper and the public-code reference share: arguments, the layout of one call, its final pass,
-its loss, decoding, and the attention installation that wrapping makes."""
+its loss, decoding (:mod:`.generation`), and the attention installation that wrapping makes."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -12,6 +12,7 @@ from ..backbones import VLMBackbone
 from ..compat import cache_kwargs
 from ..attention import AttentionLease
 from ..lm_head import LinearCrossEntropyHead, head_for
+from . import generation
 from .layout import POSITION_MODES, LayoutPlan, PreparedInputs, assemble_with_grad, assembled_labels
 
 
@@ -138,14 +139,25 @@ class IVTLRBase(nn.Module):
                        position_ids=self.backbone.position_ids(inputs.positions), use_cache=False)
         return out.last_hidden_state
 
-    def _eos_and_pad(self, eos_token_id):
-        text = self.backbone.text_config
-        generation_config = getattr(self.backbone.model, "generation_config", None)
-        eos = eos_token_id if eos_token_id is not None else (
-            getattr(generation_config, "eos_token_id", None) or text.eos_token_id)
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        pad = text.pad_token_id if text.pad_token_id is not None else (eos[0] if eos else 0)
-        return torch.tensor(eos, dtype=torch.long), int(pad)
+    # ---------------------------------------------------------------------------------------------- generation
+    def _start_generation(self, input_ids, attention_mask, pixel_values, image_grid_thw, generation_config,
+                          options, tokenizer, logits_processor, stopping_criteria):
+        """Checks and merges the options (before any model call), prepares the inputs; returns (inputs, the
+        assembled prompt's ids [B, S_asm], the :class:`~.generation.DecodingPlan`)."""
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and attention_mask.shape[1] \
+                and bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("attention_mask: generation needs left-padded prompts (the last column of every row "
+                             "a real token)")
+        model_config = getattr(self.backbone.model, "generation_config", None)
+        config, default_length = generation.resolve(model_config, generation_config, options)
+        inputs = self._prepare(input_ids, attention_mask, None, pixel_values, image_grid_thw)
+        _, pad = generation.special_tokens(config)
+        history = generation.assembled_ids(inputs.plan, input_ids.long(), self.backbone.image_token_id, pad)
+        decoding = generation.plan(config, default_length, history, inputs.plan.valid, tokenizer=tokenizer,
+                                   logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+                                   max_position_embeddings=getattr(self.backbone.config, "max_position_embeddings",
+                                                                   None))
+        return inputs, history, decoding
 
     def _decode_positions(self, positions: torch.Tensor, step: int) -> torch.Tensor:
         """[R, B, 1] position of the step-th new token: the layout continues (linear), or each sample's largest
@@ -154,20 +166,47 @@ class IVTLRBase(nn.Module):
             return torch.full_like(positions[:, :, :1], positions.shape[2] + step)
         return positions.amax(dim=(0, 2), keepdim=True).expand(positions.shape[0], -1, 1) + 1 + step
 
-    def _pick(self, logits: torch.Tensor, do_sample: bool, temperature: float) -> torch.Tensor:
-        if not do_sample:
-            return logits.argmax(dim=-1)
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        return torch.multinomial(probs, 1).squeeze(1)
+    def _cached_feed(self, lm, cache, key_valid: torch.Tensor,
+                     positions: torch.Tensor) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        """``feed(token [B], step)``: appends the step-th new token to ``cache`` and returns the next logits
+        [B, V]; ``key_valid`` [B, cached length] bool marks the cache's real columns."""
+        state = {"key_valid": key_valid}
 
-    def _check_generate(self, attention_mask, max_new_tokens, temperature):
-        if bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("attention_mask: generation needs left-padded prompts (the last column of every row "
-                             "a real token)")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature: expected > 0, got {temperature}")
+        def feed(token: torch.Tensor, step: int) -> torch.Tensor:
+            valid = state["key_valid"]
+            state["key_valid"] = valid = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1)
+            out = self._lm(lm, inputs_embeds=self.backbone.embed_tokens(token[:, None]), attention_mask=valid.long(),
+                           position_ids=self.backbone.position_ids(self._decode_positions(positions, step)),
+                           cache=cache, use_cache=True)
+            return self.backbone.lm_head(out.last_hidden_state[:, -1])
+        return feed
+
+    @torch.no_grad()
+    def assembled_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         pixel_values: Optional[torch.Tensor] = None,
+                         image_grid_thw: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """The prompt after its latent steps, as ``vlm.generate`` takes it.
+
+        Returns:
+            input_ids: [B, S_asm] int64, the ids :meth:`generate`'s logits processors see: the image token id at
+                the inserted embeddings; in the layout's padding the pad id of the model's generation config, else
+                its first EOS id, else 0.
+            inputs_embeds: [B, S_asm, D] the assembled layer-0 inputs.
+            attention_mask: [B, S_asm] int64.
+            position_ids: the model's layout of the positions ([3, B, S_asm] for Qwen, [B, S_asm] else).
+
+        ``vlm.generate(**wrapper.assembled_prompt(...), **options)`` decodes what ``generate(..., **options)``
+        decodes."""
+        out = self(input_ids, attention_mask, pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+        plan = LayoutPlan(input_ids.long(), attention_mask, self.latent_token_id, self.backbone.image_token_id,
+                          self.k)
+        positions = plan.positions(self.position_mode, self.backbone, input_ids.long(), attention_mask,
+                                   image_grid_thw)
+        model_config = getattr(self.backbone.model, "generation_config", None)
+        pad = None if model_config is None else generation.special_tokens(model_config)[1]
+        return {"input_ids": generation.assembled_ids(plan, input_ids.long(), self.backbone.image_token_id, pad),
+                "inputs_embeds": out.inputs_embeds, "attention_mask": plan.valid.long(),
+                "position_ids": self.backbone.position_ids(positions)}
 
 
 def checkpointing_layers(module: nn.Module) -> List[nn.Module]:
@@ -193,30 +232,4 @@ class checkpointing_paused:
             layer.gradient_checkpointing = True
 
 
-def decode(model: IVTLRBase, lm, cache, key_valid, positions, last_hidden, max_new_tokens, do_sample,
-            temperature, eos, pad, tokens: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
-    """Greedy or sampled decoding with a KV cache, from the hidden state [B, D] of the last token fed (the
-    prompt's, or the last of ``tokens`` already generated)."""
-    B = last_hidden.shape[0]
-    tokens = list(tokens or [])
-    finished = torch.zeros(B, dtype=torch.bool, device=last_hidden.device)
-    for token in tokens:
-        finished |= torch.isin(token, eos)
-    logits = model.backbone.logits(last_hidden)
-    for step in range(len(tokens), max_new_tokens):
-        token = torch.where(finished, torch.full_like(finished, pad, dtype=torch.long),
-                            model._pick(logits, do_sample, temperature))
-        tokens.append(token)
-        finished |= torch.isin(token, eos)
-        if bool(finished.all()) or step == max_new_tokens - 1:
-            break
-        key_valid = torch.cat([key_valid, torch.ones(B, 1, dtype=torch.bool, device=key_valid.device)], dim=1)
-        out = model._lm(lm, inputs_embeds=model.backbone.embed_tokens(token[:, None]),
-                        attention_mask=key_valid.long(),
-                        position_ids=model.backbone.position_ids(model._decode_positions(positions, step)),
-                        cache=cache, use_cache=True)
-        logits = model.backbone.logits(out.last_hidden_state[:, -1])
-    return torch.stack(tokens, dim=1)
-
-
-__all__ = ["IVTLROutput", "IVTLRBase", "decode", "checkpointing_layers", "checkpointing_paused"]
+__all__ = ["IVTLROutput", "IVTLRBase", "checkpointing_layers", "checkpointing_paused"]

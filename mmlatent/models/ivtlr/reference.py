@@ -1,15 +1,18 @@
 """IVT-LR exactly as its public code computes it: the oracle of the tests and the baseline of the benchmarks."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..attention import EagerProbabilities
-from .base import IVTLRBase, IVTLROutput, decode
+from .base import IVTLRBase, IVTLROutput
 from .layout import PreparedInputs, assembled_labels, left_pad
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
 
 class IVTLRReference(IVTLRBase):
@@ -84,44 +87,45 @@ class IVTLRReference(IVTLRBase):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  pixel_values: Optional[torch.Tensor] = None, image_grid_thw: Optional[torch.Tensor] = None,
-                 max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
-                 eos_token_id=None) -> torch.Tensor:
+                 generation_config: Optional[GenerationConfig] = None, *,
+                 logits_processor: Optional[LogitsProcessorList] = None,
+                 stopping_criteria: Optional[StoppingCriteriaList] = None, tokenizer=None, **options) -> torch.Tensor:
         """As the public code's generate: the latent passes and the full pass of its forward give the first token;
         its decoding loop then reads the assembled prompt and that token again without a cache, and continues with
-        the cache."""
+        the cache. Same arguments, options and result as :meth:`IVTLR.generate`."""
         from transformers import DynamicCache
-        self._check_generate(attention_mask, max_new_tokens, temperature)
-        inputs = self._prepare(input_ids, attention_mask, None, pixel_values, image_grid_thw)
+        inputs, history, decoding = self._start_generation(input_ids, attention_mask, pixel_values, image_grid_thw,
+                                                           generation_config, options, tokenizer, logits_processor,
+                                                           stopping_criteria)
         plan, positions, filled = inputs.plan, inputs.positions, inputs.filled
         lm = self.backbone.language_model
-        eos, pad = self._eos_and_pad(eos_token_id)
-        eos = eos.to(filled.device)
         self._latent_passes(inputs)
         out = self._lm(lm, inputs_embeds=filled, attention_mask=plan.valid.long(),
                        position_ids=self.backbone.position_ids(positions), use_cache=False)
-        first = self._pick(self.backbone.logits(out.last_hidden_state[:, -1]), do_sample, temperature)
-        if max_new_tokens == 1 or bool(torch.isin(first, eos).all()):
-            return first[:, None]
-        # the public code's decoding loop starts without a cache: it reads the assembled prompt and the first
-        # token again, and caches from there
-        cache = DynamicCache(config=self.backbone.text_config)
-        key_valid = torch.cat([plan.valid, torch.ones_like(plan.valid[:, :1])], dim=1)
-        out = self._lm(lm, inputs_embeds=torch.cat([filled, self.backbone.embed_tokens(first[:, None])], dim=1),
-                       attention_mask=key_valid.long(),
-                       position_ids=self.backbone.position_ids(
-                           torch.cat([positions, self._decode_positions(positions, 0)], dim=2)),
-                       cache=cache, use_cache=True)
-        return decode(self, lm, cache, key_valid, positions, out.last_hidden_state[:, -1], max_new_tokens,
-                       do_sample, temperature, eos, pad, tokens=[first])
+        cached = {}
+
+        def feed(token: torch.Tensor, step: int) -> torch.Tensor:
+            if step:
+                return cached["feed"](token, step)
+            # the public code's decoding loop starts without a cache: it reads the assembled prompt and the first
+            # token again, and caches from there
+            cache = DynamicCache(config=self.backbone.text_config)
+            key_valid = torch.cat([plan.valid, torch.ones_like(plan.valid[:, :1])], dim=1)
+            again = self._lm(lm, inputs_embeds=torch.cat([filled, self.backbone.embed_tokens(token[:, None])], dim=1),
+                             attention_mask=key_valid.long(),
+                             position_ids=self.backbone.position_ids(
+                                 torch.cat([positions, self._decode_positions(positions, 0)], dim=2)),
+                             cache=cache, use_cache=True)
+            cached["feed"] = self._cached_feed(lm, cache, key_valid, positions)
+            return self.backbone.lm_head(again.last_hidden_state[:, -1])
+
+        return decoding.run(history, self.backbone.lm_head(out.last_hidden_state[:, -1]), feed)
 
 
 def ivtlr_reference(vlm: nn.Module, latent_token_id: int, *, k: Optional[int] = None,
                     position_mode: str = "linear") -> IVTLRReference:
     """IVT-LR exactly as its public code computes it (see :class:`IVTLRReference`), around the same ``vlm``."""
     return IVTLRReference(vlm, latent_token_id, k=k, position_mode=position_mode)
-
-
-__all__ = ["IVTLR", "IVTLROutput", "IVTLRReference", "ivtlr_reference", "POSITION_MODES"]
 
 
 __all__ = ["IVTLRReference", "ivtlr_reference"]

@@ -2,15 +2,18 @@
 teacher-forced pass over what the prompt's first read did not cover, the memory-lean loss."""
 from __future__ import annotations
 
-from typing import List
+from typing import TYPE_CHECKING, List, Optional
 
 import torch
 
 from mmlatent.kernels import select_topk_tokens
 
 from ..attention import RolloutScores
-from .base import IVTLRBase, IVTLROutput, checkpointing_layers, checkpointing_paused, decode
+from .base import IVTLRBase, IVTLROutput, checkpointing_layers, checkpointing_paused
 from .layout import PreparedInputs, assemble_with_grad, left_pad
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
 
 class _Rollout:
@@ -32,7 +35,7 @@ class _Rollout:
         step go before its latent token, whose input becomes the last row's hidden state (hidden [B, W, D])."""
         B = hidden.shape[0]
         active = [b for b in range(B) if self.plan.counts[b] > step]
-        rows = torch.tensor(active, device=hidden.device)
+        rows = self.plan.active_rows[step]  # planned with the layout: no host-to-device copy per step
         exclude = self.exclude.index_select(0, rows)
         idx, gathered = select_topk_tokens(self.scores.index_select(0, rows), self.k, exclude=exclude,
                                            valid=self.image_valid.index_select(0, rows),
@@ -191,17 +194,37 @@ class IVTLR(IVTLRBase):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  pixel_values: Optional[torch.Tensor] = None, image_grid_thw: Optional[torch.Tensor] = None,
-                 max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
-                 eos_token_id=None) -> torch.Tensor:
-        """Latent rollout over the (left-padded) prompt, then decoding with the KV cache.
+                 generation_config: Optional[GenerationConfig] = None, *,
+                 logits_processor: Optional[LogitsProcessorList] = None,
+                 stopping_criteria: Optional[StoppingCriteriaList] = None, tokenizer=None, **options) -> torch.Tensor:
+        """Latent rollout over the (left-padded) prompt, then decoding with the KV cache, with Hugging Face
+        ``generate``'s options and semantics (:mod:`mmlatent.models.ivtlr.generation`).
+
+        Args:
+            input_ids: [B, S] int64, left-padded, with the image placeholders and latent tokens.
+            attention_mask: [B, S] 0/1, the last column 1 in every row.
+            pixel_values, image_grid_thw: as the model's processor returns them.
+            generation_config: a ``transformers.GenerationConfig``; merged as transformers merges it (its unset
+                values from the model's ``generation_config``, then transformers' defaults: greedy, 20 new tokens).
+            logits_processor, stopping_criteria: a ``LogitsProcessorList`` / ``StoppingCriteriaList`` added to
+                the ones built from the config (one of the same type replaces the built one), as in transformers.
+            tokenizer: the tokenizer ``stop_strings`` are matched with (a transformers tokenizer, or an mmlatent
+                ``WordTokenizer`` / ``HFTokenizer``).
+            **options: GenerationConfig options over everything else: max_new_tokens, max_length, min_new_tokens,
+                min_length, max_time, stop_strings, do_sample, temperature, top_k, top_p, min_p, typical_p,
+                epsilon_cutoff, eta_cutoff, repetition_penalty, no_repeat_ngram_size, bad_words_ids,
+                suppress_tokens, begin_suppress_tokens, remove_invalid_values, renormalize_logits, eos_token_id (an
+                int or a list), pad_token_id. An unknown keyword is a TypeError naming it; beam search, assisted
+                decoding and the other modes are refused with a ValueError naming the option.
 
         Returns:
-            [B, T] int64 new tokens (T <= max_new_tokens: decoding stops when every row has produced EOS), the
-            pad id after each row's EOS.
+            [B, T] int64 new tokens (T <= max_new_tokens: decoding stops when every row has stopped), the pad id
+            after each row's end.
         """
         from transformers import DynamicCache
-        self._check_generate(attention_mask, max_new_tokens, temperature)
-        inputs = self._prepare(input_ids, attention_mask, None, pixel_values, image_grid_thw)
+        inputs, history, decoding = self._start_generation(input_ids, attention_mask, pixel_values, image_grid_thw,
+                                                           generation_config, options, tokenizer, logits_processor,
+                                                           stopping_criteria)
         plan, positions, filled = inputs.plan, inputs.positions, inputs.filled
         B = filled.shape[0]
         if plan.num_steps:
@@ -213,9 +236,8 @@ class IVTLR(IVTLRBase):
         lm = self.backbone.language_model
         hidden, key_valid = self._read(lm, cache, key_valid, filled, plan, positions,
                                        [slice(r, plan.length) for r in read], max(plan.length - r for r in read))
-        eos, pad = self._eos_and_pad(eos_token_id)
-        return decode(self, lm, cache, key_valid, positions, hidden[:, -1], max_new_tokens, do_sample,
-                       temperature, eos.to(filled.device), pad)
+        return decoding.run(history, self.backbone.lm_head(hidden[:, -1]),
+                            self._cached_feed(lm, cache, key_valid, positions))
 
 
 __all__ = ["IVTLR"]
