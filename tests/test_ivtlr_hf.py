@@ -1,14 +1,22 @@
-"""IVTLR.generate with generation options: the tokens of transformers' generate on the same (assembled) inputs,
-greedy and sampled under one seed, stop strings, EOS, merged configs, refused modes and unknown keywords."""
+"""IVT-LR wrappers as standard Hugging Face / PEFT folders (save_pretrained / from_pretrained give identical logits,
+also through transformers' and PEFT's own loaders), and IVTLR.generate with generation options: the tokens of
+transformers' generate on the same (assembled) inputs, greedy and sampled under one seed, stop strings, EOS,
+merged configs, refused modes and unknown keywords."""
+import json
+import os
+
 import pytest
 import torch
 
 from mmlatent.models import IVTLR, ivtlr_reference
 from mmlatent.models.ivtlr.generation import GREEDY_OPTIONS
-from mmlatent.models.tiny import LATENT_ID, synthetic_batch, tiny_qwen2_vl
+from mmlatent.models.tiny import LATENT_ID, synthetic_batch, tiny_chameleon, tiny_qwen2_vl
+from mmlatent.train.checkpoint import CheckpointError
 
+peft = pytest.importorskip("peft")
 IMAGES = [[(16, 16), (8, 16)], [(16, 24)]]
 SMALL = dict(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64)
+LORA_TARGETS = r".*language_model.*\.(q_proj|v_proj|up_proj)"
 
 
 def batch_of(model, num_latents=(2, 2), seed=0, with_answer=True, latent_id=LATENT_ID):
@@ -20,6 +28,171 @@ def prompt_of(model, num_latents=(2, 2), seed=0, latent_id=LATENT_ID):
     batch = batch_of(model, num_latents, seed, with_answer=False, latent_id=latent_id)
     del batch["labels"]
     return batch
+
+
+@torch.no_grad()
+def outputs(wrapper, batch):
+    out = wrapper(**batch, return_logits=True)
+    return out.logits, out.loss
+
+
+def assert_same_outputs(a, b, batch):
+    (logits_a, loss_a), (logits_b, loss_b) = outputs(a, batch), outputs(b, batch)
+    assert torch.equal(logits_a, logits_b) and torch.equal(loss_a, loss_b)
+
+
+def safetensors_keys(path):
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return set(f.keys())
+
+
+# -------------------------------------------------------------------------------------------- saving, loading
+
+def test_full_model_round_trip_is_a_standard_folder(tmp_path):
+    from transformers import AutoModelForImageTextToText
+    model = tiny_qwen2_vl(seed=1, **SMALL)
+    wrapper = IVTLR(model, LATENT_ID, k=2, position_mode="mrope")
+    batch = batch_of(model)
+    expected = outputs(wrapper, batch)
+    folder = tmp_path / "ivtlr"
+    assert wrapper.save_pretrained(str(folder)) == str(folder)
+    assert sorted(os.listdir(folder)) == ["config.json", "generation_config.json", "ivtlr_config.json",
+                                          "manifest.json", "model.safetensors"]
+    settings = json.loads((folder / "ivtlr_config.json").read_text())
+    assert (settings["latent_token_id"], settings["k"], settings["position_mode"], settings["version"]) == (
+        LATENT_ID, 2, "mrope", 1)
+    # the model's own key names, as its save_pretrained writes them (no "vlm." prefix of the wrapper's state dict)
+    model.save_pretrained(tmp_path / "direct")
+    keys = safetensors_keys(folder / "model.safetensors")
+    assert keys == safetensors_keys(tmp_path / "direct" / "model.safetensors")
+    assert not any(k.startswith("vlm.") for k in keys)
+    loaded = IVTLR.from_pretrained(str(folder))
+    assert (loaded.latent_token_id, loaded.k, loaded.position_mode) == (LATENT_ID, 2, "mrope")
+    got = outputs(loaded, batch)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    plain = AutoModelForImageTextToText.from_pretrained(folder)
+    assert type(plain) is type(model)
+    assert_same_outputs(IVTLR(plain, LATENT_ID, k=2, position_mode="mrope"), wrapper, batch)
+
+
+def test_chameleon_round_trip(tmp_path):
+    model = tiny_chameleon(seed=2, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64)
+    wrapper = IVTLR(model, LATENT_ID, k=4)
+    batch = synthetic_batch(model, images=[[(32, 32)], [(32, 32)]], prompt_lengths=[3, 6], answer_lengths=[4, 2],
+                            num_latents=[2, 2])
+    wrapper.save_pretrained(str(tmp_path / "chameleon"))
+    loaded = IVTLR.from_pretrained(str(tmp_path / "chameleon"))
+    assert type(loaded.vlm) is type(model) and loaded.k == 4
+    assert_same_outputs(loaded, wrapper, batch)
+
+
+def test_lora_round_trip_with_a_base_built_from_a_config(tmp_path):
+    """A tiny base has no checkpoint on disk: it is saved beside the adapter, in base/, which the adapter names."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+    base = tiny_qwen2_vl(seed=3, **SMALL)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=16, init_lora_weights=False,
+                                                     target_modules=LORA_TARGETS))
+    wrapper = IVTLR(lora, LATENT_ID, k=2)
+    batch = batch_of(base)
+    expected = outputs(wrapper, batch)
+    folder = tmp_path / "adapter"
+    wrapper.save_pretrained(str(folder))
+    assert {"adapter_config.json", "adapter_model.safetensors", "ivtlr_config.json", "manifest.json",
+            "base"} <= set(os.listdir(folder))
+    assert sorted(os.listdir(folder / "base")) == ["config.json", "generation_config.json", "model.safetensors"]
+    manifest = json.loads((folder / "manifest.json").read_text())["files"]
+    assert "base/model.safetensors" in manifest and "adapter_model.safetensors" in manifest
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "base"
+    adapter_keys = safetensors_keys(folder / "adapter_model.safetensors")
+    assert adapter_keys and all(k.startswith("base_model.model.") and ".lora_" in k for k in adapter_keys)
+    assert not any("lora" in k for k in safetensors_keys(folder / "base" / "model.safetensors"))
+    loaded = IVTLR.from_pretrained(str(folder))
+    assert isinstance(loaded.vlm, PeftModel)
+    got = outputs(loaded, batch)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    # PEFT's own loader, on transformers' own load of the base
+    plain = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(folder / "base"), folder)
+    assert_same_outputs(IVTLR(plain.eval(), LATENT_ID, k=2), wrapper, batch)
+
+
+def test_lora_with_latent_rows_added_to_a_local_base(tmp_path):
+    """The base is a checkpoint folder with a smaller vocabulary: the new rows travel in the adapter file (PEFT's
+    save_embedding_layers), the base is not copied, and loading resizes the base before the adapter goes in."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+    tiny_qwen2_vl(seed=4, **SMALL).save_pretrained(tmp_path / "base")
+    base = AutoModelForImageTextToText.from_pretrained(tmp_path / "base")
+    latent = base.get_input_embeddings().weight.shape[0]  # the first added row
+    base.resize_token_embeddings(latent + 3)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=16, init_lora_weights=False,
+                                                     target_modules=LORA_TARGETS))
+    wrapper = IVTLR(lora, latent, k=2)
+    batch = batch_of(base, latent_id=latent)
+    expected = outputs(wrapper, batch)
+    folder = tmp_path / "adapter"
+    wrapper.save_pretrained(str(folder))
+    assert "base" not in os.listdir(folder)
+    assert json.loads((folder / "ivtlr_config.json").read_text())["vocab_size"] == latent + 3
+    keys = safetensors_keys(folder / "adapter_model.safetensors")
+    assert any(k.endswith("embed_tokens.weight") for k in keys) and any(k.endswith("lm_head.weight") for k in keys)
+    loaded = IVTLR.from_pretrained(str(folder))  # the base from adapter_config's base_model_name_or_path
+    got = outputs(loaded, batch)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    fresh = AutoModelForImageTextToText.from_pretrained(tmp_path / "base")
+    fresh.resize_token_embeddings(latent + 3)
+    plain = PeftModel.from_pretrained(fresh, folder)
+    assert_same_outputs(IVTLR(plain.eval(), latent, k=2), wrapper, batch)
+    given = IVTLR.from_pretrained(str(folder), base_model=AutoModelForImageTextToText.from_pretrained(
+        tmp_path / "base"))  # a base module passed in is resized too
+    assert_same_outputs(given, wrapper, batch)
+
+
+def test_a_missing_or_corrupt_file_is_refused_naming_it(tmp_path):
+    base = tiny_qwen2_vl(seed=3, **SMALL)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=LORA_TARGETS))
+    IVTLR(lora, LATENT_ID, k=2).save_pretrained(str(tmp_path / "adapter"))
+    os.remove(tmp_path / "adapter" / "base" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"base/model\.safetensors: listed in manifest\.json but missing"):
+        IVTLR.from_pretrained(str(tmp_path / "adapter"))
+    IVTLR(tiny_qwen2_vl(**SMALL), LATENT_ID, k=2).save_pretrained(str(tmp_path / "full"))
+    weights = tmp_path / "full" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8:] = bytes(8)
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: content differs from the manifest"):
+        IVTLR.from_pretrained(str(tmp_path / "full"))
+    os.remove(tmp_path / "full" / "manifest.json")
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        IVTLR.from_pretrained(str(tmp_path / "full"))
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        IVTLR.from_pretrained(str(tmp_path / "absent"))
+
+
+def test_save_replaces_only_a_new_empty_or_checkpoint_folder(tmp_path):
+    wrapper = IVTLR(tiny_qwen2_vl(**SMALL), LATENT_ID, k=2)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="directory: .*mine holds files but no manifest.json"):
+        wrapper.save_pretrained(str(tmp_path / "mine"))
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+    wrapper.save_pretrained(str(tmp_path / "ckpt"))
+    IVTLR(tiny_qwen2_vl(seed=5, **SMALL), LATENT_ID, k=3).save_pretrained(str(tmp_path / "ckpt"))  # replaced whole
+    assert IVTLR.from_pretrained(str(tmp_path / "ckpt")).k == 3 and sorted(os.listdir(tmp_path)) == ["ckpt", "mine"]
+
+
+def test_a_shape_that_differs_names_the_tensor(tmp_path):
+    from mmlatent.train.checkpoint import write_manifest
+    folder = tmp_path / "full"
+    IVTLR(tiny_qwen2_vl(**SMALL), LATENT_ID, k=2).save_pretrained(str(folder))
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["intermediate_size"] = 48
+    (folder / "config.json").write_text(json.dumps(config))
+    write_manifest(str(folder))  # a deliberate edit, re-hashed
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor \S*mlp\.\w+_proj\.weight has shape "
+                                              r"\[\d+, \d+\] in the checkpoint but \[\d+, \d+\] in the model"):
+        IVTLR.from_pretrained(str(folder))
 
 
 # ------------------------------------------------------------------------------------------------- generation

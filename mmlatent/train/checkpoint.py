@@ -1,7 +1,7 @@
 """Crash-safe, verified checkpoint folders: the one place where mmlatent writes and reads a checkpoint.
 
-A checkpoint is a folder of files plus ``manifest.json`` (each file's size and SHA-256), written last. Writing
-``DIR`` goes through two sibling folders:
+A checkpoint is a folder of files plus ``manifest.json`` (each file's size and SHA-256, subfolders' files under
+``/``-separated names such as ``base/config.json``), written last. Writing ``DIR`` goes through two sibling folders:
 
 1. every file is written and fsynced into ``DIR.tmp``; the manifest goes in last (written to a temporary name,
    fsynced, renamed), so a ``DIR.tmp`` with a manifest is complete;
@@ -15,7 +15,9 @@ every write to ``DIR``) finishes the interrupted replacement on disk.
 
 The two kinds of checkpoint are written here: :func:`write_trainer_checkpoint` (``checkpoint-N``, what
 :meth:`mmlatent.train.Trainer.resume` continues) and :func:`write_run_checkpoint` (a finished run's ``final``, what
-``mmlatent eval`` reads); :func:`write_json` is the one atomic JSON writer.
+``mmlatent eval`` reads); :func:`write_json` is the one atomic JSON writer. Files that a library writes itself
+(``save_pretrained``) go in through ``write_checkpoint``'s ``fill``, into the scratch folder, and are fsynced and
+hashed like the rest.
 
 Every load verifies the manifest: a missing, truncated or altered file is refused with a :class:`CheckpointError`
 that names the file. Files added to the folder after it was written (``eval.json``) are not covered and not
@@ -28,7 +30,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Callable, Dict, Mapping, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -75,22 +77,62 @@ def write_json(path: str, payload, indent=1) -> None:
     os.replace(tmp, path)
 
 
+def checked_name(name, what: str = "name") -> str:
+    """``name`` if it is a file name a manifest may list: a relative path with ``/`` between its parts (no part
+    empty, ``.`` or ``..``), not the manifest itself; else ValueError naming ``what``."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if not parts or any(p in ("", ".", "..") for p in parts) or "\\" in name or name == MANIFEST:
+        raise ValueError(f"{what}: {name!r} is not a relative file name (parts joined by '/') other than {MANIFEST}")
+    return name
+
+
+def _local(directory: str, name: str) -> str:
+    return os.path.join(directory, *name.split("/"))
+
+
+def _files(directory: str) -> List[str]:
+    """Every regular file under ``directory``, subfolders included, as sorted ``/``-separated names; the manifest
+    and the temporary files of unfinished atomic writes left out."""
+    names = []
+    for root, folders, files in os.walk(directory):
+        folders.sort()
+        prefix = os.path.relpath(root, directory)
+        for name in files:
+            rel = name if prefix == "." else "/".join(prefix.split(os.sep) + [name])
+            if rel != MANIFEST and not name.endswith(".tmp") and os.path.isfile(os.path.join(root, name)):
+                names.append(rel)
+    return sorted(names)
+
+
+def _fsync_tree(directory: str) -> None:
+    """fsyncs every file under ``directory`` and every subfolder (not ``directory`` itself)."""
+    for root, folders, files in os.walk(directory, topdown=False):
+        for name in files:
+            _fsync_file(os.path.join(root, name))
+        if root != directory:
+            _fsync_dir(root)
+
+
 def write_manifest(directory: str) -> dict:
-    """Records every regular file of ``directory`` (except the manifest) with its size and SHA-256, atomically."""
+    """Records every regular file under ``directory`` (subfolders included; not the manifest) with its size and
+    SHA-256, atomically."""
     files = {}
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if name == MANIFEST or name.endswith(".tmp") or not os.path.isfile(path):
-            continue
+    for name in _files(directory):
+        path = _local(directory, name)
         files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
     manifest = {"format": FORMAT, "version": VERSION, "files": files}
     write_json(os.path.join(directory, MANIFEST), manifest)
     return manifest
 
 
-def write_checkpoint(directory: str, writers: Mapping[str, Callable[[str], None]]) -> str:
-    """Writes ``directory`` crash-safely: ``writers[name](path)`` writes the file ``name`` at ``path``; the
-    manifest is added last and an existing folder of that name is replaced only once the new one is complete."""
+def write_checkpoint(directory: str, writers: Mapping[str, Callable[[str], None]],
+                     fill: Optional[Callable[[str], None]] = None) -> str:
+    """Writes ``directory`` crash-safely: ``fill(folder)``, when given, first writes any files (in subfolders too)
+    into the scratch folder, as a library's ``save_pretrained`` does; then ``writers[name](path)`` writes the file
+    ``name`` (a ``/``-separated relative name) at ``path``. Everything is fsynced, the manifest is added last and an
+    existing folder of that name is replaced only once the new one is complete."""
+    for name in writers:
+        checked_name(name, "writers")
     directory = os.path.normpath(directory)
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
@@ -99,12 +141,21 @@ def write_checkpoint(directory: str, writers: Mapping[str, Callable[[str], None]
         recover_checkpoint(directory, missing_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    if fill is not None:
+        fill(tmp)
+        if os.path.exists(os.path.join(tmp, MANIFEST)):
+            raise ValueError(f"fill: wrote {MANIFEST}, which only write_checkpoint writes")
+        _fsync_tree(tmp)
     for name, write in writers.items():
-        if name == MANIFEST or os.sep in name:
-            raise ValueError(f"writers: {name!r} is not a plain file name other than {MANIFEST}")
-        path = os.path.join(tmp, name)
+        path = _local(tmp, name)
+        if os.path.exists(path):
+            raise ValueError(f"writers: {name!r} was already written by fill")
+        if "/" in name:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
         write(path)
         _fsync_file(path)
+        if "/" in name:
+            _fsync_dir(os.path.dirname(path))
     write_manifest(tmp)
     _fsync_dir(tmp)
     # only now, with a newer complete copy in DIR.tmp, may a leftover DIR.old of an earlier crash go
@@ -115,6 +166,25 @@ def write_checkpoint(directory: str, writers: Mapping[str, Callable[[str], None]
     _fsync_dir(parent)
     shutil.rmtree(old, ignore_errors=True)
     return directory
+
+
+def save_into(folder: str, save: Callable[[str], None], what: str) -> List[str]:
+    """Runs ``save(scratch)`` (a library's ``save_pretrained``) in a scratch folder inside ``folder`` (same file
+    system, so the moves are renames) and moves what it wrote into ``folder``; a name that is already there is
+    refused, naming ``what`` wrote it. Returns the names moved."""
+    scratch = tempfile.mkdtemp(prefix=".part-", dir=folder)
+    try:
+        save(scratch)
+        names = _files(scratch)
+        for name in names:
+            target = _local(folder, name)
+            if os.path.exists(target):
+                raise ValueError(f"{what}: wrote {name}, which another part of the checkpoint already wrote")
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(_local(scratch, name), target)
+        return names
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def write_trainer_checkpoint(directory: str, weights: Mapping[str, torch.Tensor],
@@ -170,8 +240,11 @@ def read_manifest(directory: str, required: Sequence[str] = ()) -> dict:
             or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"{path}: not an mmlatent checkpoint manifest")
     for name, entry in manifest["files"].items():
-        if (not isinstance(name, str) or not name or os.sep in name or name in (".", "..", MANIFEST)
-                or not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str)
+        try:
+            checked_name(name)
+        except ValueError:
+            entry = None
+        if (not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str)
                 or isinstance(entry.get("bytes"), bool) or not isinstance(entry.get("bytes"), int)):
             raise CheckpointError(f"{path}: entry {name!r} is not a file name with its bytes and sha256")
     for name in required:
@@ -188,7 +261,7 @@ def verify_checkpoint(directory: str, required: Sequence[str] = ()) -> dict:
         raise CheckpointError(f"{directory}: no such checkpoint folder")
     manifest = read_manifest(directory, required)
     for name, expected in manifest["files"].items():
-        path = os.path.join(directory, name)
+        path = _local(directory, name)
         if not os.path.isfile(path):
             raise CheckpointError(f"{path}: listed in {MANIFEST} but missing")
         size = os.path.getsize(path)
@@ -289,7 +362,8 @@ def check_shapes(expected: Mapping[str, tuple], stored: Mapping, path: str, what
                                   f"but {list(shape)} in the model")
 
 
-__all__ = ["CheckpointError", "write_checkpoint", "write_trainer_checkpoint", "write_run_checkpoint",
+__all__ = ["CheckpointError", "write_checkpoint", "save_into", "checked_name", "write_trainer_checkpoint",
+           "write_run_checkpoint",
            "verify_checkpoint", "resolve_checkpoint", "recover_checkpoint",
            "write_manifest", "read_manifest", "read_json", "write_json", "load_tensors", "check_shapes", "MANIFEST",
            "TRAINER_FILES", "RUN_FILES"]

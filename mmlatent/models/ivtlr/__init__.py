@@ -10,11 +10,14 @@ token, and the latent token's input embedding becomes the last row's final hidde
 the last full pass over the assembled sequence carries gradient.
 
 Layout: :mod:`.layout` (where each token goes; what the passes of one call share), :mod:`.base` (what both
-wrappers share), :mod:`.rollout` (:class:`IVTLR`), :mod:`.reference` (:class:`IVTLRReference`).
+wrappers share), :mod:`.rollout` (:class:`IVTLR`), :mod:`.reference` (:class:`IVTLRReference`),
+:mod:`.generation` (``generate``'s options, decoded as transformers decodes them), :mod:`.saving` (a wrapper as a
+standard Hugging Face or PEFT folder: ``save_pretrained`` / ``from_pretrained``).
 """
 from .base import IVTLROutput
+from .generation import SUPPORTED_OPTIONS as GENERATION_OPTIONS
 from .layout import POSITION_MODES
 from .reference import IVTLRReference, ivtlr_reference
 from .rollout import IVTLR
 
-__all__ = ["IVTLR", "IVTLROutput", "IVTLRReference", "ivtlr_reference", "POSITION_MODES"]
+__all__ = ["IVTLR", "IVTLROutput", "IVTLRReference", "ivtlr_reference", "POSITION_MODES", "GENERATION_OPTIONS"]

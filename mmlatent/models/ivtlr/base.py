@@ -1,9 +1,10 @@
 """What the fast wrapper and the public-code reference share: arguments, the layout of one call, its final pass,
-its loss, decoding (:mod:`.generation`), and the attention installation that wrapping makes."""
+its loss, decoding (:mod:`.generation`), saving and loading (:mod:`.saving`), and the attention installation that
+wrapping makes."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -12,7 +13,7 @@ from ..backbones import VLMBackbone
 from ..compat import cache_kwargs
 from ..attention import AttentionLease
 from ..lm_head import LinearCrossEntropyHead, head_for
-from . import generation
+from . import generation, saving
 from .layout import POSITION_MODES, LayoutPlan, PreparedInputs, assemble_with_grad, assembled_labels
 
 
@@ -207,6 +208,48 @@ class IVTLRBase(nn.Module):
         return {"input_ids": generation.assembled_ids(plan, input_ids.long(), self.backbone.image_token_id, pad),
                 "inputs_embeds": out.inputs_embeds, "attention_mask": plan.valid.long(),
                 "position_ids": self.backbone.position_ids(positions)}
+
+    # ------------------------------------------------------------------------------------------ saving, loading
+    def save_pretrained(self, directory: str, *, save_base: Optional[bool] = None,
+                        save_embedding_layers: Union[bool, str] = "auto") -> str:
+        """Writes the wrapped model as a standard folder and the wrapper's settings (``ivtlr_config.json``), crash
+        safely and verified (:func:`mmlatent.train.checkpoint.write_checkpoint`); returns ``directory``.
+
+        A full model is written by its ``save_pretrained`` (config.json, model.safetensors, generation_config.json,
+        the model's own key names); a PEFT model by PEFT's (adapter_config.json, adapter_model.safetensors), with
+        the base model in ``directory/base`` when it has no checkpoint on disk, and the embedding matrices in the
+        adapter file when the vocabulary outgrew the base checkpoint's (see :mod:`mmlatent.models.ivtlr.saving`;
+        ``save_base`` and ``save_embedding_layers`` override those defaults). ``directory`` is replaced whole: it
+        must be new, empty or an mmlatent checkpoint (ValueError otherwise)."""
+        from mmlatent.train.checkpoint import write_checkpoint
+        saving.check_replaceable(directory)
+        return write_checkpoint(directory, {}, fill=lambda folder: saving.write_pretrained(
+            self.vlm, folder, latent_token_id=self.latent_token_id, k=self.k, position_mode=self.position_mode,
+            save_base=save_base, save_embedding_layers=save_embedding_layers))
+
+    @classmethod
+    def from_pretrained(cls, directory: str, model: Optional[nn.Module] = None, *, base_model=None, device=None,
+                        dtype: Optional[torch.dtype] = None, attn_implementation: Optional[str] = None,
+                        is_trainable: bool = False):
+        """The wrapper saved by :meth:`save_pretrained` (or a training run's ``final`` folder), verified against
+        its manifest first: a missing or corrupt file raises :class:`~mmlatent.train.checkpoint.CheckpointError`
+        naming it.
+
+        Args:
+            directory: the folder.
+            model: a model that already holds the folder's weights (e.g. loaded with your own device map); only
+                the IVT-LR settings are read from the folder then.
+            base_model: for an adapter folder, the model it adapts (an ``nn.Module``, changed in place as
+                ``PeftModel.from_pretrained`` changes it, or a local model folder); default: the folder's
+                ``base/``, else ``adapter_config.json``'s ``base_model_name_or_path`` when it is a local folder.
+                Its embeddings are resized to the saved vocabulary first when rows were added.
+            device, dtype, attn_implementation: where and how the model is loaded (default: the CPU, the saved
+                dtype, transformers' default attention).
+            is_trainable: load PEFT adapters trainable (``PeftModel.from_pretrained``'s flag).
+        """
+        vlm, settings = saving.load_pretrained(directory, model, base_model=base_model, device=device, dtype=dtype,
+                                               attn_implementation=attn_implementation, is_trainable=is_trainable)
+        return cls(vlm, settings["latent_token_id"], k=settings["k"], position_mode=settings["position_mode"])
 
 
 def checkpointing_layers(module: nn.Module) -> List[nn.Module]:
