@@ -21,12 +21,18 @@ POSITION_MODES = ("linear", "mrope")
 class LayoutPlan:
     """Where every token of every sample goes in the assembled layout (the definition both paths share)."""
 
-    def __init__(self, input_ids, attention_mask, latent_id: int, image_id: int, k: int):
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, latent_id: int, image_id: int,
+                 k: int):
         B, S = input_ids.shape
         device = input_ids.device
         self.k = k
-        is_latent = (input_ids == latent_id) & attention_mask.bool()
-        is_image = (input_ids == image_id) & attention_mask.bool()
+        # Host sync, one per call: the layout is Python control flow (each sample's segments and step count
+        # decide the slices every pass reads), so the ids and the mask are read on the host once and every index
+        # below is planned there; the device receives the finished index tensors in one copy each.
+        ids, mask = torch.stack([input_ids, attention_mask.to(input_ids.dtype)]).cpu().unbind(0)
+        mask = mask.bool()
+        is_latent = (ids == latent_id) & mask
+        is_image = (ids == image_id) & mask
         self.latents = [row.nonzero().squeeze(1).tolist() for row in is_latent]
         self.images = [row.nonzero().squeeze(1).tolist() for row in is_image]
         counts = [len(c) for c in self.latents]
@@ -47,25 +53,32 @@ class LayoutPlan:
         self.counts = counts
         self.length = S + self.num_steps * k
         # embeddings inserted at or before each original column (each latent token is shifted by its own k)
-        self.inserted_before = torch.cumsum(is_latent.long(), dim=1) * k  # [B, S]
-        pad = torch.tensor([(self.num_steps - n) * k for n in counts], device=device)
-        self.orig_to_asm = torch.arange(S, device=device)[None] + self.inserted_before + pad[:, None]  # [B, S]
-        self.valid = torch.zeros(B, self.length, dtype=torch.bool, device=device)
-        self.valid.scatter_(1, self.orig_to_asm, attention_mask.bool())
-        self.inserted = torch.zeros(B, self.length, dtype=torch.bool, device=device)  # inserted or latent columns
+        inserted_before = torch.cumsum(is_latent.long(), dim=1) * k  # [B, S]
+        pad = torch.tensor([(self.num_steps - n) * k for n in counts])
+        orig_to_asm = torch.arange(S)[None] + inserted_before + pad[:, None]  # [B, S]
+        valid = torch.zeros(B, self.length, dtype=torch.bool)
+        valid.scatter_(1, orig_to_asm, mask)
+        inserted = torch.zeros(B, self.length, dtype=torch.bool)  # inserted or latent columns
+        self.latent_columns = [orig_to_asm[b, self.latents[b]].tolist() for b in range(B)]
         # step boundaries: sample b selects for latent j after reading columns [0, starts[b][j])
-        self.starts = [[int(self.orig_to_asm[b, c]) - k for c in self.latents[b]] for b in range(B)]
+        self.starts = [[c - k for c in self.latent_columns[b]] for b in range(B)]
         for b in range(B):
-            for j, c in enumerate(self.latents[b]):
-                latent_col = int(self.orig_to_asm[b, c])
-                self.inserted[b, latent_col - k: latent_col + 1] = True
-                self.valid[b, latent_col - k: latent_col] = True
+            for latent_col in self.latent_columns[b]:
+                inserted[b, latent_col - k: latent_col + 1] = True
+                valid[b, latent_col - k: latent_col] = True
+        self.inserted_before = inserted_before.to(device)
+        self.orig_to_asm = orig_to_asm.to(device)
+        self.valid, self.inserted = valid.to(device), inserted.to(device)
+        # the samples that take each latent step, as device index tensors (sliced from one copy)
+        active = [[b for b in range(B) if counts[b] > step] for step in range(self.num_steps)]
+        flat = torch.tensor([b for rows in active for b in rows], dtype=torch.long).to(device)
+        self.active_rows = list(torch.split(flat, [len(rows) for rows in active])) if active else []
 
     def image_columns(self, b: int) -> torch.Tensor:
         return self.orig_to_asm[b, self.images[b]]
 
     def latent_column(self, b: int, step: int) -> int:
-        return self.starts[b][step] + self.k
+        return self.latent_columns[b][step]
 
     def positions(self, mode: str, backbone: VLMBackbone, input_ids, attention_mask, image_grid_thw):
         """[R, B, S_asm] positions (R = 1 for linear, 3 for mrope)."""
@@ -75,11 +88,15 @@ class LayoutPlan:
         original = backbone.model_positions(input_ids, attention_mask, image_grid_thw)  # [3, B, S]
         out = torch.ones(original.shape[0], B, self.length, dtype=original.dtype, device=original.device)
         out.scatter_(2, self.orig_to_asm[None].expand_as(original), original + self.inserted_before[None])
-        for b in range(B):
-            for j, c in enumerate(self.latents[b]):
-                latent_col = int(self.orig_to_asm[b, c])
-                first = int(out[0, b, latent_col]) - self.k
-                out[:, b, latent_col - self.k: latent_col] = torch.arange(first, first + self.k, device=out.device)
+        # each inserted run continues from its latent token's position, as text tokens: gathered on the device in
+        # one indexing op (no host read of the positions)
+        pairs = [(b, col) for b in range(B) for col in self.latent_columns[b]]
+        if pairs:
+            rows = torch.tensor([b for b, _ in pairs], device=out.device)
+            latent = torch.tensor([col for _, col in pairs], device=out.device)
+            offsets = torch.arange(-self.k, 0, device=out.device)
+            # the latent token is text: its three M-RoPE rows hold one position, row 0's
+            out[:, rows[:, None], latent[:, None] + offsets] = out[0, rows, latent][:, None] + offsets
         return out
 
 
