@@ -265,11 +265,14 @@ def test_load_run_errors_name_the_file_and_parameter(tmp_path):
     runs.train(_run_config(tmp_path, epochs=1, mode="no_cot"), progress=False)
     final = str(tmp_path / "final")
     run = json.load(open(os.path.join(final, "run.json")))
-    run["config"]["model"]["tiny_qwen2_vl"]["intermediate"] = 48
+    run["result"]["name"] = "edited"
     json.dump(run, open(os.path.join(final, "run.json"), "w"))
     with pytest.raises(CheckpointError, match=r"run\.json: \d+ bytes where the manifest records"):
         runs.load_run(final)
-    ckpt.write_manifest(final)  # a deliberate edit, re-hashed: now the shapes disagree
+    config = json.load(open(os.path.join(final, "config.json")))
+    config["text_config"]["intermediate_size"] = 48
+    json.dump(config, open(os.path.join(final, "config.json"), "w"))
+    ckpt.write_manifest(final)  # deliberate edits, re-hashed: now the shapes disagree
     with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor \S*mlp\.\w+_proj\.weight has shape "
                                               r"\[\d+, \d+\] in the checkpoint but \[\d+, \d+\] in the model"):
         runs.load_run(final)

@@ -3,12 +3,14 @@ any work starts (a real subprocess, so no traceback can hide); --debug shows the
 help; `mmlatent bench` takes the benchmark's options; eval writes nothing into the checkpoint; the demo finds
 the shipped checkpoints from any folder; recover finishes an interrupted checkpoint replacement."""
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from mmlatent import cli
@@ -212,6 +214,54 @@ def test_model_settings_are_checked_naming_the_key(tmp_path, model, needle):
 ])
 def test_data_lora_and_train_settings_are_checked_naming_the_key(tmp_path, changes, needle):
     _one_line_error(mmlatent("train", "--config", _config(tmp_path, **changes)), needle)
+
+
+def _local_model_folder(tmp_path):
+    """A tiny Qwen2-VL saved with save_pretrained alone (no tokenizer, no image processor), its vocabulary the
+    synthetic task's word tokenizer's, so the image ids line up."""
+    from mmlatent.data import WordTokenizer, synthetic
+    from mmlatent.models.tiny import tiny_qwen2_vl
+    folder = tmp_path / "qwen2-vl-tiny"
+    tiny_qwen2_vl(vocab=len(WordTokenizer(synthetic.vocabulary())), **TINY["model"]["tiny_qwen2_vl"]).save_pretrained(
+        folder)
+    return folder
+
+
+def test_eval_of_a_local_model_run_with_the_word_tokenizer(tmp_path):
+    """model.path with synthetic data: the run's tokenizer is the word tokenizer, and eval reads the tokenizer that
+    was saved (not a Hugging Face one because the model came from a path: that read failed with KeyError
+    'added_tokens')."""
+    out = tmp_path / "run"
+    config = _config(tmp_path, model={"path": str(_local_model_folder(tmp_path))},
+                     train=dict(TINY["train"], output_dir=str(out)))
+    done = mmlatent("train", "--config", config)
+    assert done.returncode == 0, done.stderr
+    assert "word_tokenizer.json" in os.listdir(out / "final")
+    done = mmlatent("eval", "--checkpoint", out / "final", "--n", "2")
+    assert done.returncode == 0 and "accuracy" in done.stdout, done.stderr
+
+
+def test_eval_reads_a_first_format_run_of_a_local_model(tmp_path, capsys):
+    """The first run format (model.safetensors of the state dict, the word tokenizer as tokenizer.json) of a
+    model.path run: the tokenizer is told by its content."""
+    from safetensors.torch import save_file
+
+    from mmlatent.train import ivtlr as runs
+    from mmlatent.train.checkpoint import write_checkpoint, write_json
+    config = runs.RunConfig(**dict(TINY, model={"path": str(_local_model_folder(tmp_path))}))
+    tokenizer, _, _ = runs.build_data(config)
+    model = runs.build_model(config, len(tokenizer), torch.device("cpu"))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    final = str(tmp_path / "old" / "final")
+    write_checkpoint(final, {"model.safetensors": lambda path: save_file(state, path),
+                             "run.json": lambda path: write_json(path, {"config": dataclasses.asdict(config),
+                                                                        "result": {}}),
+                             "tokenizer.json": tokenizer.save})
+    wrapper, loaded_tokenizer, _, _ = runs.load_run(final)
+    assert type(loaded_tokenizer).__name__ == "WordTokenizer" and loaded_tokenizer.tokens == tokenizer.tokens
+    assert all(torch.equal(a, b) for a, b in zip(wrapper.vlm.state_dict().values(), state.values()))
+    assert cli.main(["eval", "--checkpoint", final, "--n", "2"]) == 0
+    assert "accuracy" in capsys.readouterr().out
 
 
 def test_eval_of_a_training_checkpoint_says_what_to_do(tmp_path):

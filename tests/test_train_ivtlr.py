@@ -36,13 +36,41 @@ def test_curriculum_stages_and_optimizer_reset(tmp_path, monkeypatch):
     assert result["stage"] == 3 and len(result["history"]["train"]) == 15
     assert [(e["step"], e["stage"], e["n"]) for e in result["history"]["eval"]] == [(6, 1, 4), (12, 3, 4)]
     final = tmp_path / "final"
-    assert sorted(os.listdir(final)) == ["manifest.json", "model.safetensors", "run.json", "tokenizer.json"]
+    # a standard Hugging Face model folder, with the run's files beside it
+    assert sorted(os.listdir(final)) == ["config.json", "generation_config.json", "ivtlr_config.json",
+                                         "manifest.json", "model.safetensors", "preprocessor_config.json", "run.json",
+                                         "word_tokenizer.json"]
     metrics = runs.evaluate(result["wrapper"], result["tokenizer"], result["image_processor"], config,
                             result["eval_records"])
     wrapper, tokenizer, loaded, processor = runs.load_run(str(final))
     again = runs.evaluate(wrapper, tokenizer, processor, loaded, result["eval_records"])
     assert again["outputs"] == metrics["outputs"]  # the saved run reproduces the in-memory one
     assert metrics["n"] == 8 and 0 <= metrics["accuracy"] <= 1 and metrics["tokens_per_answer"] > 0
+
+
+def test_lora_run_folder_is_a_peft_folder_with_its_base_beside_it(tmp_path):
+    """A LoRA run on a tiny model (built from a config, no base checkpoint on disk): the adapter as PEFT saves it,
+    the base in base/; PEFT's own loader and load_run give the run's outputs."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from mmlatent.models import IVTLR
+    config = runs.RunConfig(name="lora", mode="ivtlr", epochs=2, epochs_per_stage=1, lora={
+        "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        **dict(TINY, data={"synthetic": {"n_train": 16, "n_eval": 4, "seed": 0}},
+               train=dict(TINY["train"], output_dir=str(tmp_path), progress=False)))
+    result = runs.train(config, progress=False)
+    final = tmp_path / "final"
+    assert {"adapter_config.json", "adapter_model.safetensors", "base", "word_tokenizer.json"} <= set(
+        os.listdir(final))
+    metrics = runs.evaluate(result["wrapper"], result["tokenizer"], result["image_processor"], config,
+                            result["eval_records"])
+    wrapper, tokenizer, loaded, processor = runs.load_run(str(final))
+    assert runs.evaluate(wrapper, tokenizer, processor, loaded, result["eval_records"])["outputs"] == \
+        metrics["outputs"]
+    plain = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(final / "base"), final).eval()
+    assert runs.evaluate(IVTLR(plain, tokenizer.latent_id, k=config.k), tokenizer, processor, loaded,
+                         result["eval_records"])["outputs"] == metrics["outputs"]
 
 
 def test_no_image_control_blanks_every_image():

@@ -11,6 +11,10 @@ from tokenizers.models import WordLevel
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<|latent|>", "<|start-latent|>", "<|end-latent|>", "<unk>"]
 VISION = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+# a run folder's word tokenizer; not tokenizer.json, which is the Hugging Face tokenizer's file and what
+# AutoTokenizer reads in a folder that is also a model folder (the first run format wrote tokenizer.json)
+WORD_TOKENIZER_FILE = "word_tokenizer.json"
+LEGACY_WORD_TOKENIZER_FILE = "tokenizer.json"
 
 
 class WordTokenizer:
@@ -59,11 +63,40 @@ class WordTokenizer:
 
     @classmethod
     def load(cls, path: str) -> "WordTokenizer":
-        with open(path) as f:
+        """Reads what :meth:`save` wrote; ValueError (naming the file) for anything else, e.g. a Hugging Face
+        tokenizer.json."""
+        with open(path, encoding="utf-8") as f:
             saved = json.load(f)
+        if not is_word_tokenizer_state(saved):
+            raise ValueError(f"{path}: not a word tokenizer (expected an object with a list of words)")
         return cls(saved["words"], size=saved.get("size"))
 
+    def to_hf(self):
+        """The same vocabulary as a ``transformers.PreTrainedTokenizerFast`` (special tokens marked, words decoded
+        joined by spaces), for what needs a Hugging Face tokenizer, e.g. ``stop_strings`` in ``generate``."""
+        from transformers import PreTrainedTokenizerFast
+        named = {"<pad>": "pad_token", "<bos>": "bos_token", "<eos>": "eos_token", "<unk>": "unk_token"}
+        # a copy: marking the special tokens changes how the tokenizers object splits text, and this one's must not
+        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(self._tokenizer.to_str()),
+                                       **{key: token for token, key in named.items()},
+                                       additional_special_tokens=[t for t in SPECIALS + VISION if t not in named])
 
+
+def is_word_tokenizer_state(saved) -> bool:
+    """Whether ``saved`` (parsed JSON) is what :meth:`WordTokenizer.save` writes (and not, say, a Hugging Face
+    tokenizer.json, which has ``model`` and ``added_tokens`` instead)."""
+    return (isinstance(saved, dict) and isinstance(saved.get("words"), list)
+            and all(isinstance(w, str) for w in saved["words"])
+            and (saved.get("size") is None or (isinstance(saved["size"], int) and not isinstance(saved["size"], bool))))
+
+
+def is_word_tokenizer_file(path: str) -> bool:
+    """Whether the JSON file at ``path`` holds a word tokenizer (False for unreadable or other JSON)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return is_word_tokenizer_state(json.load(f))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
 
 
 class HFTokenizer:
@@ -95,5 +128,10 @@ class HFTokenizer:
     def decode(self, ids, skip_special: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special)
 
+    def to_hf(self):
+        """The Hugging Face tokenizer itself."""
+        return self.tokenizer
 
-__all__ = ["WordTokenizer", "HFTokenizer", "SPECIALS", "VISION"]
+
+__all__ = ["WordTokenizer", "HFTokenizer", "SPECIALS", "VISION", "WORD_TOKENIZER_FILE", "LEGACY_WORD_TOKENIZER_FILE",
+           "is_word_tokenizer_file", "is_word_tokenizer_state"]

@@ -15,9 +15,9 @@ every write to ``DIR``) finishes the interrupted replacement on disk.
 
 The two kinds of checkpoint are written here: :func:`write_trainer_checkpoint` (``checkpoint-N``, what
 :meth:`mmlatent.train.Trainer.resume` continues) and :func:`write_run_checkpoint` (a finished run's ``final``, what
-``mmlatent eval`` reads); :func:`write_json` is the one atomic JSON writer. Files that a library writes itself
-(``save_pretrained``) go in through ``write_checkpoint``'s ``fill``, into the scratch folder, and are fsynced and
-hashed like the rest.
+``mmlatent eval`` reads: a standard Hugging Face / PEFT folder, see :mod:`mmlatent.models.ivtlr.saving`);
+:func:`write_json` is the one atomic JSON writer. Files that a library writes itself (``save_pretrained``) go in
+through ``write_checkpoint``'s ``fill``, into the scratch folder, and are fsynced and hashed like the rest.
 
 Every load verifies the manifest: a missing, truncated or altered file is refused with a :class:`CheckpointError`
 that names the file. Files added to the folder after it was written (``eval.json``) are not covered and not
@@ -35,9 +35,11 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 
 MANIFEST = "manifest.json"
-# what a training checkpoint (checkpoint-N) and a finished run (final) hold besides the manifest
+# what a training checkpoint (checkpoint-N) and a finished run (final) hold besides the manifest; a run's model
+# files depend on its layout (a full save_pretrained folder, a PEFT adapter folder, or the model.safetensors of the
+# first format), which mmlatent.train.ivtlr.load_run tells apart
 TRAINER_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json")
-RUN_FILES = ("model.safetensors", "run.json")
+RUN_FILES = ("run.json",)
 FORMAT = "mmlatent-checkpoint"
 VERSION = 1
 
@@ -202,27 +204,26 @@ def write_trainer_checkpoint(directory: str, weights: Mapping[str, torch.Tensor]
     })
 
 
-def write_run_checkpoint(directory: str, weights: Mapping[str, torch.Tensor], run: dict, tokenizer) -> str:
-    """A finished run's ``final``: model.safetensors (``weights``, on the CPU), run.json (``run``: config and
-    result summary) and the tokenizer: tokenizer.json for a :class:`mmlatent.data.tokenizer.WordTokenizer`, else
-    the files its Hugging Face tokenizer saves (``tokenizer.tokenizer.save_pretrained``)."""
-    from safetensors.torch import save_file
+def write_run_checkpoint(directory: str, write_model: Callable[[str], None], run: dict, tokenizer,
+                         image_processor=None) -> str:
+    """A finished run's ``final``: the model's files (``write_model(folder)`` writes them, see
+    :func:`mmlatent.models.ivtlr.saving.write_pretrained`), run.json (``run``: config, result summary and which
+    tokenizer was saved), the tokenizer (``word_tokenizer.json`` for a
+    :class:`mmlatent.data.tokenizer.WordTokenizer`, else the files its Hugging Face tokenizer saves) and, when
+    given, the image processor's ``preprocessor_config.json``; every file under one manifest."""
+    from mmlatent.data.tokenizer import WORD_TOKENIZER_FILE, WordTokenizer
 
-    from mmlatent.data.tokenizer import WordTokenizer
-    writers = {"model.safetensors": lambda path: save_file(dict(weights), path),
-               "run.json": lambda path: write_json(path, run)}
-    if isinstance(tokenizer, WordTokenizer):
-        writers["tokenizer.json"] = tokenizer.save
-        return write_checkpoint(directory, writers)
-    # a checkpoint's tokenizer, with the latent tokens added: its files, saved in a scratch folder first
-    scratch = tempfile.mkdtemp(prefix="mmlatent-tokenizer-")
-    try:
-        tokenizer.tokenizer.save_pretrained(scratch)
-        for name in sorted(os.listdir(scratch)):
-            writers[name] = lambda path, source=os.path.join(scratch, name): os.replace(source, path)
-        return write_checkpoint(directory, writers)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    def fill(folder: str) -> None:
+        save_into(folder, write_model, "the model")
+        if isinstance(tokenizer, WordTokenizer):
+            save_into(folder, lambda scratch: tokenizer.save(os.path.join(scratch, WORD_TOKENIZER_FILE)),
+                      "the tokenizer")
+        else:  # a checkpoint's tokenizer, with the latent tokens added
+            save_into(folder, tokenizer.tokenizer.save_pretrained, "the tokenizer")
+        if image_processor is not None:
+            save_into(folder, image_processor.save_pretrained, "the image processor")
+
+    return write_checkpoint(directory, {"run.json": lambda path: write_json(path, run)}, fill=fill)
 
 
 def read_manifest(directory: str, required: Sequence[str] = ()) -> dict:

@@ -1,6 +1,7 @@
 """IVT-LR training runs from a config file: the progressive curriculum, the no-CoT and explicit-CoT variants, the
 no-image control, evaluation (strict accuracy and, labelled separately, the public code's lenient scoring) and
-self-contained checkpoints (weights, tokenizer, config)."""
+self-contained checkpoints: a finished run's folder is a standard Hugging Face folder (a full model) or PEFT
+adapter folder (LoRA), with the tokenizer, the image processor and the run's config beside the model's files."""
 from __future__ import annotations
 
 import copy
@@ -20,10 +21,15 @@ from mmlatent.data import (MODES, VLMCollator, WordTokenizer, lenient_correct, p
 from mmlatent.data.records import Record
 from mmlatent.models import IVTLR
 from mmlatent.models.backbones import VLMBackbone
+from mmlatent.models.ivtlr.generation import GREEDY_OPTIONS
 from mmlatent.models import tiny as tiny_models
 
 from .checkpoint import (RUN_FILES, CheckpointError, check_shapes, load_tensors, read_json, read_manifest,
                          resolve_checkpoint, write_run_checkpoint)
+
+# what run.json records since runs are saved as Hugging Face / PEFT folders (absent: the first format, a
+# model.safetensors of model.state_dict() and tokenizer.json, still read)
+RUN_FORMAT = 2
 from .curriculum import Curriculum
 from .loop import EpochBatches, TrainConfig, Trainer, check_int
 
@@ -268,7 +274,16 @@ def _blank(records: List[Record]) -> List[Record]:
     return out
 
 
+def _model_dtype(config: RunConfig, device) -> torch.dtype:
+    """The dtype a run's model is built in: bf16 on a GPU for a local checkpoint and the 7B-shaped model, else
+    float32 (the tiny models)."""
+    kind = next(iter(config.model))
+    return torch.bfloat16 if kind in ("path", "qwen2_vl_7b_shapes") and device.type == "cuda" else torch.float32
+
+
 def build_model(config: RunConfig, vocab_size: int, device):
+    """The run's model, on ``device``: built from its config kind (seeded by the caller), the vision tower frozen
+    when asked, LoRA adapters on the language model's layers when ``config.lora`` is set."""
     (kind, spec), = config.model.items()
     spec = dict(spec) if isinstance(spec, dict) else spec
     if kind == "tiny_qwen2_vl":
@@ -277,15 +292,14 @@ def build_model(config: RunConfig, vocab_size: int, device):
         model = tiny_models.tiny_chameleon(text_vocab=max(vocab_size, spec.pop("text_vocab", 200)), device=device,
                                            **spec)
     elif kind == "qwen2_vl_7b_shapes":  # random weights, for memory and speed measurements on a GPU
-        model = tiny_models.qwen2_vl_7b_shapes(device=device, dtype=torch.bfloat16 if device.type == "cuda"
-                                               else torch.float32, **(spec or {}))
+        model = tiny_models.qwen2_vl_7b_shapes(device=device, dtype=_model_dtype(config, device), **(spec or {}))
         if vocab_size != model.config.text_config.vocab_size:
             raise ValueError(f"data: the tokenizer has {vocab_size} tokens, the 7B-shaped model "
                              f"{model.config.text_config.vocab_size}; set data.synthetic.vocab_size to match")
     elif kind == "path":  # a local checkpoint (Qwen2-VL, Qwen2.5-VL)
         from transformers import AutoModelForImageTextToText
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model = AutoModelForImageTextToText.from_pretrained(spec, attn_implementation="sdpa", dtype=dtype).to(device)
+        model = AutoModelForImageTextToText.from_pretrained(spec, attn_implementation="sdpa",
+                                                            dtype=_model_dtype(config, device)).to(device)
         if vocab_size > model.get_input_embeddings().num_embeddings:  # IVT-LR's latent tokens were added
             model.resize_token_embeddings(vocab_size)
     else:
@@ -332,10 +346,11 @@ def seed_everything(seed: int) -> None:
 
 def train(config: RunConfig, device=None, resume: Optional[str] = None, progress: bool = True,
           until: Optional[int] = None, allow_config_change: bool = False) -> dict:
-    """Trains one run. A run that reaches its last step writes ``<output_dir>/final`` (model.safetensors,
-    tokenizer, run.json, manifest.json); one stopped early by ``until`` writes ``<output_dir>/checkpoint-<step>``
-    instead, which ``resume`` continues. Everything random (model initialisation, LoRA adapters, resized
-    embedding rows) is created after seeding with ``train.seed``, so two runs of one config are identical.
+    """Trains one run. A run that reaches its last step writes ``<output_dir>/final`` (:func:`save_run`: the model
+    as a Hugging Face or PEFT folder, the tokenizer, the image processor, run.json, manifest.json); one stopped
+    early by ``until`` writes ``<output_dir>/checkpoint-<step>`` instead, which ``resume`` continues. Everything
+    random (model initialisation, LoRA adapters, resized embedding rows) is created after seeding with
+    ``train.seed``, so two runs of one config are identical.
     Returns the trainer history (and ``completed``)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     train_options = TrainConfig(**dict({"max_steps": 1}, **config.train))  # checks the options before any work
@@ -388,70 +403,125 @@ def train(config: RunConfig, device=None, resume: Optional[str] = None, progress
                   completed=trainer.finished, steps=trainer.step, history=history)
     if train_config.output_dir:
         if trainer.finished:
-            result["checkpoint"] = save_run(os.path.join(train_config.output_dir, "final"), model, tokenizer,
-                                            config, result)
+            result["checkpoint"] = save_run(os.path.join(train_config.output_dir, "final"), wrapper, tokenizer,
+                                            config, result, image_processor=image_processor)
         else:  # an interrupted run must not look finished: it leaves a checkpoint to resume from
             result["checkpoint"] = trainer.save(os.path.join(train_config.output_dir, f"checkpoint-{trainer.step}"))
     return dict(result, model=model, wrapper=wrapper, tokenizer=tokenizer, eval_records=eval_records,
                 image_processor=image_processor)
 
 
-def _saved_state(model, config: RunConfig) -> Dict[str, torch.Tensor]:
-    """What a self-contained checkpoint holds: every tensor, or with LoRA the adapters plus the embedding
-    matrices when the vocabulary was resized past the base checkpoint's (their new rows are not in model.path)."""
-    state = model.state_dict()
-    if not config.lora:
-        return state
-    keep = {n for n, p in model.named_parameters() if p.requires_grad}
-    if "path" in config.model:
-        from transformers import AutoConfig
-        base_vocab = AutoConfig.from_pretrained(config.model["path"]).get_text_config().vocab_size
-        for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):
-            if embedding is not None and embedding.weight.shape[0] > base_vocab:
-                keep |= {n for n, t in state.items() if t.data_ptr() == embedding.weight.data_ptr()}
-    return {k: v for k, v in state.items() if k in keep}
+def save_run(directory: str, model, tokenizer, config: RunConfig, result: dict, *, image_processor=None) -> str:
+    """A finished run's folder, self-contained and verified, replacing ``directory`` only once complete
+    (:func:`mmlatent.train.checkpoint.write_run_checkpoint`). ``model``: the run's :class:`IVTLR` wrapper (its
+    latent token id, k and position mode are saved), or the model itself (then: the tokenizer's latent id,
+    ``config.k``, linear positions).
 
-
-def save_run(directory: str, model, tokenizer: WordTokenizer, config: RunConfig, result: dict) -> str:
-    """A self-contained, verified checkpoint (:func:`mmlatent.train.checkpoint.write_run_checkpoint`):
-    model.safetensors, the tokenizer, run.json (config and summary) and manifest.json, replacing ``directory``
-    only once complete."""
-    weights = {k: v.detach().contiguous().cpu() for k, v in _saved_state(model, config).items()}
+    Layout (:mod:`mmlatent.models.ivtlr.saving`): the model as ``save_pretrained`` writes it (config.json,
+    model.safetensors, generation_config.json), or with LoRA as PEFT writes it (adapter_config.json,
+    adapter_model.safetensors; the base model in ``base/`` when it was built from a config, the embedding matrices
+    in the adapter file when the vocabulary was resized past ``model.path``'s), ivtlr_config.json, the tokenizer
+    (word_tokenizer.json, or the Hugging Face tokenizer's files), preprocessor_config.json (the image processor,
+    when it is a transformers one), run.json (config, summary, which tokenizer was saved) and manifest.json."""
+    from mmlatent.models.ivtlr import saving
+    from mmlatent.models.ivtlr.base import IVTLRBase
+    if isinstance(model, IVTLRBase):
+        vlm, settings = model.vlm, dict(latent_token_id=model.latent_token_id, k=model.k,
+                                        position_mode=model.position_mode)
+    else:
+        vlm, settings = model, dict(latent_token_id=tokenizer.latent_id, k=config.k, position_mode="linear")
     summary = {k: v for k, v in result.items() if k != "history"}
     summary["train_loss"] = [r["loss"] for r in result["history"]["train"]]
-    return write_run_checkpoint(directory, weights, {"config": asdict(config), "result": summary}, tokenizer)
+    run = {"format": RUN_FORMAT, "config": asdict(config), "result": summary,
+           "tokenizer": "word" if isinstance(tokenizer, WordTokenizer) else "hf"}
+    if not callable(getattr(image_processor, "save_pretrained", None)):
+        image_processor = None  # mmlatent's own (Chameleon's pixels to VQ tokens) is rebuilt from the model config
+    return write_run_checkpoint(directory, lambda folder: saving.write_pretrained(vlm, folder, **settings), run,
+                                tokenizer, image_processor=image_processor)
 
 
 def load_run(directory: str, device=None):
-    """(IVTLR wrapper, tokenizer, RunConfig, image processor) from a folder written by :func:`save_run`.
+    """(IVTLR wrapper, tokenizer, RunConfig, image processor) from a folder written by :func:`save_run`, or by the
+    first format (model.safetensors of the model's state dict, tokenizer.json).
 
-    The folder is verified against its manifest (a save killed midway is found in its surviving copy); a
-    corrupt file, a config this version cannot read or tensors whose names or shapes differ from the model
-    built by the config raise :class:`CheckpointError` naming the file (and the parameter with both shapes)."""
+    The folder is verified against its manifest (a save killed midway is found in its surviving copy). The
+    tokenizer is the one saved: a word tokenizer, or the Hugging Face tokenizer's files. A LoRA run's base model
+    comes from ``base/`` or from ``model.path``. A corrupt file, a config this version cannot read, or tensors
+    whose names or shapes differ from the model's raise :class:`CheckpointError` naming the file (and the tensor
+    with both shapes)."""
+    from mmlatent.models.ivtlr import saving
     device = torch.device(device or "cpu")
     if not os.path.exists(os.path.join(directory, "run.json")) and os.path.exists(os.path.join(directory,
                                                                                               "trainer.json")):
         raise CheckpointError(f"{directory}: a training checkpoint (continue it with mmlatent train --resume); a "
                               f"finished run's final/ folder is what is evaluated")
     path = resolve_checkpoint(directory, required=RUN_FILES)
+    files = read_manifest(path)["files"]
     stored = read_json(path, "run.json")
+    where = os.path.join(path, "run.json")
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{where}: expected a JSON object")
+    if isinstance(stored.get("format"), int) and stored["format"] > RUN_FORMAT:
+        raise CheckpointError(f"{where}: format {stored['format']}, this mmlatent reads up to {RUN_FORMAT}")
     try:
         config = RunConfig(**stored["config"])
     except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{os.path.join(path, 'run.json')}: not a run config this version reads ({err})") \
-            from None
-    if "path" in config.model:
-        from transformers import AutoTokenizer
-
-        from mmlatent.data.tokenizer import HFTokenizer
-        tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(path))
+        raise CheckpointError(f"{where}: not a run config this version reads ({err})") from None
+    tokenizer = _saved_tokenizer(path, files, stored.get("tokenizer"))
+    if saving.IVTLR_CONFIG_FILE in files:
+        # a LoRA run on a local checkpoint adapts model.path, which is not in the folder
+        base = config.model["path"] if config.lora and "path" in config.model and "base/config.json" not in files \
+            else None
+        wrapper = IVTLR.from_pretrained(path, base_model=base, device=device, dtype=_model_dtype(config, device),
+                                        attn_implementation="sdpa")
+        if wrapper.latent_token_id != tokenizer.latent_id:
+            raise CheckpointError(f"{os.path.join(path, saving.IVTLR_CONFIG_FILE)}: latent_token_id "
+                                  f"{wrapper.latent_token_id}, but the saved tokenizer's latent token is "
+                                  f"{tokenizer.latent_id}")
     else:
-        read_manifest(path, required=("tokenizer.json",))  # its hash was verified with the rest
+        wrapper = _load_first_format(path, files, config, tokenizer, device)
+    wrapper.vlm.eval()
+    if "preprocessor_config.json" in files:
+        from transformers import AutoImageProcessor
+        image_processor = AutoImageProcessor.from_pretrained(path)
+    else:
+        image_processor = _image_processor(config, wrapper.vlm)
+    return wrapper, tokenizer, config, image_processor
+
+
+def _saved_tokenizer(path: str, files, kind: Optional[str]):
+    """The tokenizer the folder holds: run.json says which (``"word"`` or ``"hf"``); a folder of the first
+    format is told by its tokenizer.json, a word tokenizer's or a Hugging Face one."""
+    from mmlatent.data.tokenizer import (LEGACY_WORD_TOKENIZER_FILE, WORD_TOKENIZER_FILE, HFTokenizer,
+                                         is_word_tokenizer_file)
+    if kind is None:
+        legacy = os.path.join(path, LEGACY_WORD_TOKENIZER_FILE)
+        kind = "word" if WORD_TOKENIZER_FILE in files or (LEGACY_WORD_TOKENIZER_FILE in files
+                                                         and is_word_tokenizer_file(legacy)) else "hf"
+    if kind == "word":
+        name = WORD_TOKENIZER_FILE if WORD_TOKENIZER_FILE in files else LEGACY_WORD_TOKENIZER_FILE
+        read_manifest(path, required=(name,))  # its hash was verified with the rest
         try:
-            tokenizer = WordTokenizer.load(os.path.join(path, "tokenizer.json"))
+            return WordTokenizer.load(os.path.join(path, name))
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{os.path.join(path, 'tokenizer.json')}: not a word tokenizer this version "
-                                  f"reads ({err})") from None
+            raise CheckpointError(f"{os.path.join(path, name)}: not a word tokenizer this version reads ({err})") \
+                from None
+    if kind != "hf":
+        raise CheckpointError(f"{os.path.join(path, 'run.json')}: tokenizer: expected 'word' or 'hf', got {kind!r}")
+    from transformers import AutoTokenizer
+    if not any(n in files for n in ("tokenizer.json", "tokenizer_config.json")):
+        read_manifest(path, required=("tokenizer_config.json",))
+    try:
+        return HFTokenizer(AutoTokenizer.from_pretrained(path))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: the saved Hugging Face tokenizer does not load ({type(err).__name__}: "
+                              f"{err})") from None
+
+
+def _load_first_format(path: str, files, config: RunConfig, tokenizer, device) -> IVTLR:
+    """The first format's model: built from the run config, its model.safetensors (the state dict, or with LoRA
+    the adapters and resized embeddings) loaded over it."""
+    read_manifest(path, required=("model.safetensors",))
     model = build_model(config, len(tokenizer), device)
     weights = load_tensors(path, "model.safetensors", device=str(device))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -459,13 +529,13 @@ def load_run(directory: str, device=None):
         expected = {k: expected.get(k, ("<not in the model>",)) for k in weights}
     check_shapes(expected, weights, os.path.join(path, "model.safetensors"), "tensor")
     model.load_state_dict(weights, strict=not config.lora)
-    model.eval()
-    return IVTLR(model, tokenizer.latent_id, k=config.k), tokenizer, config, _image_processor(config, model)
+    return IVTLR(model, tokenizer.latent_id, k=config.k)
 
 
 def _image_processor(config: RunConfig, model):
-    """A local checkpoint's own image processor (its normalisation), else one built from the tiny config."""
-    if "path" in config.model:
+    """A local checkpoint's own image processor (its normalisation), else one built from the model's config (the
+    tiny models, and a model folder saved without a preprocessor_config.json)."""
+    if "path" in config.model and os.path.isfile(os.path.join(config.model["path"], "preprocessor_config.json")):
         from transformers import AutoImageProcessor
         return AutoImageProcessor.from_pretrained(config.model["path"])
     return VLMBackbone(model).image_processor()
@@ -474,7 +544,9 @@ def _image_processor(config: RunConfig, model):
 def evaluate(wrapper: IVTLR, tokenizer, image_processor, config: RunConfig, records: List[Record],
              batch_size: int = 32, stage: Optional[int] = None, progress: bool = False) -> dict:
     """Accuracy with the strict parse (the first "the answer is X" of the generated text must be the gold
-    letter), the public code's lenient scoring reported separately, latency and generated tokens per sample."""
+    letter), the public code's lenient scoring reported separately, latency and generated tokens per sample.
+    Decoding is greedy up to ``config.max_new_tokens`` or the tokenizer's EOS, as the public code decodes, whatever
+    sampling or penalties the model's ``generation_config`` sets."""
     from tqdm.auto import tqdm
     stage = final_stage(config) if stage is None else stage
     make = collator(config, tokenizer, image_processor, stage, prompt_only=True,
@@ -486,7 +558,7 @@ def evaluate(wrapper: IVTLR, tokenizer, image_processor, config: RunConfig, reco
         batch = {k: v.to(device) for k, v in make(chunk).items()}
         t0 = time.perf_counter()
         with torch.no_grad():
-            generated = wrapper.generate(**batch, max_new_tokens=config.max_new_tokens,
+            generated = wrapper.generate(**batch, **GREEDY_OPTIONS, max_new_tokens=config.max_new_tokens,
                                          eos_token_id=tokenizer.eos_id)
         seconds += time.perf_counter() - t0
         for record, row in zip(chunk, generated.tolist()):
