@@ -472,8 +472,10 @@ def load_run(directory: str, device=None):
         # a LoRA run on a local checkpoint adapts model.path, which is not in the folder
         base = config.model["path"] if config.lora and "path" in config.model and "base/config.json" not in files \
             else None
-        wrapper = IVTLR.from_pretrained(path, base_model=base, device=device, dtype=_model_dtype(config, device),
-                                        attn_implementation="sdpa")
+        vlm, settings = saving.load_pretrained(path, base_model=base, device=device,
+                                               dtype=_model_dtype(config, device), attn_implementation="sdpa",
+                                               verified=True)
+        wrapper = IVTLR(vlm, settings["latent_token_id"], k=settings["k"], position_mode=settings["position_mode"])
         if wrapper.latent_token_id != tokenizer.latent_id:
             raise CheckpointError(f"{os.path.join(path, saving.IVTLR_CONFIG_FILE)}: latent_token_id "
                                   f"{wrapper.latent_token_id}, but the saved tokenizer's latent token is "

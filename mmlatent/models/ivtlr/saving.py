@@ -234,17 +234,19 @@ def _resize(model: nn.Module, vocab_size: int, where: str) -> None:
 
 
 def load_pretrained(directory: str, model: Optional[nn.Module] = None, *, base_model=None, device=None,
-                    dtype=None, attn_implementation: Optional[str] = None, is_trainable: bool = False):
-    """(model, settings) of a folder written by :func:`write_pretrained`, verified against its manifest first.
+                    dtype=None, attn_implementation: Optional[str] = None, is_trainable: bool = False,
+                    verified: bool = False):
+    """(model, settings) of a folder written by :func:`write_pretrained`, verified against its manifest first
+    (``verified``: the caller has just verified ``directory`` itself, so its files are not hashed again).
 
     ``model``: a model that already holds the folder's weights (loaded with your own device map, say): only the
     settings are read. ``base_model`` (an adapter folder): the base ``nn.Module`` (changed in place, as
     ``PeftModel.from_pretrained`` changes it) or a local model folder; default: the folder's ``base/``, else
     ``adapter_config.json``'s ``base_model_name_or_path`` when it is a local model folder."""
     from mmlatent.train.checkpoint import CheckpointError, read_manifest, resolve_checkpoint
-    path = resolve_checkpoint(directory, required=(IVTLR_CONFIG_FILE,))
+    path = directory if verified else resolve_checkpoint(directory, required=(IVTLR_CONFIG_FILE,))
+    files = read_manifest(path, required=(IVTLR_CONFIG_FILE,))["files"]
     settings = read_settings(path)
-    files = read_manifest(path)["files"]
     where = os.path.join(path, IVTLR_CONFIG_FILE)
     if settings["weights"] == "full":
         _required(path, files, ("config.json",), "a full model folder")
