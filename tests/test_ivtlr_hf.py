@@ -280,6 +280,9 @@ def test_stop_strings_stop_as_hf_does(model):
     assert torch.equal(ours[1, :5], free[1, :5]) and bool((ours[1, 5:] == 0).all())
     with pytest.raises(ValueError, match="tokenizer: required with stop_strings"):
         wrapper.generate(**prompt, max_new_tokens=4, stop_strings="w1")
+    with pytest.raises(ValueError, match="tokenizer: transformers' stop-string matching cannot read"):
+        wrapper.generate(**prompt, max_new_tokens=4, stop_strings="w1", tokenizer=WordTokenizer(
+            [f"w{i}" for i in range(245)]))
 
 
 def test_generation_config_merges_as_hf_does():

@@ -297,7 +297,11 @@ def plan(config: "GenerationConfig", default_length: bool, history: torch.Tensor
         if tokenizer is None:
             raise ValueError("tokenizer: required with stop_strings (they are matched against the tokenizer's "
                              "vocabulary, as transformers' generate requires)")
-        criteria.append(StopStringCriteria(stop_strings=c.stop_strings, tokenizer=hf_tokenizer(tokenizer)))
+        try:
+            criteria.append(StopStringCriteria(stop_strings=c.stop_strings, tokenizer=hf_tokenizer(tokenizer)))
+        except ValueError as err:  # it reads each token's text after the probe "abcdef", which it must encode
+            raise ValueError(f"tokenizer: transformers' stop-string matching cannot read this tokenizer's "
+                             f"vocabulary ({err}); a word-level vocabulary needs the word 'abcdef'") from None
     if eos is not None:
         criteria.append(EosTokenCriteria(eos_token_id=eos))
     criteria = _merge(criteria, stopping_criteria)
