@@ -258,3 +258,18 @@ def test_benchmark_row_gradients_equal_the_unpatched_model(use_backend):
     assert len(ours) == len(theirs) == len(list(inputs["models"]["plain"].parameters()))
     for a, e in zip(ours, theirs):
         assert rel_err(a, e) <= 1e-5
+
+
+def test_torch_compile_fullgraph(use_backend):
+    """A patched model compiles into one graph (the hook and the loss op trace), with the model's own loss."""
+    use_backend("torch")
+    model = causal_lm("qwen2")
+    model.config.use_cache = False
+    inputs, labels = text_batch()
+    expected = model(**inputs, labels=labels).loss
+    apply_fused_loss(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = compiled(**inputs, labels=labels)
+    assert out.logits is None and rel_err(out.loss, expected) <= 1e-5
+    out.loss.backward()
+    assert model.lm_head.weight.grad is not None
