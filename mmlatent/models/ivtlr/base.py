@@ -145,6 +145,7 @@ class IVTLRBase(nn.Module):
                           options, tokenizer, logits_processor, stopping_criteria):
         """Checks and merges the options (before any model call), prepares the inputs; returns (inputs, the
         assembled prompt's ids [B, S_asm], the :class:`~.generation.DecodingPlan`)."""
+        # host sync, once per generate call: right padding must be refused before any model call
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and attention_mask.shape[1] \
                 and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("attention_mask: generation needs left-padded prompts (the last column of every row "

@@ -204,6 +204,8 @@ class DecodingPlan:
             history = torch.cat([history, token[:, None]], dim=-1)
             tokens.append(token)
             unfinished = unfinished & ~self.criteria(history, None)
+            # host sync, one per new token, as in transformers' _sample: stopping when every row is done saves the
+            # remaining decoder passes, which cost far more than the read
             if not bool(unfinished.max() > 0):
                 break
             logits = feed(token, step)
@@ -254,6 +256,7 @@ def plan(config: "GenerationConfig", default_length: bool, history: torch.Tensor
     if c.repetition_penalty is not None and c.repetition_penalty != 1.0:
         # the left padding is not part of the prompt; transformers drops an all-ones mask before this, which the
         # zero lengths here equal
+        # (host sync, once per generate call, only with a repetition penalty)
         padding = None if bool(valid.all()) else valid.int().argmax(dim=1)
         processors.append(RepetitionPenaltyLogitsProcessor(c.repetition_penalty, prompt_ignore_length=padding))
     if c.no_repeat_ngram_size is not None and c.no_repeat_ngram_size > 0:
