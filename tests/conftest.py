@@ -94,3 +94,13 @@ def use_backend(monkeypatch):
     def pin(name: str):
         monkeypatch.setenv("MMLATENT_BACKEND", name)
     return pin
+
+
+@pytest.fixture
+def one_thread():
+    """Training runs pinned to one intra-op thread: on a shared, loaded machine two spinning threads per tiny
+    GEMM are many times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

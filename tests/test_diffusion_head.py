@@ -14,16 +14,6 @@ from mmlatent.models import LatentDiffusionHead
 from mmlatent.models.diffusion_head import timestep_embedding
 
 
-@pytest.fixture
-def one_thread():
-    """Training runs pinned to one intra-op thread: on a shared, loaded machine two spinning threads per tiny
-    GEMM are many times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_head(seed=0, **kw):
     torch.manual_seed(seed)
     head = LatentDiffusionHead(6, 5, width=32, depth=3, **kw)

@@ -19,16 +19,6 @@ FLUX = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_imag
             max_image_seq_len=4096)
 
 
-@pytest.fixture
-def one_thread():
-    """Training runs pinned to one intra-op thread: on a shared, loaded machine two spinning threads per tiny
-    GEMM are many times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_flow_head(seed=0, **kw):
     torch.manual_seed(seed)
     head = LatentDiffusionHead(6, 5, width=32, depth=2, schedule="flow", **kw)

@@ -3,11 +3,12 @@ F.cross_entropy / log_softmax, plus bad input, the memory bound, opcheck and tor
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmlatent.kernels as K
 from mmlatent.kernels import linear_cross_entropy, linear_log_probs
 from mmlatent.kernels.losses import op as losses
+
+from causal_lms import LargestTensor
 
 CPU_BACKENDS = ["torch", "triton"]
 
@@ -246,22 +247,6 @@ def test_log_probs_bad_input():
 
 
 # --------------------------------------------------------------------------------------------- the memory bound
-
-class LargestTensor(TorchDispatchMode):
-    """Records the bytes of the largest tensor any aten op creates (bytes, because the Triton interpreter stages
-    kernel arguments as byte tensors)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
-
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_never_builds_the_logits(backend, use_backend):

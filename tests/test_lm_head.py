@@ -3,36 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Gemma2Config, Gemma2ForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from mmlatent.models import LinearCrossEntropyHead, causal_lm_loss, next_token_labels
 
-TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2)
-
-
-def tiny_model(name):
-    torch.manual_seed(0)
-    if name == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(**TINY))
-    return Gemma2ForCausalLM(Gemma2Config(**TINY, head_dim=8, final_logit_softcapping=5.0))
-
-
-def left_padded_batch(vocab=97, B=3, L=13, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(1, vocab, (B, L), generator=g)
-    attention_mask = torch.ones(B, L, dtype=torch.long)
-    attention_mask[0, :4] = 0
-    attention_mask[2, :1] = 0
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    labels[1, :5] = -100  # a prompt that carries no loss
-    return dict(input_ids=input_ids, attention_mask=attention_mask), labels
-
-
-def rel_err(a, e):
-    a, e = a.detach().double(), e.detach().double()
-    return float((a - e).abs().max() / e.abs().max().clamp_min(1e-30))
-
+from causal_lms import left_padded_batch, rel_err, tiny_causal_lm as tiny_model
 
 def param_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
