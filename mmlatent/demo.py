@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -27,19 +27,19 @@ BRIEF = dict(model={"tiny_qwen2_vl": {"hidden": 64, "layers": 2, "heads": 4, "kv
 EVAL_N = 400
 
 
-def _brief_runs():
+def _brief_runs() -> List[RunConfig]:
     return [RunConfig(name="brief no-CoT", mode="no_cot", epochs_per_stage=1, **BRIEF),
             RunConfig(name="brief CoT (stage 0)", mode="cot", epochs_per_stage=1, **BRIEF),
             RunConfig(name="brief IVT-LR (stages 0-3)", mode="ivtlr", epochs_per_stage=1, **BRIEF)]
 
 
-def _row(metrics: dict, source: str, train_seconds=None) -> dict:
+def _row(metrics: dict, source: str, train_seconds: Optional[float] = None) -> dict:
     keep = ("name", "mode", "stage", "n", "accuracy", "accuracy_stderr", "lenient_accuracy_public_code",
             "latency_per_sample_s", "tokens_per_answer", "accuracy_by_kind")
     return dict({k: metrics[k] for k in keep}, source=source, train_seconds=train_seconds)
 
 
-def markdown(rows) -> str:
+def markdown(rows: Sequence[dict]) -> str:
     lines = ["| variant | source | n | accuracy (strict) | lenient (public code) | ms / answer | tokens / answer |"
              " trained in |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -50,7 +50,7 @@ def markdown(rows) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(histories: dict, rows, path: str) -> None:
+def plot(histories: dict, rows: Sequence[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -15,6 +15,7 @@ FLOOR_PREFIX = "floor: "
 
 Inputs = dict
 Call = Callable[[Inputs], object]
+Make = Callable[[torch.device, torch.dtype], Inputs]  # make(device, dtype): fresh inputs of one case
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Case:
 
     op: str
     shape: str
-    make: Callable[[torch.device, torch.dtype], Inputs]
+    make: Make
     ours: Call
     baselines: Dict[str, Call]
     flops: float = 0.0

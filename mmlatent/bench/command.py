@@ -6,6 +6,7 @@ import json
 import os
 import re
 import sys
+from typing import Optional, Sequence
 
 import torch
 
@@ -42,14 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _result_stem(sizes: str, ops) -> str:
+def _result_stem(sizes: str, ops: Optional[str]) -> str:
     stem = "kernels" if sizes in ("default", "gpu") else f"kernels-{sizes}"
     if ops:
         stem += "-" + re.sub(r"[^a-z0-9]+", "-", ops.lower()).strip("-")
     return stem
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the benchmark and writes <stem>.json, .md and .png into ``--out``; returns the exit status."""
     parser = add_arguments(argparse.ArgumentParser(
         prog="python -m mmlatent.bench", description="mmlatent micro-benchmarks (ratios against same-run baselines)"))

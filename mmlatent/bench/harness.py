@@ -19,7 +19,7 @@ from typing import List, Optional
 
 import torch
 
-from .case import FLOOR_PREFIX, MMLATENT, Call, Case, implementation
+from .case import FLOOR_PREFIX, MMLATENT, Call, Case, Inputs, implementation
 from .cases import cases_for
 from .ceilings import hardware_rates
 from .report import device_label
@@ -30,7 +30,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Call, args, device: torch.device, repeats: int) -> List[float]:
+def time_call(fn: Call, args: Inputs, device: torch.device, repeats: int) -> List[float]:
     """Seconds of each of ``repeats`` calls ``fn(args)`` after one untimed warm-up (compilation, caches)."""
     fn(args)
     _sync(device)
@@ -48,7 +48,7 @@ def _status_kib(field: str) -> int:
         return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
 
 
-def peak_memory_here(fn: Call, args, device: torch.device) -> int:
+def peak_memory_here(fn: Call, args: Inputs, device: torch.device) -> int:
     """Bytes of peak memory the call ``fn(args)`` adds above what is allocated before it, in this process."""
     if device.type == "cuda":
         _sync(device)

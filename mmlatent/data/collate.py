@@ -12,31 +12,35 @@ labels -100 on everything up to the last latent token. Batches are left-padded. 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from torch import nn
 
 from mmlatent.models.backbones import VLMBackbone, processed_image_tokens
 
 from .records import Record, answer_text, prompt_text
 
+if TYPE_CHECKING:
+    from mmlatent.models.backbones.base import ImageProcessor
+
 MODES = ("no_cot", "cot", "ivtlr")
 
 
-def vlm_image_token_ids(vlm):
+def vlm_image_token_ids(vlm: nn.Module) -> Tuple[int, int, int]:
     """(placeholder, start, end) ids of a model's image tokens (its backbone's: Qwen's image pad and vision
     start/end, Chameleon's <image>, <racm3:break> and <eoss>)."""
     return VLMBackbone(vlm).image_token_ids()
 
 
-def image_processor_for(vlm):
+def image_processor_for(vlm: nn.Module) -> "ImageProcessor":
     """The image processor a model expects, built from its config by its backbone (no download): for Qwen2-VL /
     Qwen2.5-VL pixels rescaled to [0, 1], not normalised; for Chameleon its VQ-GAN resolution in [-1, 1]."""
     return VLMBackbone(vlm).image_processor()
 
 
-def load_image(image, record_id: str) -> np.ndarray:
+def load_image(image: Union[np.ndarray, str], record_id: str) -> np.ndarray:
     if isinstance(image, np.ndarray):
         return image
     if isinstance(image, str):
@@ -74,7 +78,7 @@ class VLMCollator:
     prompt_only: bool = False
     image_token_ids: Optional[tuple] = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
         if self.stage < 0 or self.stage > self.max_latent_steps:
@@ -82,7 +86,7 @@ class VLMCollator:
         if self.stage and self.mode != "ivtlr":
             raise ValueError(f"stage: mode {self.mode!r} has no latent steps, got stage {self.stage}")
 
-    def sample(self, record: Record, image_tokens: int):
+    def sample(self, record: Record, image_tokens: int) -> Tuple[List[int], Optional[List[int]]]:
         t = self.tokenizer
         image_id, start_id, end_id = self.image_token_ids or (t.image_id, t.vision_start_id, t.vision_end_id)
         prompt = [] if t.bos_id is None else [t.bos_id]  # Qwen2's tokenizer has no bos token

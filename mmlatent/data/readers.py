@@ -36,7 +36,7 @@ import glob
 import io
 import json
 import os
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, Type
 
 import numpy as np
 
@@ -51,7 +51,8 @@ class RecordError(ValueError):
     None) and ``problem`` (what is wrong).
     """
 
-    def __init__(self, path: str, record_id: str, field: Optional[str], problem: str, line: Optional[int] = None):
+    def __init__(self, path: str, record_id: str, field: Optional[str], problem: str,
+                 line: Optional[int] = None) -> None:
         self.path, self.record_id, self.field, self.problem, self.line = path, record_id, field, problem, line
         parts = [path]
         if line is not None:
@@ -62,7 +63,7 @@ class RecordError(ValueError):
             parts.append(field)
         super().__init__(": ".join(parts + [problem]))
 
-    def __reduce__(self):  # exceptions pickle through their args, and ours are not the message alone
+    def __reduce__(self) -> tuple:  # exceptions pickle through their args, and ours are not the message alone
         return type(self), (self.path, self.record_id, self.field, self.problem, self.line)
 
 
@@ -70,7 +71,7 @@ class MissingImageError(RecordError, FileNotFoundError):
     """A record whose image file is not on disk."""
 
 
-def _kind(value) -> str:
+def _kind(value: object) -> str:
     """A value and its type for a message: ``1.7 (float)``, ``'abc' (str)``, ``null``."""
     if value is None:
         return "null"
@@ -85,16 +86,16 @@ class _Fields:
     """One raw record and where it came from; each accessor returns a field in its accepted form or raises a
     :class:`RecordError` naming the file, the record and the field."""
 
-    def __init__(self, row, path: str, record_id: str, line: Optional[int] = None):
+    def __init__(self, row: object, path: str, record_id: str, line: Optional[int] = None) -> None:
         self.path, self.record_id, self.line = path, record_id, line
         if not isinstance(row, dict):
             raise self.error(None, f"expected an object, got {_kind(row)}")
         self.row = row
 
-    def error(self, field: Optional[str], problem: str, kind=RecordError) -> RecordError:
+    def error(self, field: Optional[str], problem: str, kind: Type[RecordError] = RecordError) -> RecordError:
         return kind(self.path, self.record_id, field, problem, line=self.line)
 
-    def required(self, field: str):
+    def required(self, field: str) -> Any:
         value = self.row.get(field, _MISSING)
         if value is _MISSING:
             raise self.error(field, "missing")
@@ -219,7 +220,7 @@ def _read_text(path: str) -> str:
         raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
 
 
-def _read_json(path: str, container: type, what: str):
+def _read_json(path: str, container: type, what: str) -> Any:
     try:
         value = json.loads(_read_text(path))
     except json.JSONDecodeError as err:
@@ -250,7 +251,7 @@ def _collect(build: Callable[[], Optional[Record]], skip_bad: bool, skipped: lis
         records.append(record)
 
 
-def _check_skip_bad(skip_bad) -> None:
+def _check_skip_bad(skip_bad: object) -> None:
     if not isinstance(skip_bad, bool):
         raise TypeError(f"skip_bad: expected True or False, got {_kind(skip_bad)}")
 
@@ -283,7 +284,7 @@ def _scienceqa_record(fields: _Fields, record_id: str, image, meta: dict) -> Rec
                   rationale=rationale, image=image, meta=meta)
 
 
-def _scienceqa_official(root, split, skip_bad):
+def _scienceqa_official(root: str, split: str, skip_bad: bool) -> Tuple[List[Record], list]:
     problems_path, splits_path = os.path.join(root, "problems.json"), os.path.join(root, "pid_splits.json")
     problems = _read_json(problems_path, dict, "an object of pid -> problem")
     splits = _read_json(splits_path, dict, "an object of split -> pids")
@@ -332,7 +333,7 @@ def _parquet_rows(path: str) -> list:
         raise ValueError(f"{path}: not a readable parquet file ({type(err).__name__}: {err})") from None
 
 
-def _scienceqa_parquet(root, split, skip_bad):
+def _scienceqa_parquet(root: str, split: str, skip_bad: bool) -> Tuple[List[Record], list]:
     records, skipped = [], []
     for path in sorted(glob.glob(os.path.join(root, "data", f"{split}-*.parquet"))):
         for i, row in enumerate(_parquet_rows(path)):

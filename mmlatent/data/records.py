@@ -28,7 +28,7 @@ class Record:
     image: Union[np.ndarray, str, None]
     meta: dict = field(default_factory=dict)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not self.options:
             raise ValueError(f"record {self.id}: options: expected at least one option, got none")
         if not 0 <= self.answer < len(self.options):

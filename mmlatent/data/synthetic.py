@@ -15,7 +15,7 @@ model learned nothing in 300 s on 2 cores. Every record carries its rationale, o
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -50,13 +50,14 @@ def _place(rng: np.random.Generator, n: int) -> Dict[tuple, str]:
     return {cells[i]: COLOURS[j] for i, j in zip(chosen, colours)}
 
 
-def _neighbour(objects, cell, direction):
+def _neighbour(objects: Dict[tuple, str], cell: Tuple[int, int], direction: str) -> Optional[Tuple[int, int]]:
     dr, dc = DIRECTIONS[direction]
     target = (cell[0] + dr, cell[1] + dc)
     return target if target in objects else None
 
 
-def _question(rng: np.random.Generator, kind: str):
+def _question(rng: np.random.Generator,
+              kind: str) -> Optional[Tuple[Dict[tuple, str], str, List[str], str]]:
     """(objects, question, rationale steps, answer colour) or None when this draw has no valid question."""
     if kind == "colour":
         objects = _place(rng, 1)

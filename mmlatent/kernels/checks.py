@@ -14,7 +14,7 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def tensor(name: str, value, *, dims: Optional[int] = None, dtypes: Optional[Sequence[torch.dtype]] = None,
+def tensor(name: str, value: object, *, dims: Optional[int] = None, dtypes: Optional[Sequence[torch.dtype]] = None,
            device: Optional[torch.device] = None) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
@@ -41,7 +41,7 @@ def same_dtype(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor)
         raise TypeError(f"{name}: expected the dtype of {ref_name} ({ref.dtype}), got {value.dtype}")
 
 
-def number(name: str, value, *, positive: bool = False) -> float:
+def number(name: str, value: object, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a Python float, got {type(value).__name__}")
     value = float(value)
@@ -64,7 +64,7 @@ def check_index_range(name: str, index: torch.Tensor, upper: int) -> bool:
     return hi >= 0
 
 
-def on_meta(*values) -> bool:
+def on_meta(*values: object) -> bool:
     """Meta tensors carry shapes only: the ops answer them with their fake implementations, never a backend."""
     return any(isinstance(v, torch.Tensor) and v.is_meta for v in values)
 

@@ -19,6 +19,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from typing import Iterator, Optional, Sequence  # noqa: E402
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -36,7 +37,7 @@ SHARED_LIMIT = 227 * 1024  # bytes a Hopper thread block may use
 FAMILIES = (attention_kernels, selection_kernels, loss_kernels, diffusion_kernels)
 
 
-def all_cases():
+def all_cases() -> Iterator[CompileCase]:
     """Every family's COMPILE_CASES, declared beside its kernels."""
     for family in FAMILIES:
         yield from family.COMPILE_CASES
@@ -61,7 +62,7 @@ def compile_for_hopper(case: CompileCase) -> dict:
                 shared_bytes=int(compiled.metadata.shared))
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)

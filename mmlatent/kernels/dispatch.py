@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -48,7 +49,7 @@ def requested_backend() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def native_module():
+def native_module() -> Tuple[Optional[types.ModuleType], Optional[str]]:
     """(module, None) when mmlatent._C imports, else (None, reason)."""
     try:
         from mmlatent import _C  # noqa: F401  (importing registers the mmlatent::*_native ops)
@@ -58,7 +59,7 @@ def native_module():
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_import_reason():
+def _triton_import_reason() -> Optional[str]:
     try:
         import triton  # noqa: F401
     except Exception as err:  # triton missing or broken
@@ -106,7 +107,7 @@ def torch_reasons(**_inputs) -> Reasons:
     return []
 
 
-def _describe(value) -> str:
+def _describe(value: object) -> str:
     if isinstance(value, torch.Tensor):
         dtype = str(value.dtype).replace("torch.", "")
         return f"Tensor{list(value.shape)} {dtype} on {value.device}"

@@ -63,7 +63,7 @@ class AttentionLease:
 
     __slots__ = ("fast", "__weakref__")
 
-    def __init__(self, fast: bool):
+    def __init__(self, fast: bool) -> None:
         self.fast = bool(fast)
 
 
@@ -78,7 +78,9 @@ def fast_implementation(implementation: Optional[str]) -> str:
     return "sdpa" if implementation in (None, "eager") else implementation
 
 
-def eager_attention(module: nn.Module, query, key, value, additive_mask, scaling, dropout):
+def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    additive_mask: Optional[torch.Tensor], scaling: Optional[float],
+                    dropout: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Plain attention, as transformers' eager path computes it: ([B, M, Hq, D], probabilities [B, Hq, M, N])."""
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
@@ -90,7 +92,7 @@ def eager_attention(module: nn.Module, query, key, value, additive_mask, scaling
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
-def _additive_mask(key_valid: torch.Tensor, rows: int, dtype) -> torch.Tensor:
+def _additive_mask(key_valid: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
     N = key_valid.shape[1]
     causal = torch.ones(rows, N, dtype=torch.bool, device=key_valid.device).tril(N - rows)
     allowed = causal[None, None] & key_valid[:, None, None, :]
@@ -98,7 +100,9 @@ def _additive_mask(key_valid: torch.Tensor, rows: int, dtype) -> torch.Tensor:
                                                                                         torch.finfo(dtype).min)
 
 
-def _fallback_attention(fallback: str, module, query, key, value, attention_mask, scaling, dropout, **kwargs):
+def _fallback_attention(fallback: str, module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                        value: torch.Tensor, attention_mask: Optional[torch.Tensor], scaling: Optional[float],
+                        dropout: float, **kwargs: object) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The implementation the model had before IVT-LR wrapped it, with the mask its own mask function built."""
     if fallback == "eager":
         if attention_mask is not None and attention_mask.dtype == torch.bool:
@@ -114,7 +118,8 @@ def mmlatent_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
                        attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None, dropout: float = 0.0,
                        *, fallback: str = "sdpa", mmlatent_lease: Optional[AttentionLease] = None,
                        mmlatent_rollout: Optional[RolloutScores] = None,
-                       mmlatent_eager: Optional[EagerProbabilities] = None, **kwargs):
+                       mmlatent_eager: Optional[EagerProbabilities] = None,
+                       **kwargs: object) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The attention function of a wrapped model's language model (and of its vision tower where that one is
     eager): query [B, Hq, M, D], key/value [B, Hkv, N, D] (the whole cache) -> ([B, M, Hq, D], probabilities or
     None). ``fallback`` is the implementation the model was loaded with. What a call does is chosen by its keyword

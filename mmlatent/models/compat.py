@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 from torch import nn
 
@@ -22,7 +22,7 @@ CACHE_KEYWORDS = ("cache", "past_key_values")
 
 
 @functools.lru_cache(maxsize=None)
-def _cache_keyword_of(forward) -> str:
+def _cache_keyword_of(forward: Callable[..., Any]) -> str:
     # inspect.signature follows __wrapped__ through transformers' decorators (deprecate_kwarg, output capturing),
     # so it sees the parameters of the forward as written
     parameters = inspect.signature(forward).parameters

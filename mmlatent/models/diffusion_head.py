@@ -18,13 +18,16 @@ import math
 import numbers
 import warnings
 from collections import OrderedDict
-from typing import Dict, Optional, Union
+from typing import TYPE_CHECKING, Dict, Optional, Union
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from mmlatent.kernels import SamplerSchedule, checks, denoise_step_, diffusion_mse, layer_norm_modulate
+
+if TYPE_CHECKING:
+    import diffusers
 
 # The head's prediction names -> SamplerSchedule / diffusion_mse's. "v" is DDPM's v-parameterisation
 # (sqrt(a) noise - sqrt(1 - a) x0); "velocity" is flow matching's noise - x0: different targets, kept apart by name.
@@ -47,7 +50,8 @@ LAYER_NORM_EPS = 1e-6  # as MAR and DiT
 _REAL_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64) + checks.FLOAT_DTYPES
 _TIME_DTYPES = _REAL_DTYPES[1:]
 
-ScheduleSpec = Union[None, str, SamplerSchedule, "diffusers.SchedulerMixin"]  # noqa: F821
+# what sample(schedule=) takes: None, a name, a SamplerSchedule, or a configured DDPM / DDIM / FlowMatchEuler scheduler
+ScheduleSpec = Union[None, str, SamplerSchedule, "diffusers.SchedulerMixin"]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = FREQUENCIES, max_period: float = 10000.0) -> torch.Tensor:
@@ -93,7 +97,7 @@ class LatentDiffusionHead(nn.Module):
 
     def __init__(self, latent_dim: int, cond_dim: int, width: int = 1024, depth: int = 3,
                  prediction: Optional[str] = None, schedule: str = "cosine", num_train_timesteps: int = 1000, *,
-                 timestep_sampling: Optional[str] = None, logit_mean: float = 0.0, logit_std: float = 1.0):
+                 timestep_sampling: Optional[str] = None, logit_mean: float = 0.0, logit_std: float = 1.0) -> None:
         super().__init__()
         if not isinstance(schedule, str) or schedule not in _SCHEDULES:
             raise ValueError(f"schedule: expected one of {', '.join(_SCHEDULES)}, got {schedule!r}")
@@ -177,7 +181,7 @@ class LatentDiffusionHead(nn.Module):
             raise ValueError(f"t: expected [{x_t.shape[0]}], got {tuple(t.shape)}")
         return self._run(x_t, self.time_embed(timestep_embedding(t).to(x_t.dtype)), self.cond_proj(cond))
 
-    def _run(self, x_t, time_features, cond_features):
+    def _run(self, x_t: torch.Tensor, time_features: torch.Tensor, cond_features: torch.Tensor) -> torch.Tensor:
         c = F.silu(time_features + cond_features)
         h = self.input_proj(x_t)
         mods = self.modulation(c).chunk(3 * self.depth, dim=1)
@@ -361,7 +365,7 @@ class LatentDiffusionHead(nn.Module):
                              f"1e-4..0.02 over {self.num_train_timesteps} steps): alphas_cumprod differ by up to "
                              f"{worst:.3g} relative")
 
-    def _steps(self, steps, kind: str) -> int:
+    def _steps(self, steps: Optional[int], kind: str) -> int:
         if steps is None:
             return DEFAULT_STEPS
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
@@ -372,7 +376,7 @@ class LatentDiffusionHead(nn.Module):
         return int(steps)
 
     @staticmethod
-    def _eta(eta, kind: str) -> float:
+    def _eta(eta: float, kind: str) -> float:
         eta = checks.number("eta", eta)
         if eta != 0.0 and kind != "ddim":
             raise ValueError(f"eta: only DDIM takes eta (DDPM's variance is fixed, flow Euler steps are "
@@ -481,7 +485,8 @@ class LatentDiffusionHead(nn.Module):
             denoise_step_(x, out, i, schedule, generator=generator, cfg_scale=cfg_scale)
         return x
 
-    def _graphed(self, schedule, rows, cfg_scale, dtype, generator) -> "_SamplingGraph":
+    def _graphed(self, schedule: SamplerSchedule, rows: int, cfg_scale: Optional[float], dtype: torch.dtype,
+                 generator: Optional[torch.Generator]) -> "_SamplingGraph":
         bucket = max(MIN_GRAPH_BUCKET, 1 << (rows - 1).bit_length())
         parameters = tuple(p.data_ptr() for p in self.parameters())
         # by content, not identity: equal schedules share a graph, different ones (another eta, mu or scheduler
@@ -508,7 +513,8 @@ MAX_CACHED_GRAPHS = 8
 class _SamplingGraph:
     """One captured sampling loop over static [bucket, C] state and [bucket, cond_dim] condition buffers."""
 
-    def __init__(self, graph, x, cond, generator, schedule):
+    def __init__(self, graph: "torch.cuda.CUDAGraph", x: torch.Tensor, cond: torch.Tensor,
+                 generator: Optional[torch.Generator], schedule: SamplerSchedule) -> None:
         self.graph, self.x, self.cond = graph, x, cond
         # The graph reads the schedule's cached device table and timesteps: a schedule the caller built must live
         # as long as the graph does.
@@ -518,7 +524,9 @@ class _SamplingGraph:
         self.generator = generator
 
     @classmethod
-    def capture(cls, head, schedule, bucket, cfg_scale, dtype, device, generator, pool):
+    def capture(cls, head: LatentDiffusionHead, schedule: SamplerSchedule, bucket: int, cfg_scale: Optional[float],
+                dtype: torch.dtype, device: torch.device, generator: Optional[torch.Generator],
+                pool: tuple) -> "_SamplingGraph":
         x = torch.zeros(bucket, head.latent_dim, device=device, dtype=torch.float32)
         cond = torch.zeros(bucket, head.cond_dim, device=device, dtype=dtype)
         schedule.device_table(device)  # host-to-device copies cannot be captured: make them now

@@ -6,17 +6,28 @@ start/end of latent reasoning; the image placeholder and vision start/end ids si
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Type, TypeVar, Union
 
 import torch
+from torch import nn
 
 from .backbones import VLMBackbone
+
+if TYPE_CHECKING:
+    from transformers import (ChameleonForConditionalGeneration, PretrainedConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2VLForConditionalGeneration)
+
+_Model = TypeVar("_Model", bound=nn.Module)
+Device = Optional[Union[str, torch.device]]
+# one implementation for every sub-model, or transformers' per-sub-config dict ({"text_config": "sdpa", ...})
+AttnImplementation = Union[str, Dict[str, str]]
 
 PAD_ID, BOS_ID, EOS_ID, LATENT_ID = 0, 1, 2, 3
 FIRST_TEXT_ID = 6
 
 
-def _qwen_text_config(vocab, hidden, layers, heads, kv_heads, intermediate):
+def _qwen_text_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int,
+                      intermediate: int) -> Dict[str, Any]:
     head_dim = hidden // heads
     section = [head_dim // 8, head_dim // 8 * 3 // 2, 0]  # t, h, w halves of the rotary dims: sums to head_dim / 2
     section[2] = head_dim // 2 - section[0] - section[1]
@@ -26,16 +37,19 @@ def _qwen_text_config(vocab, hidden, layers, heads, kv_heads, intermediate):
                 bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
 
 
-def _build(cls, config, seed, device, dtype, attn_implementation):
+def _build(cls: Type[_Model], config: "PretrainedConfig", seed: int, device: Device, dtype: Optional[torch.dtype],
+           attn_implementation: AttnImplementation) -> _Model:
     torch.manual_seed(seed)
     with torch.device(device or "cpu"):  # initialised where it will run: an 8B model is built on the GPU in seconds
         return cls._from_config(config, attn_implementation=attn_implementation,
                                 dtype=dtype or torch.float32).eval()
 
 
-def tiny_qwen2_vl(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_depth=2,
-                  vision_dim=32, vision_heads=2, mlp_ratio=2, patch=4, seed=0, device=None, dtype=None,
-                  attn_implementation="sdpa"):
+def tiny_qwen2_vl(vocab: int = 256, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                  intermediate: int = 128, vision_depth: int = 2, vision_dim: int = 32, vision_heads: int = 2,
+                  mlp_ratio: float = 2, patch: int = 4, seed: int = 0, device: Device = None,
+                  dtype: Optional[torch.dtype] = None,
+                  attn_implementation: AttnImplementation = "sdpa") -> "Qwen2VLForConditionalGeneration":
     """A random-weight ``Qwen2VLForConditionalGeneration`` (image ids: vocab-4 image pad, vocab-3 video pad,
     vocab-2 vision start, vocab-1 vision end), loaded with ``attn_implementation`` (a str for every sub-model, or
     transformers' per-sub-config dict)."""
@@ -47,7 +61,8 @@ def tiny_qwen2_vl(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, intermedi
     return _build(Qwen2VLForConditionalGeneration, config, seed, device, dtype, attn_implementation)
 
 
-def qwen2_vl_7b_shapes(seed=0, device=None, dtype=None, attn_implementation="sdpa"):
+def qwen2_vl_7b_shapes(seed: int = 0, device: Device = None, dtype: Optional[torch.dtype] = None,
+                       attn_implementation: AttnImplementation = "sdpa") -> "Qwen2VLForConditionalGeneration":
     """Qwen2-VL-7B's shapes (language model: hidden 3584, 28 layers, 28 heads, 4 KV heads, MLP 18944, vocabulary
     152064; vision: 32 layers of width 1280, 16 heads, patch 14) with random weights."""
     return tiny_qwen2_vl(vocab=152064, hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944,
@@ -55,8 +70,10 @@ def qwen2_vl_7b_shapes(seed=0, device=None, dtype=None, attn_implementation="sdp
                          device=device, dtype=dtype, attn_implementation=attn_implementation)
 
 
-def tiny_qwen2_5_vl(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_depth=2,
-                    vision_dim=32, patch=4, seed=0, device=None, dtype=None, attn_implementation="sdpa"):
+def tiny_qwen2_5_vl(vocab: int = 256, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                    intermediate: int = 128, vision_depth: int = 2, vision_dim: int = 32, patch: int = 4,
+                    seed: int = 0, device: Device = None, dtype: Optional[torch.dtype] = None,
+                    attn_implementation: AttnImplementation = "sdpa") -> "Qwen2_5_VLForConditionalGeneration":
     """A random-weight ``Qwen2_5_VLForConditionalGeneration`` (window attention in its vision tower), loaded with
     ``attn_implementation``."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -68,13 +85,15 @@ def tiny_qwen2_5_vl(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, interme
     return _build(Qwen2_5_VLForConditionalGeneration, config, seed, device, dtype, attn_implementation)
 
 
-def _vision_ids(vocab):
+def _vision_ids(vocab: int) -> Dict[str, int]:
     return dict(image_token_id=vocab - 4, video_token_id=vocab - 3, vision_start_token_id=vocab - 2,
                 vision_end_token_id=vocab - 1)
 
 
-def tiny_chameleon(text_vocab=200, codebook=32, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
-                   resolution=32, seed=0, device=None, dtype=None, attn_implementation="sdpa"):
+def tiny_chameleon(text_vocab: int = 200, codebook: int = 32, hidden: int = 64, layers: int = 2, heads: int = 4,
+                   kv_heads: int = 2, intermediate: int = 128, resolution: int = 32, seed: int = 0,
+                   device: Device = None, dtype: Optional[torch.dtype] = None,
+                   attn_implementation: AttnImplementation = "sdpa") -> "ChameleonForConditionalGeneration":
     """A random-weight ``ChameleonForConditionalGeneration`` with a small VQ-GAN, loaded with
     ``attn_implementation``: ``resolution / 4`` squared image tokens per image. Image token ids ``text_vocab + i``
     for codebook entry i; ``<image>`` placeholder, begin/end
@@ -94,12 +113,12 @@ def tiny_chameleon(text_vocab=200, codebook=32, hidden=64, layers=2, heads=4, kv
     return _build(ChameleonForConditionalGeneration, config, seed, device, dtype, attn_implementation)
 
 
-def image_tokens_per_image(vlm, image_hw) -> int:
+def image_tokens_per_image(vlm: nn.Module, image_hw: Sequence[int]) -> int:
     """Image tokens the language model sees for one image of ``image_hw`` pixels (its backbone's count)."""
     return VLMBackbone(vlm).tokens_per_image(image_hw)
 
 
-def synthetic_batch(vlm, *, images: Sequence[Sequence[Sequence[int]]], prompt_lengths: Sequence[int],
+def synthetic_batch(vlm: nn.Module, *, images: Sequence[Sequence[Sequence[int]]], prompt_lengths: Sequence[int],
                     answer_lengths: Sequence[int], num_latents: Sequence[int], seed: int = 0,
                     latent_id: int = LATENT_ID, with_answer: bool = True) -> Dict[str, torch.Tensor]:
     """Random inputs for ``vlm`` in its processor's layout, left-padded, with latent tokens and labels.

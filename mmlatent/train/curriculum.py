@@ -28,7 +28,7 @@ class Curriculum:
     max_latent_steps: int = 3
     reset_optimizer_per_stage: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
         if self.epochs_per_stage < 1:

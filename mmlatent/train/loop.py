@@ -11,7 +11,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("max_steps", "grad_accum"):
             check_int(name, getattr(self, name), minimum=1)
         for name in ("warmup_steps", "eval_every", "save_every", "seed"):
@@ -65,7 +65,7 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
 
 
-def check_int(name: str, value, minimum: int = 1) -> None:
+def check_int(name: str, value: object, minimum: int = 1) -> None:
     """A count or size from a config: an int (not a bool) in [minimum, 2**31 - 1]; beyond that it is a typo and
     overflows the libraries' C integers."""
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= 2**31 - 1:
@@ -86,7 +86,7 @@ class EpochBatches:
     """
 
     def __init__(self, records: Sequence, batch_size: int, collate: Callable[[list, int], Dict[str, Any]],
-                 seed: int = 0, drop_last: bool = True):
+                 seed: int = 0, drop_last: bool = True) -> None:
         if not callable(collate):
             raise TypeError(f"collate: expected a callable collate(records, epoch), got {type(collate).__name__}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1 \
@@ -99,7 +99,7 @@ class EpochBatches:
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
 
-    def __next__(self):
+    def __next__(self) -> Tuple[int, Dict[str, Any]]:
         if self.index >= self.per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
         order = self._order(self.epoch)
@@ -107,7 +107,7 @@ class EpochBatches:
         self.index += 1
         return self.epoch, self.collate([self.records[i] for i in chosen], self.epoch)
 
-    def __iter__(self) -> Iterator:
+    def __iter__(self) -> Iterator[Tuple[int, Dict[str, Any]]]:
         return self
 
     def state_dict(self) -> dict:
@@ -168,7 +168,7 @@ class Trainer:
                  eval_fn: Optional[Callable[[nn.Module], Dict[str, Any]]] = None,
                  on_epoch: Optional[Callable[[int, Optional[int]], None]] = None, describe: str = "train",
                  run_config: Optional[dict] = None,
-                 count_tokens: Callable[[Mapping[str, Any]], int] = batch_tokens):
+                 count_tokens: Callable[[Mapping[str, Any]], int] = batch_tokens) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable loss_fn(model, batch), got {type(loss_fn).__name__}")
         if not isinstance(batches, EpochBatches):
@@ -398,7 +398,7 @@ class Trainer:
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
-def _flat(config, prefix: str = "") -> Dict[str, object]:
+def _flat(config: object, prefix: str = "") -> Dict[str, object]:
     if isinstance(config, dict):
         out = {}
         for key, value in config.items():
@@ -416,7 +416,7 @@ def config_changes(stored: dict, current: dict) -> List[tuple]:
             if k not in RESULT_NEUTRAL_KEYS and a.get(k, missing) != b.get(k, missing)]
 
 
-def _show(value) -> str:
+def _show(value: object) -> str:
     return value if value == "<absent>" else json.dumps(value)
 
 
@@ -431,7 +431,7 @@ def _rss_peak_bytes() -> int:
     return 0
 
 
-def _flatten_optimizer(state: dict):
+def _flatten_optimizer(state: dict) -> Tuple[Dict[str, torch.Tensor], dict]:
     tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
     for index, values in state["state"].items():
         meta["state"][str(index)] = {}
@@ -444,7 +444,7 @@ def _flatten_optimizer(state: dict):
     return tensors, meta
 
 
-def _unflatten_optimizer(tensors: dict, meta: dict, device) -> dict:
+def _unflatten_optimizer(tensors: dict, meta: dict, device: torch.device) -> dict:
     state = {}
     for index, values in meta["state"].items():
         state[int(index)] = {key: (tensors[f"{index}.{key}"].to(device) if kind == "tensor" else kind)
@@ -452,7 +452,7 @@ def _unflatten_optimizer(tensors: dict, meta: dict, device) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _jsonable(value):
+def _jsonable(value: object) -> object:
     if isinstance(value, np.ndarray):
         return {"__ndarray__": value.tolist(), "dtype": str(value.dtype)}
     if isinstance(value, (tuple, list)):
@@ -460,7 +460,7 @@ def _jsonable(value):
     return value
 
 
-def _tuples(value):
+def _tuples(value: object) -> Any:
     if isinstance(value, dict) and "__ndarray__" in value:
         return np.asarray(value["__ndarray__"], dtype=value["dtype"])
     if isinstance(value, list):

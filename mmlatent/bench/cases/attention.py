@@ -16,15 +16,15 @@ import torch.nn.functional as F
 
 from mmlatent.kernels import attention_with_scores, row_attention_mass
 
-from ..case import Case
+from ..case import Case, Inputs, Make
 from ..ceilings import attention_flops, row_mass_bytes
 from .inputs import cpu_generator, normal_tensors
 
 
-def _attention_inputs(B, Hq, Hkv, M, N, D, Ni):
+def _attention_inputs(B: int, Hq: int, Hkv: int, M: int, N: int, D: int, Ni: int) -> Make:
     """q [B, Hq, M, D], k and v [B, Hkv, N, D] in the run's dtype; image_index [B, Ni] int64 sorted distinct key
     positions; scores [B, Ni] float32 zeros (accumulated into); causal when there is more than one query row."""
-    def make(device, dtype):
+    def make(device: torch.device, dtype: torch.dtype) -> Inputs:
         g = cpu_generator()
         randn = normal_tensors(g, device, dtype)
         image_index = torch.stack([torch.randperm(N, generator=g)[:Ni].sort().values for _ in range(B)]).to(device)
@@ -33,7 +33,7 @@ def _attention_inputs(B, Hq, Hkv, M, N, D, Ni):
     return make
 
 
-def _bottom_right_causal_mask(M: int, N: int, device) -> torch.Tensor:
+def _bottom_right_causal_mask(M: int, N: int, device: torch.device) -> torch.Tensor:
     """[M, N] bool: query row i sees keys up to N - M + i (the queries are the last M positions)."""
     return torch.ones(M, N, dtype=torch.bool, device=device).tril(N - M)
 
@@ -69,7 +69,7 @@ def _ours_attention(a):
                                      scores_out=a["scores"])
 
 
-def attention_case(B, Hq, Hkv, M, N, D, Ni, with_eager=True) -> Case:
+def attention_case(B: int, Hq: int, Hkv: int, M: int, N: int, D: int, Ni: int, with_eager: bool = True) -> Case:
     """Attention of M query rows over N keys (causal if M > 1) with the image-token mass of the last row;
     ``with_eager`` False drops the eager baseline where its [B, H, M, N] matrix does not fit."""
     baselines = {"sdpa": _sdpa}
@@ -92,7 +92,7 @@ def _ours_row_mass(a):
     return row_attention_mass(a["q"][:, :, 0], a["k"], a["image_index"], a["scores"])
 
 
-def row_mass_case(B, Hq, Hkv, N, D, Ni) -> Case:
+def row_mass_case(B: int, Hq: int, Hkv: int, N: int, D: int, Ni: int) -> Case:
     """One query row's attention mass on Ni image tokens among N keys (the score IVT-LR selects by)."""
     return Case("row_attention_mass", f"B{B} Hq{Hq} Hkv{Hkv} N{N} D{D} Ni{Ni}",
                 _attention_inputs(B, Hq, Hkv, 1, N, D, Ni), _ours_row_mass, {"torch row": _torch_row},

@@ -9,14 +9,15 @@ from typing import List
 
 import torch
 
-from ..case import Case
+from ..case import Call, Case, Inputs, Make
 from .inputs import cpu_generator
 
 BASELINE = "model(labels=).loss (transformers)"
 
 
-def _causal_lm_inputs(hidden, layers, heads, kv_heads, intermediate, vocab, batch, length):
-    def make(device, dtype):
+def _causal_lm_inputs(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
+                      batch: int, length: int) -> Make:
+    def make(device: torch.device, dtype: torch.dtype) -> Inputs:
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
         from mmlatent.models import apply_fused_loss
@@ -31,15 +32,16 @@ def _causal_lm_inputs(hidden, layers, heads, kv_heads, intermediate, vocab, batc
     return make
 
 
-def _train_step(which):
-    def step(a):
+def _train_step(which: str) -> Call:
+    def step(a: Inputs) -> object:
         model = a["models"][which]
         loss = model(input_ids=a["input_ids"], labels=a["input_ids"]).loss
         return torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
     return step
 
 
-def causal_lm_case(hidden, layers, heads, kv_heads, intermediate, vocab, batch, length) -> Case:
+def causal_lm_case(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int, batch: int,
+                   length: int) -> Case:
     shape = f"Qwen2 h{hidden} L{layers} H{heads} KV{kv_heads} V{vocab} B{batch} x {length} tokens"
     return Case("apply_fused_loss training step", shape,
                 _causal_lm_inputs(hidden, layers, heads, kv_heads, intermediate, vocab, batch, length),

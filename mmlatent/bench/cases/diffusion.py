@@ -2,14 +2,14 @@
 backward with the gradients returned, against the torch expressions the head ran before them."""
 from __future__ import annotations
 
-from typing import List
+from typing import Callable, List
 
 import torch
 import torch.nn.functional as F
 
 from mmlatent.kernels import diffusion_mse, layer_norm_modulate
 
-from ..case import Case
+from ..case import Call, Case, Inputs, Make
 from ..ceilings import diffusion_mse_bytes, layer_norm_modulate_bytes
 from .inputs import cpu_generator, normal_tensors
 
@@ -17,9 +17,9 @@ from .inputs import cpu_generator, normal_tensors
 HEAD_EPS = 1e-6
 
 
-def _modulate_inputs(N, W):
+def _modulate_inputs(N: int, W: int) -> Make:
     """x [N, W] and mods [N, 3W] (shift, scale, gate; both require grad), dy [N, W]: all in the run's dtype."""
-    def make(device, dtype):
+    def make(device: torch.device, dtype: torch.dtype) -> Inputs:
         randn = normal_tensors(cpu_generator(), device, dtype)
         return dict(x=randn(N, W).requires_grad_(), mods=randn(N, 3 * W).requires_grad_(), dy=randn(N, W))
     return make
@@ -34,14 +34,14 @@ def _fused_layer_norm_modulate(x, shift, scale):
     return layer_norm_modulate(x, shift, scale, eps=HEAD_EPS)
 
 
-def _modulate_fwd_bwd(fn):
-    def call(a):
+def _modulate_fwd_bwd(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> Call:
+    def call(a: Inputs) -> object:
         shift, scale, _gate = a["mods"].chunk(3, dim=1)
         return torch.autograd.grad(fn(a["x"], shift, scale), (a["x"], a["mods"]), a["dy"])
     return call
 
 
-def modulate_case(N, W) -> Case:
+def modulate_case(N: int, W: int) -> Case:
     """adaLN forward + backward on N rows of width W: the fused op against the torch expression."""
     return Case("layer_norm_modulate", f"N{N} W{W} fwd+bwd", _modulate_inputs(N, W),
                 _modulate_fwd_bwd(_fused_layer_norm_modulate),
@@ -49,10 +49,10 @@ def modulate_case(N, W) -> Case:
                 bytes_moved=layer_norm_modulate_bytes(N, W))
 
 
-def _mse_inputs(R, C):
+def _mse_inputs(R: int, C: int) -> Make:
     """pred [R, C] (requires grad), x0 and noise [R, C], in the run's dtype; alphas [R] float32 in [0, 1), each
     row's alpha-bar."""
-    def make(device, dtype):
+    def make(device: torch.device, dtype: torch.dtype) -> Inputs:
         g = cpu_generator()
         randn = normal_tensors(g, device, dtype)
         return dict(pred=randn(R, C).requires_grad_(), x0=randn(R, C), noise=randn(R, C),
@@ -72,13 +72,13 @@ def _fused_v_prediction_mse(pred, x0, noise, alphas_cumprod):
     return diffusion_mse(pred, x0, noise, alphas_cumprod, "v_prediction")
 
 
-def _mse_fwd_bwd(loss_fn):
-    def call(a):
+def _mse_fwd_bwd(loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> Call:
+    def call(a: Inputs) -> object:
         return torch.autograd.grad(loss_fn(a["pred"], a["x0"], a["noise"], a["alphas"]), a["pred"])
     return call
 
 
-def diffusion_mse_case(R, C) -> Case:
+def diffusion_mse_case(R: int, C: int) -> Case:
     """The head's loss on its prediction, forward + backward, against the torch expression."""
     return Case("diffusion_mse", f"R{R} C{C} v-target fwd+bwd", _mse_inputs(R, C),
                 _mse_fwd_bwd(_fused_v_prediction_mse), {"torch target + MSE": _mse_fwd_bwd(_torch_v_prediction_mse)},

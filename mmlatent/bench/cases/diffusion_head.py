@@ -7,17 +7,17 @@ from typing import List
 
 import torch
 
-from ..case import FLOOR_PREFIX, Case
+from ..case import FLOOR_PREFIX, Case, Inputs, Make
 from .inputs import cpu_generator, normal_tensors
 
 # The timestep the floor's head forwards run at: any fixed step costs the same.
 FLOOR_TIMESTEP = 500
 
 
-def _diffusion_inputs(segments, rows, C, width, depth, steps):
+def _diffusion_inputs(segments: int, rows: int, C: int, width: int, depth: int, steps: int) -> Make:
     """head: a LatentDiffusionHead(C -> C) in eval mode in the run's dtype; cond and x_t [segments * rows, C];
     t [segments * rows] int64; segments and steps as given."""
-    def make(device, dtype):
+    def make(device: torch.device, dtype: torch.dtype) -> Inputs:
         from mmlatent.models import LatentDiffusionHead
         torch.manual_seed(0)
         head = LatentDiffusionHead(C, C, width=width, depth=depth).to(device=device, dtype=dtype).eval()
@@ -61,7 +61,8 @@ def _diffusers_loop_per_segment(a):
     return torch.cat(outs)
 
 
-def diffusion_case(segments, rows, C, width, depth=3, steps=50, with_eager=False) -> Case:
+def diffusion_case(segments: int, rows: int, C: int, width: int, depth: int = 3, steps: int = 50,
+                   with_eager: bool = False) -> Case:
     """Sampling ``segments`` latent segments of ``rows`` rows each with ``steps`` DDIM steps. ``with_eager`` adds
     head.sample without its CUDA graph (on a GPU: what the graph saves)."""
     baselines = {"diffusers DDIM loop per segment": _diffusers_loop_per_segment}

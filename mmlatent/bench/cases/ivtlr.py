@@ -5,11 +5,18 @@ own setup. Training rows return the gradients of the trainable parameters; infer
 from __future__ import annotations
 
 import copy
-from typing import List
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
 
 import torch
+from torch import nn
 
-from ..case import Case
+from ..case import Call, Case, Inputs, Make
+
+if TYPE_CHECKING:
+    from transformers import Qwen2VLForConditionalGeneration
+
+# build(device=, dtype=, attn_implementation=) -> a Qwen2-VL model
+Build = Callable[..., "Qwen2VLForConditionalGeneration"]
 
 LATENT_STEPS = 3
 NEW_TOKENS = 32
@@ -18,7 +25,7 @@ REFERENCE = "ivtlr_reference (public code)"
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def _with_adapters(model, lora_rank, checkpointing):
+def _with_adapters(model: nn.Module, lora_rank: Optional[int], checkpointing: bool) -> nn.Module:
     if lora_rank:
         import peft
         torch.manual_seed(0)
@@ -31,11 +38,12 @@ def _with_adapters(model, lora_rank, checkpointing):
     return model
 
 
-def _ivtlr_inputs(build, images, prompt_lengths, answer_lengths, k, lora_rank, prompt_only, checkpointing,
-                  attn_implementation):
+def _ivtlr_inputs(build: Build, images: Sequence[Sequence[Sequence[int]]], prompt_lengths: Sequence[int],
+                  answer_lengths: Sequence[int], k: int, lora_rank: Optional[int], prompt_only: bool,
+                  checkpointing: bool, attn_implementation: str) -> Make:
     """batch: a synthetic batch (labels dropped for inference); models: {"mmlatent", "reference"} the two copies
     of the same weights; mmlatent: IVTLR around the first; reference: ivtlr_reference around the second."""
-    def make(device, dtype):
+    def make(device: torch.device, dtype: torch.dtype) -> Inputs:
         from mmlatent.models import IVTLR, ivtlr_reference
         from mmlatent.models.tiny import LATENT_ID, synthetic_batch
         model = build(device=device, dtype=dtype, attn_implementation=attn_implementation)
@@ -56,21 +64,23 @@ def _ivtlr_inputs(build, images, prompt_lengths, answer_lengths, k, lora_rank, p
     return make
 
 
-def _ivtlr_train_step(which):
-    def step(a):
+def _ivtlr_train_step(which: str) -> Call:
+    def step(a: Inputs) -> object:
         loss = a[which](**a["batch"]).loss
         return torch.autograd.grad(loss, [p for p in a["models"][which].parameters() if p.requires_grad])
     return step
 
 
-def _ivtlr_generate(which):
-    def generate(a):
+def _ivtlr_generate(which: str) -> Call:
+    def generate(a: Inputs) -> object:
         return a[which].generate(**a["batch"], max_new_tokens=NEW_TOKENS, eos_token_id=-1)  # never stops early
     return generate
 
 
-def ivtlr_case(kind, build, shape, images, prompt_lengths, answer_lengths, k=32, lora_rank=None, repeats=None,
-               checkpointing=False, attn_implementation="sdpa") -> Case:
+def ivtlr_case(kind: str, build: Build, shape: str, images: Sequence[Sequence[Sequence[int]]],
+               prompt_lengths: Sequence[int], answer_lengths: Sequence[int], k: int = 32,
+               lora_rank: Optional[int] = None, repeats: Optional[int] = None, checkpointing: bool = False,
+               attn_implementation: str = "sdpa") -> Case:
     """IVT-LR at stage 3 against ivtlr_reference: a training step (``kind`` "train": forward + backward, gradients
     returned) or inference (``kind`` "inference": 3 latent steps, then 32 new tokens).
 
@@ -100,18 +110,21 @@ def ivtlr_case(kind, build, shape, images, prompt_lengths, answer_lengths, k=32,
     return Case(op, label, make, step("mmlatent"), {REFERENCE: step("reference")}, repeats=repeats)
 
 
-def _cpu_ivtlr_model(device=None, dtype=None, attn_implementation="sdpa"):
+def _cpu_ivtlr_model(device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+                     attn_implementation: str = "sdpa") -> "Qwen2VLForConditionalGeneration":
     from mmlatent.models.tiny import tiny_qwen2_vl
     return tiny_qwen2_vl(vocab=8192, hidden=256, layers=4, heads=8, kv_heads=2, intermediate=1024, vision_dim=64,
                          device=device, dtype=dtype, attn_implementation=attn_implementation)
 
 
-def _gpu_ivtlr_model(device=None, dtype=None, attn_implementation="sdpa"):
+def _gpu_ivtlr_model(device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+                     attn_implementation: str = "sdpa") -> "Qwen2VLForConditionalGeneration":
     from mmlatent.models.tiny import qwen2_vl_7b_shapes
     return qwen2_vl_7b_shapes(device=device, dtype=dtype, attn_implementation=attn_implementation)
 
 
-def _tiny_ivtlr_model(device=None, dtype=None, attn_implementation="sdpa"):
+def _tiny_ivtlr_model(device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+                      attn_implementation: str = "sdpa") -> "Qwen2VLForConditionalGeneration":
     from mmlatent.models.tiny import tiny_qwen2_vl
     return tiny_qwen2_vl(device=device, dtype=dtype, attn_implementation=attn_implementation)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from mmlatent.kernels import linear_cross_entropy, linear_log_probs
 
-from ..case import Case
+from ..case import Case, Inputs, Make
 from ..ceilings import linear_head_flops
 from .inputs import cpu_generator
 
@@ -25,10 +25,10 @@ from .inputs import cpu_generator
 QWEN2_7B_HIDDEN, QWEN2_7B_VOCAB = 3584, 152064
 
 
-def _loss_inputs(T, H, V, trainable_head):
+def _loss_inputs(T: int, H: int, V: int, trainable_head: bool) -> Make:
     """hidden [T, H] (requires grad) and weight [V, H] (requires grad if ``trainable_head``) in the run's dtype;
     labels [T] int64; upstream [T] float32, the gradient the log-probs rows are weighted by."""
-    def make(device, dtype):
+    def make(device: torch.device, dtype: torch.dtype) -> Inputs:
         g = cpu_generator()
         hidden = torch.randn(T, H, generator=g).to(device=device, dtype=dtype).requires_grad_()
         weight = (torch.randn(V, H, generator=g) * H ** -0.5).to(device=device, dtype=dtype)
@@ -43,7 +43,7 @@ def _grads(a, loss):
     return torch.autograd.grad(loss, params)
 
 
-def _head_label(T, H, V, trainable_head) -> str:
+def _head_label(T: int, H: int, V: int, trainable_head: bool) -> str:
     return f"T{T} H{H} V{V} {'trainable head' if trainable_head else 'frozen head'}"
 
 
@@ -69,7 +69,7 @@ def _ours_cross_entropy(a):
     return _grads(a, linear_cross_entropy(a["hidden"], a["weight"], a["labels"]))
 
 
-def cross_entropy_case(T, H, V, trainable_head=True) -> Case:
+def cross_entropy_case(T: int, H: int, V: int, trainable_head: bool = True) -> Case:
     """Mean cross-entropy of T tokens through an [V, H] head, forward + backward."""
     baselines = {"logits+F.cross_entropy": _naive_cross_entropy}
     if _liger_available():
@@ -87,7 +87,7 @@ def _ours_log_probs(a):
     return _grads(a, (linear_log_probs(a["hidden"], a["weight"], a["labels"]) * a["upstream"]).sum())
 
 
-def log_probs_case(T, H, V, trainable_head=False) -> Case:
+def log_probs_case(T: int, H: int, V: int, trainable_head: bool = False) -> Case:
     """Per-token log-probs of the labels (as RL losses use them), weighted by an upstream gradient, forward +
     backward."""
     return Case("linear_log_probs", _head_label(T, H, V, trainable_head), _loss_inputs(T, H, V, trainable_head),

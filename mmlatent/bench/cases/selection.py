@@ -8,14 +8,14 @@ import torch
 
 from mmlatent.kernels import select_topk_tokens
 
-from ..case import Case
+from ..case import Case, Inputs, Make
 from .inputs import cpu_generator
 
 
-def _select_inputs(B, Ni, k, Dm):
+def _select_inputs(B: int, Ni: int, k: int, Dm: int) -> Make:
     """scores [B, Ni] float32; valid [B, Ni] bool (the first Ni/16 tokens padding); exclude [B, Ni] bool (~10%
     already chosen, updated in place); embeds [B, Ni, Dm] in the run's dtype; k the tokens to pick per row."""
-    def make(device, dtype):
+    def make(device: torch.device, dtype: torch.dtype) -> Inputs:
         g = cpu_generator()
         valid = torch.ones(B, Ni, dtype=torch.bool)
         valid[:, : Ni // 16] = False
@@ -39,7 +39,7 @@ def _ours_select(a):
     return select_topk_tokens(a["scores"], a["k"], exclude=a["exclude"], valid=a["valid"], embeds=a["embeds"])
 
 
-def select_case(B, Ni, k, Dm) -> Case:
+def select_case(B: int, Ni: int, k: int, Dm: int) -> Case:
     """Pick the k best-scoring eligible of Ni image tokens per row, gather their Dm-wide embeddings, mark them."""
     return Case("select_topk_tokens", f"B{B} Ni{Ni} k{k} Dm{Dm}", _select_inputs(B, Ni, k, Dm), _ours_select,
                 {"torch topk": _torch_topk})

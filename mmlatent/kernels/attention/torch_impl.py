@@ -25,7 +25,8 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _key_mask(key_valid: Optional[torch.Tensor], n0: int, n1: int, row_limit: Optional[torch.Tensor]):
+def _key_mask(key_valid: Optional[torch.Tensor], n0: int, n1: int,
+              row_limit: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Allowed keys of block [n0, n1): [B or 1, 1, 1, rows or 1, n1-n0] bool, or None when all are allowed.
 
     ``row_limit`` [rows] holds the last key position each query row may see (causal), or None.
@@ -40,7 +41,8 @@ def _key_mask(key_valid: Optional[torch.Tensor], n0: int, n1: int, row_limit: Op
     return mask
 
 
-def _online_softmax_block(s, mask, m_i, l_i):
+def _online_softmax_block(s: torch.Tensor, mask: Optional[torch.Tensor], m_i: torch.Tensor,
+                          l_i: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One key block of the online softmax; returns (p, alpha, m_new). Fully masked rows keep m = -inf, p = 0."""
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
@@ -52,11 +54,13 @@ def _online_softmax_block(s, mask, m_i, l_i):
     return p, alpha, m_new
 
 
-def _finish_lse(m_i, l_i):
+def _finish_lse(m_i: torch.Tensor, l_i: torch.Tensor) -> torch.Tensor:
     return torch.where(l_i > 0, m_i + torch.log(l_i), torch.full_like(m_i, float("-inf")))
 
 
-def accumulate_row_mass(q_row, k, image_index, out, lse_row, key_valid, key_limit: Optional[int], scale, weight):
+def accumulate_row_mass(q_row: torch.Tensor, k: torch.Tensor, image_index: torch.Tensor, out: torch.Tensor,
+                        lse_row: torch.Tensor, key_valid: Optional[torch.Tensor], key_limit: Optional[int],
+                        scale: float, weight: float) -> None:
     """out[b, j] += weight * sum_h exp(scale * q_row[b,h] . k[b, h_kv, image_index[b,j]] - lse_row[b,h]).
 
     q_row [B, Hq, D]; lse_row [B, Hq] (natural log); key_limit: last visible key position (causal) or None.
@@ -93,7 +97,8 @@ def _padding_zeroed(t: torch.Tensor, key_valid: Optional[torch.Tensor]) -> torch
     return t.masked_fill(~key_valid[:, None, :, None], 0.0)
 
 
-def _streaming_attention(q, k, v, causal: bool, key_valid, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _streaming_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                         key_valid: Optional[torch.Tensor], scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     B, Hq, M, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -121,7 +126,8 @@ def _streaming_attention(q, k, v, causal: bool, key_valid, scale: float) -> Tupl
     return o, lse
 
 
-def attention(q, k, v, causal: bool, key_valid, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, key_valid: Optional[torch.Tensor],
+              scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """(o [B, Hq, M, D] in q's dtype, lse [B, Hq, M] float32); see :func:`mmlatent.kernels.attention_with_scores`.
 
     Streams over key blocks (peak extra memory one [B, Hq, QUERY_CHUNK, KEY_BLOCK] block of scores). A row with
@@ -129,7 +135,9 @@ def attention(q, k, v, causal: bool, key_valid, scale: float) -> Tuple[torch.Ten
     return _streaming_attention(q, k, v, causal, key_valid, scale)
 
 
-def attention_with_scores(q, k, v, causal: bool, key_valid, image_index, scores_out, score_row: int, scale: float,
+def attention_with_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                          key_valid: Optional[torch.Tensor], image_index: Optional[torch.Tensor],
+                          scores_out: Optional[torch.Tensor], score_row: int, scale: float,
                           weight: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`attention`, then the score row's image mass from its lse (``score_row`` already in [0, M))."""
     o, lse = attention(q, k, v, causal, key_valid, scale)
@@ -140,7 +148,8 @@ def attention_with_scores(q, k, v, causal: bool, key_valid, image_index, scores_
     return o, lse
 
 
-def _causal_valid(key_valid, B: int, M: int, N: int, causal: bool, device):
+def _causal_valid(key_valid: Optional[torch.Tensor], B: int, M: int, N: int, causal: bool,
+                  device: torch.device) -> Optional[torch.Tensor]:
     """[B, 1, M, N] bool of the keys each query row may attend (bottom-right causal and padding), or None."""
     allowed = None
     if causal:
@@ -152,8 +161,10 @@ def _causal_valid(key_valid, B: int, M: int, N: int, causal: bool, device):
     return None if allowed is None else allowed.expand(B, 1, M, N)
 
 
-def attention_output_with_scores(q, k, v, causal: bool, key_valid, image_index, scores_out, score_row: int,
-                                 scale: float, weight: float) -> torch.Tensor:
+def attention_output_with_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                                 key_valid: Optional[torch.Tensor], image_index: Optional[torch.Tensor],
+                                 scores_out: Optional[torch.Tensor], score_row: int, scale: float,
+                                 weight: float) -> torch.Tensor:
     """o [B, Hq, M, D] from SDPA, then the score row's image mass by :func:`row_attention_mass` (no lse)."""
     B, Hq, M, _ = q.shape
     N = k.shape[2]
@@ -169,7 +180,8 @@ def attention_output_with_scores(q, k, v, causal: bool, key_valid, image_index, 
     return o
 
 
-def row_lse(q, k, *, key_valid=None, scale: float) -> torch.Tensor:
+def row_lse(q: torch.Tensor, k: torch.Tensor, *, key_valid: Optional[torch.Tensor] = None,
+            scale: float) -> torch.Tensor:
     """Log-sum-exp [B, Hq] (float32 or float64) of one query row per batch item over all (valid) keys."""
     B, Hq, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
@@ -184,7 +196,8 @@ def row_lse(q, k, *, key_valid=None, scale: float) -> torch.Tensor:
     return _finish_lse(m_i, l_i).view(B, Hq)
 
 
-def row_attention_mass(q, k, image_index, out, key_valid, scale: float, weight: float) -> torch.Tensor:
+def row_attention_mass(q: torch.Tensor, k: torch.Tensor, image_index: torch.Tensor, out: torch.Tensor,
+                       key_valid: Optional[torch.Tensor], scale: float, weight: float) -> torch.Tensor:
     """See :func:`mmlatent.kernels.row_attention_mass`. Two streaming reads: all keys (lse), then image keys."""
     lse = row_lse(q, k, key_valid=key_valid, scale=scale)
     accumulate_row_mass(q, k, image_index, out, lse, key_valid, None, scale, weight)

@@ -16,7 +16,7 @@ Forward only: the op (``op.py``) sends inputs that need gradients to the torch b
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 import triton
@@ -217,8 +217,10 @@ def plan_splits(programs: int, keys: int, block_n: int, device: torch.device,
     return triton.cdiv(max(keys, 1), keys_per_split), keys_per_split
 
 
-def attention_forward(q, k, v, *, causal: bool, key_valid, image_index, scores_out, score_row: int, scale: float,
-                      weight: float, num_splits: Optional[int] = None):
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], *, causal: bool,
+                      key_valid: Optional[torch.Tensor], image_index: Optional[torch.Tensor],
+                      scores_out: Optional[torch.Tensor], score_row: int, scale: float, weight: float,
+                      num_splits: Optional[int] = None) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
     """Launches the attention kernels. q [B,Hq,M,D]; k, v [B,Hkv,N,D] (v may be None: lse and the score row only).
 
     Returns (o or None, lse [B,Hq,M] float32). ``score_row`` is already in [0, M). Inputs are validated.
@@ -271,7 +273,8 @@ def attention_forward(q, k, v, *, causal: bool, key_valid, image_index, scores_o
     return o, lse
 
 
-def accumulate_image_mass(row_logits, row_lse, image_index, out, *, key_limit: int, weight: float):
+def accumulate_image_mass(row_logits: torch.Tensor, row_lse: torch.Tensor, image_index: torch.Tensor,
+                          out: torch.Tensor, *, key_limit: int, weight: float) -> None:
     """out[b, j] += weight * sum_h exp(row_logits[b, h, image_index[b, j]] - row_lse[b, h]) at non-padding slots."""
     B, Hq, _ = row_logits.shape
     Ni = image_index.shape[1]
@@ -304,7 +307,7 @@ def _attention_case(cfg_name: str, head_dim: int, dtype: str, has_v: bool) -> Co
         aligned=("Q", "K", "V", "KeyValid", "O", "LSE", "RowLogits") + (strides16 if head_dim % 16 == 0 else ()))
 
 
-def _attention_cases():
+def _attention_cases() -> Iterator[CompileCase]:
     for cfg_name, cfg in ATTENTION_CONFIGS.items():
         lo, hi = cfg["head_dims"]
         for head_dim in (d for d in _COMPILED_HEAD_DIMS if lo <= d <= hi):

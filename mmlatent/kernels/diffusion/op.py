@@ -8,7 +8,7 @@ between the Triton kernels (``triton_kernels.py``) and the torch implementation 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -70,8 +70,9 @@ def _(x, model_out, table, step, steps, clip, noise, cfg_scale) -> None:
     return None
 
 
-def denoise_step_(x: torch.Tensor, model_out: torch.Tensor, step, schedule: SamplerSchedule, *,
-                  noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+def denoise_step_(x: torch.Tensor, model_out: torch.Tensor, step: Union[int, torch.Tensor],
+                  schedule: SamplerSchedule, *, noise: Optional[torch.Tensor] = None,
+                  generator: Optional[torch.Generator] = None,
                   cfg_scale: Optional[float] = None) -> torch.Tensor:
     """One sampler step for every row, in place.
 
@@ -238,7 +239,7 @@ def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
 
 # ------------------------------------------------------------------------------------------------ diffusion loss
 
-def target_coefficients(prediction: str, alphas_cumprod: torch.Tensor):
+def target_coefficients(prediction: str, alphas_cumprod: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """[R] float32 (a, b) with target = a * x0 + b * noise for ``prediction`` at each row's alpha-bar."""
     if prediction == "velocity":  # flow matching: x_t = (1 - t) x0 + t noise, target noise - x0
         ones = torch.ones_like(alphas_cumprod, dtype=torch.float32)

@@ -25,11 +25,14 @@ import copy
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .. import checks
+
+if TYPE_CHECKING:
+    from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 KINDS = ("ddpm", "ddim", "flow_euler")
 PREDICTIONS = {"ddpm": ("epsilon", "v_prediction", "sample"), "ddim": ("epsilon", "v_prediction", "sample"),
@@ -40,7 +43,7 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 
 
-def _int_in(name: str, value, low: int, high: Optional[int] = None, why: str = "") -> int:
+def _int_in(name: str, value: object, low: int, high: Optional[int] = None, why: str = "") -> int:
     """``value`` as an int in [low, high] (high None: unbounded); errors name ``name`` and say ``why``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
@@ -51,14 +54,14 @@ def _int_in(name: str, value, low: int, high: Optional[int] = None, why: str = "
     return value
 
 
-def _open_unit(name: str, value) -> float:
+def _open_unit(name: str, value: object) -> float:
     value = checks.number(name, value)
     if not 0.0 < value < 1.0:
         raise ValueError(f"{name}: expected a beta in (0, 1) (exclusive), got {value}")
     return value
 
 
-def _clip_range(name: str, value) -> Optional[float]:
+def _clip_range(name: str, value: Union[None, bool, float]) -> Optional[float]:
     """diffusers' clip_sample switch or its range: None/False = no clamp, True = the default range 1.0."""
     if value is None or value is False:
         return None
@@ -70,7 +73,7 @@ def _clip_range(name: str, value) -> Optional[float]:
     return value
 
 
-def _check_alphas(name: str, alphas) -> None:
+def _check_alphas(name: str, alphas: Sequence[float]) -> None:
     """Every step's coefficients divide by sqrt(alpha_bar) and by 1 - alpha_bar: both must be nonzero in float64."""
     for t, a in enumerate(alphas):
         if not 0.0 < a < 1.0:
@@ -82,7 +85,7 @@ SHIFT_RANGE = (1e-6, 1e6)
 TIME_SHIFT_TYPES = ("exponential", "linear")
 ETA_MAX = 1e6
 
-def _betas(schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float):
+def _betas(schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float) -> List[float]:
     T = num_train_timesteps  # >= 2: the linear schedules divide by T - 1
     if schedule == "linear":
         return [beta_start + (beta_end - beta_start) * i / (T - 1) for i in range(T)]
@@ -95,7 +98,7 @@ def _betas(schedule: str, num_train_timesteps: int, beta_start: float, beta_end:
     raise ValueError(f"beta_schedule: expected linear, scaled_linear or squaredcos_cap_v2, got {schedule!r}")
 
 
-def _cumprod(betas):
+def _cumprod(betas: Sequence[float]) -> List[float]:
     out, acc = [], 1.0
     for b in betas:
         acc *= 1.0 - b
@@ -103,7 +106,7 @@ def _cumprod(betas):
     return out
 
 
-def _x0(prediction, a_t):
+def _x0(prediction: str, a_t: float) -> Tuple[float, float]:
     """(px, po): x0 = px * x + po * out."""
     b_t = 1.0 - a_t
     if prediction == "epsilon":
@@ -113,7 +116,7 @@ def _x0(prediction, a_t):
     return 0.0, 1.0
 
 
-def _eps(prediction, a_t):
+def _eps(prediction: str, a_t: float) -> Tuple[float, float]:
     """(qx, qo): epsilon = qx * x + qo * out."""
     b_t = 1.0 - a_t
     if prediction == "epsilon":
@@ -146,7 +149,7 @@ class SamplerSchedule:
     num_train_timesteps: Optional[int] = None  # T of the training schedule; None when constructed directly
     _device_copies: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         # The builders produce valid tables; this guards direct construction and any numerical blow-up.
         if self.kind not in KINDS:
             raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {self.kind!r}")
@@ -190,7 +193,8 @@ class SamplerSchedule:
         """``timesteps`` on ``device`` (their dtype), copied once and cached."""
         return self._on_device("timesteps", self.timesteps, self.timesteps.dtype, device)
 
-    def _on_device(self, name, value, dtype, device):
+    def _on_device(self, name: str, value: torch.Tensor, dtype: torch.dtype,
+                   device: Union[str, torch.device]) -> torch.Tensor:
         key = (name, str(torch.device(device)))
         if key not in self._device_copies:
             self._device_copies[key] = value.to(device=device, dtype=dtype)
@@ -284,7 +288,8 @@ class SamplerSchedule:
         return cls._discrete(kind, prediction, steps, alphas, T, eta, clip, variance_type, final)
 
     @classmethod
-    def from_diffusers(cls, scheduler, num_inference_steps: int, *, eta: float = 0.0,
+    def from_diffusers(cls, scheduler: Union["DDPMScheduler", "DDIMScheduler", "FlowMatchEulerDiscreteScheduler"],
+                       num_inference_steps: int, *, eta: float = 0.0,
                        mu: Optional[float] = None) -> "SamplerSchedule":
         """The schedule a configured ``DDPMScheduler``, ``DDIMScheduler`` or ``FlowMatchEulerDiscreteScheduler``
         steps through with ``num_inference_steps`` (the scheduler itself is not modified). ``eta`` is DDIM's (a
@@ -396,7 +401,7 @@ class SamplerSchedule:
                    num_train_timesteps=T)
 
     @classmethod
-    def _flow(cls, sigmas, T, timesteps):
+    def _flow(cls, sigmas: Sequence[float], T: int, timesteps: torch.Tensor) -> "SamplerSchedule":
         """sigmas: S + 1 floats (float32 values, the last 0), timesteps [S] float32, as diffusers holds them: the
         step's dt = sigma_next - sigma is then exact in float64 and rounds to diffusers' float32 difference."""
         rows = [[1.0, sigmas[i + 1] - sigmas[i], 0.0, 0.0, 0.0, 0.0] for i in range(len(sigmas) - 1)]
@@ -423,7 +428,7 @@ class SamplerSchedule:
         return image_seq_len * m + b
 
 
-def _mu(mu, time_shift_type: str) -> float:
+def _mu(mu: float, time_shift_type: str) -> float:
     """mu checked for the time shift it feeds: e^mu (exponential) or mu (linear) in SHIFT_RANGE, so that no sigma
     rounds to an end or divides 0 by 0."""
     mu = checks.number("mu", mu)
@@ -437,7 +442,8 @@ def _mu(mu, time_shift_type: str) -> float:
     return mu
 
 
-def _flow_sigmas(T: int, num_steps: int, shift: float, mu: Optional[float], time_shift_type: str):
+def _flow_sigmas(T: int, num_steps: int, shift: float, mu: Optional[float],
+                 time_shift_type: str) -> Tuple[List[float], torch.Tensor]:
     """FlowMatchEulerDiscreteScheduler's sigmas (S + 1 floats, float32 values, the last 0) and timesteps [S]
     float32 after ``set_timesteps(num_steps[, mu=mu])``, computed in the precisions diffusers uses, so that they
     agree bit for bit: the construction sigmas in float32 torch, the inference grid and its shift in float64 (numpy

@@ -15,6 +15,8 @@ Same contracts as the functions of ``torch_impl.py``. Each kernel's compile-chec
 """
 from __future__ import annotations
 
+from typing import Iterator, Optional, Tuple, Union
+
 import torch
 import triton
 import triton.language as tl
@@ -61,8 +63,9 @@ def _denoise_step(X, Out, Noise, Table, Steps, C, R, stride_x, stride_o, stride_
     tl.store(X + row * stride_x + cols, new, mask=inside)
 
 
-def denoise_step(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor, steps, clip, noise,
-                 cfg_scale=None) -> torch.Tensor:
+def denoise_step(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor, steps: Union[int, torch.Tensor],
+                 clip: Optional[float], noise: Optional[torch.Tensor],
+                 cfg_scale: Optional[float] = None) -> torch.Tensor:
     """x [R, C] float32 (unit stride along C) updated in place; table [S, 6] float32 on x's device; steps an
     int or an [R] int tensor; model_out [R, C] or [2R, C] with cfg_scale; noise [R, C] or None."""
     R, C = x.shape
@@ -81,7 +84,7 @@ def denoise_step(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor, 
     return x
 
 
-def _denoise_step_cases():
+def _denoise_step_cases() -> Iterator[CompileCase]:
     cfg = STEP_CONFIGS["c1024"]
     for out_dtype, per_row, cfg_on, clip, noise in (("bf16", True, True, True, True),
                                                     ("fp32", False, False, False, False)):
@@ -145,14 +148,15 @@ def _layer_norm_modulate_bwd(DY, X, Scale, Mean, Rstd, DX, DScale, W, stride_dy,
     tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=inside)
 
 
-def _launch_options(W: int, dtype: torch.dtype):
+def _launch_options(W: int, dtype: torch.dtype) -> dict:
     block = next_power_of_2(W)
     cfg = next(c for c in MODULATION_CONFIGS.values() if block <= c["BLOCK_W"])
     return dict(BLOCK_W=block, EMULATE_BF16_RTNE=triton_interpreting() and dtype == torch.bfloat16,
                 num_warps=cfg["num_warps"])
 
 
-def layer_norm_modulate_forward(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float):
+def layer_norm_modulate_forward(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                                eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x, shift, scale [N, W] of one dtype, unit stride along W, W <= MODULATION_MAX_WIDTH -> (y [N, W] in that
     dtype, mean [N] float32, rstd [N] float32)."""
     N, W = x.shape
@@ -166,7 +170,7 @@ def layer_norm_modulate_forward(x: torch.Tensor, shift: torch.Tensor, scale: tor
 
 
 def layer_norm_modulate_backward(grad_y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
-                                 rstd: torch.Tensor):
+                                 rstd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """-> (grad_x [N, W] in x's dtype, grad_scale [N, W] in scale's dtype); grad_shift is grad_y."""
     N, W = x.shape
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -178,7 +182,7 @@ def layer_norm_modulate_backward(grad_y: torch.Tensor, x: torch.Tensor, scale: t
     return grad_x, grad_scale
 
 
-def _modulation_cases():
+def _modulation_cases() -> Iterator[CompileCase]:
     for cfg_name, cfg in MODULATION_CONFIGS.items():
         for dtype in ("bf16", "fp32") if cfg_name == "w1024" else ("bf16",):
             ptr = f"*{dtype}"
@@ -224,7 +228,9 @@ def _diffusion_mse_rows(Pred, X0, Noise, GoalX0, GoalNoise, Coef, RowError, Grad
     tl.store(RowError + row, tl.sum(total, axis=0) / C)
 
 
-def diffusion_mse_rows(pred, x0, noise, goal_x0, goal_noise, coef, write_grad: bool):
+def diffusion_mse_rows(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, goal_x0: torch.Tensor,
+                       goal_noise: torch.Tensor, coef: torch.Tensor,
+                       write_grad: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """pred, x0, noise [R, C] with unit stride along C; goal_x0, goal_noise, coef [R] float32 ->
     (row errors [R] float32, d loss / d pred [R, C] or None). The gradient is stored in the wider of pred's and x0's
     dtypes: it also gives x0's gradient, which must not inherit a 16-bit prediction's rounding."""
@@ -243,7 +249,7 @@ def diffusion_mse_rows(pred, x0, noise, goal_x0, goal_noise, coef, write_grad: b
     return row_error, grad
 
 
-def _diffusion_mse_cases():
+def _diffusion_mse_cases() -> Iterator[CompileCase]:
     cfg = MSE_CONFIGS["c4096"]
     for pred_dtype, data_dtype, write_grad in (("bf16", "fp32", True), ("bf16", "bf16", True),
                                                ("fp32", "fp32", False)):

@@ -9,7 +9,7 @@ is O(chunk_rows * V), never O(T * V).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -46,9 +46,13 @@ class SoftmaxLossSpec:
     temperature: float = 1.0
 
 
-def linear_softmax_loss(hidden, weight, bias, targets, spec: SoftmaxLossSpec, chunk_rows: int, *,
+def linear_softmax_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        targets: torch.Tensor, spec: SoftmaxLossSpec, chunk_rows: int, *,
                         lse: Optional[torch.Tensor] = None, coef: Optional[torch.Tensor] = None,
-                        needs=(False, False, False), chunk_fn: Callable):
+                        needs: Tuple[bool, bool, bool] = (False, False, False),
+                        chunk_fn: Callable[..., Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]]
+                        ) -> Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor],
+                                   Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Walks ``hidden`` in chunks of ``chunk_rows`` rows: logits by one GEMM, then ``chunk_fn`` (this module's
     :func:`torch_impl.softmax_loss_chunk` or the Triton kernel with the same contract), then the chunk's gradient GEMMs.
 

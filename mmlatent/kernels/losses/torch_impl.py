@@ -2,7 +2,7 @@
 inputs), the gradient built in place over the chunk's logits."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -14,7 +14,8 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def softmax_loss_chunk(logits: torch.Tensor, targets: torch.Tensor, spec: SoftmaxLossSpec, *,
-                       lse: Optional[torch.Tensor] = None, coef: Optional[torch.Tensor] = None):
+                       lse: Optional[torch.Tensor] = None, coef: Optional[torch.Tensor] = None
+                       ) -> Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
     """One row chunk of a linear-softmax loss; overwrites ``logits``.
 
     Args:

@@ -9,11 +9,14 @@ Same contract as :func:`mmlatent.kernels.losses.torch_impl.softmax_loss_chunk`.
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 import triton
 import triton.language as tl
 
 from ..compile_cases import CompileCase, pointers
+from .chunks import SoftmaxLossSpec
 from ..limits import next_power_of_2, triton_interpreting
 from ..triton_numerics import round_to_bf16_grid
 
@@ -95,7 +98,9 @@ def _softmax_loss_rows(Logits, Targets, Coef, Values, LSE,
             tl.store(base + cols, g.to(Logits.dtype.element_ty), mask=inside)
 
 
-def softmax_loss_chunk(logits: torch.Tensor, targets: torch.Tensor, spec, *, lse=None, coef=None):
+def softmax_loss_chunk(logits: torch.Tensor, targets: torch.Tensor, spec: SoftmaxLossSpec, *,
+                       lse: Optional[torch.Tensor] = None, coef: Optional[torch.Tensor] = None
+                       ) -> Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
     """Triton twin of :func:`mmlatent.kernels.losses.torch_impl.softmax_loss_chunk` (same arguments and results); the
     gradient is written over ``logits``, which must be row-contiguous."""
     C, V = logits.shape

@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import torch
 
 
-def rank_eligible(scores, eligible) -> torch.Tensor:
+def rank_eligible(scores: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
     """Permutation [B, Ni] of each row, best first: eligible before ineligible, then higher score first, NaN below
     every number, ties to the lower index. Exact in every float dtype (two stable sorts, no value packing)."""
     filled = torch.where(torch.isnan(scores), torch.full_like(scores, float("-inf")), scores)
@@ -18,7 +18,8 @@ def rank_eligible(scores, eligible) -> torch.Tensor:
     return torch.gather(by_score, 1, by_class)
 
 
-def eligible_tokens(scores, exclude, valid, k: int) -> torch.Tensor:
+def eligible_tokens(scores: torch.Tensor, exclude: Optional[torch.Tensor], valid: Optional[torch.Tensor],
+                    k: int) -> torch.Tensor:
     """valid & ~exclude [B, Ni] bool; ValueError naming the first row with fewer than k eligible tokens."""
     B, Ni = scores.shape
     eligible = torch.ones(B, Ni, dtype=torch.bool, device=scores.device) if valid is None else valid.clone()
@@ -33,7 +34,8 @@ def eligible_tokens(scores, exclude, valid, k: int) -> torch.Tensor:
     return eligible
 
 
-def select_topk_tokens(scores, k: int, exclude, valid, embeds,
+def select_topk_tokens(scores: torch.Tensor, k: int, exclude: Optional[torch.Tensor], valid: Optional[torch.Tensor],
+                       embeds: Optional[torch.Tensor],
                        by_position: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """See :func:`mmlatent.kernels.select_topk_tokens`. Checks every row before modifying anything."""
     B, Ni = scores.shape

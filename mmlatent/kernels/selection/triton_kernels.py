@@ -7,6 +7,8 @@ are ``Ni - 1 - index`` so that equal scores prefer the lower index. ``tl.topk`` 
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 import triton
 import triton.language as tl
@@ -74,7 +76,8 @@ def selection_config(num_tokens: int) -> dict:
     return dict(SELECTION_CONFIGS["ni8192"])
 
 
-def select_topk(scores, k: int, *, exclude, valid, embeds, by_position: bool):
+def select_topk(scores: torch.Tensor, k: int, *, exclude: Optional[torch.Tensor], valid: Optional[torch.Tensor],
+                embeds: Optional[torch.Tensor], by_position: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch; inputs validated, eligible counts checked. scores/valid/embeds contiguous along their last dim,
     exclude contiguous (updated in place)."""
     B, Ni = scores.shape

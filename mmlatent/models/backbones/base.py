@@ -11,12 +11,21 @@ Adding a family: one module in this package with a subclass registered by :func:
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
 
 from ..unwrap import unwrap_peft
+
+if TYPE_CHECKING:  # hints only: attention imports the backbones, chameleon imports this module
+    from transformers import BaseImageProcessor
+
+    from ..attention import AttentionLease
+    from .chameleon import ChameleonImages
+
+    # what a family's image_processor() returns: a transformers image processor, or Chameleon's resizer
+    ImageProcessor = Union[BaseImageProcessor, ChameleonImages]
 
 # HF model class name -> the backbone class of its family
 _FAMILIES: Dict[str, Type["VLMBackbone"]] = {}
@@ -33,7 +42,7 @@ def supported_model_classes() -> List[str]:
     return sorted(_FAMILIES)
 
 
-def processed_image_tokens(image_processor, processed: Mapping[str, torch.Tensor]) -> List[int]:
+def processed_image_tokens(image_processor: "ImageProcessor", processed: Mapping[str, torch.Tensor]) -> List[int]:
     """Image tokens of each image in ``processed`` (what ``image_processor`` returned for a list of images), as
     the family whose processor it is counts them."""
     for family in dict.fromkeys(_FAMILIES.values()):
@@ -60,7 +69,7 @@ class VLMBackbone:
     has_mrope: bool = False
     vision_attention_key: Optional[str] = None
 
-    def __new__(cls, vlm: nn.Module):
+    def __new__(cls, vlm: nn.Module) -> "VLMBackbone":
         if cls is VLMBackbone:
             name = type(unwrap_peft(vlm)).__name__
             if name not in _FAMILIES:
@@ -69,7 +78,7 @@ class VLMBackbone:
             cls = _FAMILIES[name]
         return super().__new__(cls)
 
-    def __init__(self, vlm: nn.Module):
+    def __init__(self, vlm: nn.Module) -> None:
         base = unwrap_peft(vlm)
         self.model = base
         self.config = base.config
@@ -143,18 +152,19 @@ class VLMBackbone:
         """Image tokens the language model sees for one image of ``image_hw`` (height, width) pixels."""
         raise NotImplementedError
 
-    def image_processor(self):
+    def image_processor(self) -> "ImageProcessor":
         """The image processor the model expects, built from its config (nothing downloaded)."""
         raise NotImplementedError
 
     @classmethod
-    def processed_image_tokens(cls, image_processor, processed: Mapping[str, torch.Tensor]) -> Optional[List[int]]:
+    def processed_image_tokens(cls, image_processor: "ImageProcessor",
+                               processed: Mapping[str, torch.Tensor]) -> Optional[List[int]]:
         """Image tokens of each image ``image_processor`` turned into ``processed``, or None when that processor
         is not one of this family's."""
         raise NotImplementedError
 
-    def random_pixel_values(self, image_hws: Sequence[Sequence[int]], generator: torch.Generator) -> Dict[str,
-                                                                                                        torch.Tensor]:
+    def random_pixel_values(self, image_hws: Sequence[Sequence[int]],
+                            generator: torch.Generator) -> Dict[str, torch.Tensor]:
         """Random images of the given (height, width) sizes as the model takes them: ``pixel_values`` (and
         ``image_grid_thw`` where the family has one), for tests and benchmarks."""
         raise NotImplementedError
@@ -173,13 +183,14 @@ class VLMBackbone:
                       image_grid_thw: Optional[torch.Tensor]) -> None:
         raise NotImplementedError
 
-    def image_embeddings(self, pixel_values: torch.Tensor, image_grid_thw: Optional[torch.Tensor], dtype,
-                         lease) -> torch.Tensor:
+    def image_embeddings(self, pixel_values: torch.Tensor, image_grid_thw: Optional[torch.Tensor],
+                         dtype: torch.dtype, lease: Optional["AttentionLease"]) -> torch.Tensor:
         """[image tokens, D] layer-0 inputs of every image token, in the images' order."""
         raise NotImplementedError
 
     def input_embeddings(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
-                         image_grid_thw: Optional[torch.Tensor], lease=None) -> torch.Tensor:
+                         image_grid_thw: Optional[torch.Tensor],
+                         lease: Optional["AttentionLease"] = None) -> torch.Tensor:
         """[B, S, D] layer-0 inputs: token embeddings, the image placeholders replaced by the image embeddings.
         ``lease`` (an :class:`~mmlatent.models.attention.AttentionLease`) goes with the vision tower's attention
         calls."""
@@ -217,7 +228,7 @@ class VLMBackbone:
                       if getattr(config, key, None) is not None]
         return list(found.values())
 
-    def install_attention(self, lease) -> Dict[str, str]:
+    def install_attention(self, lease: "AttentionLease") -> Dict[str, str]:
         """See :func:`mmlatent.models.attention.install_attention`."""
         from .. import attention
         return attention.install_attention(self, lease)

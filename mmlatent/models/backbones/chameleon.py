@@ -1,7 +1,7 @@
 """Chameleon: images are VQ-GAN tokens, embedded as text tokens are; one position row; no vision attention."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -9,15 +9,19 @@ from torch import nn
 
 from .base import VLMBackbone, register_backbone
 
+if TYPE_CHECKING:
+    from ..attention import AttentionLease
+    from .base import ImageProcessor
+
 
 class ChameleonImages:
     """Chameleon's image inputs: each image resized to the VQ-GAN's resolution and scaled to [-1, 1] (as its
     processor does); every image becomes ``tokens_per_image`` placeholders."""
 
-    def __init__(self, resolution: int, tokens_per_image: int):
+    def __init__(self, resolution: int, tokens_per_image: int) -> None:
         self.resolution, self.tokens_per_image = resolution, tokens_per_image
 
-    def __call__(self, images, return_tensors="pt"):
+    def __call__(self, images: Sequence[np.ndarray], return_tensors: str = "pt") -> Dict[str, torch.Tensor]:
         from PIL import Image
         out = []
         for image in images:
@@ -71,12 +75,14 @@ class ChameleonBackbone(VLMBackbone):
         return ChameleonImages(self.config.vq_config.resolution, self.tokens_per_image())
 
     @classmethod
-    def processed_image_tokens(cls, image_processor, processed) -> Optional[List[int]]:
+    def processed_image_tokens(cls, image_processor: "ImageProcessor",
+                               processed: Mapping[str, torch.Tensor]) -> Optional[List[int]]:
         if not isinstance(image_processor, ChameleonImages):
             return None
         return [image_processor.tokens_per_image] * len(processed["pixel_values"])
 
-    def random_pixel_values(self, image_hws, generator) -> Dict[str, torch.Tensor]:
+    def random_pixel_values(self, image_hws: Sequence[Sequence[int]],
+                            generator: torch.Generator) -> Dict[str, torch.Tensor]:
         """[images, 3, H, W] in [-1, 1) (all images one size: the VQ-GAN's resolution)."""
         images = [torch.rand(3, hw[0], hw[1], generator=generator) * 2 - 1 for hw in image_hws]
         return dict(pixel_values=torch.stack(images))
@@ -91,7 +97,8 @@ class ChameleonBackbone(VLMBackbone):
             raise ValueError(f"pixel_values: {images} images make {images * per_image} image tokens, but "
                              f"input_ids hold {n_tokens}")
 
-    def image_embeddings(self, pixel_values, image_grid_thw, dtype, lease) -> torch.Tensor:
+    def image_embeddings(self, pixel_values: torch.Tensor, image_grid_thw: Optional[torch.Tensor],
+                         dtype: torch.dtype, lease: Optional["AttentionLease"]) -> torch.Tensor:
         # the VQ-GAN has no attention function to choose, so the lease has nothing to go with
         features = self.model.model.get_image_features(pixel_values.to(dtype), return_dict=True)
         return features.pooler_output.reshape(-1, self.text_config.hidden_size)

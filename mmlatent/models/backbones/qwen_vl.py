@@ -1,12 +1,18 @@
 """Qwen2-VL and Qwen2.5-VL: vision-merger outputs as image embeddings, M-RoPE positions, a ViT that may be eager."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .base import VLMBackbone, register_backbone
+
+if TYPE_CHECKING:
+    from transformers import BaseImageProcessor
+
+    from ..attention import AttentionLease
+    from .base import ImageProcessor
 
 
 def merged_tokens(patches: int, merge_size: int) -> int:
@@ -50,14 +56,15 @@ class QwenVLBackbone(VLMBackbone):
                              vision.spatial_merge_size)
 
     @classmethod
-    def processed_image_tokens(cls, image_processor, processed) -> Optional[List[int]]:
+    def processed_image_tokens(cls, image_processor: "ImageProcessor",
+                               processed: Mapping[str, torch.Tensor]) -> Optional[List[int]]:
         """From ``image_grid_thw``: t * h * w patches per image."""
         grid = processed.get("image_grid_thw")
         if grid is None:
             return None
         return [merged_tokens(t * h * w, image_processor.merge_size) for t, h, w in grid.tolist()]
 
-    def image_processor(self):
+    def image_processor(self) -> "BaseImageProcessor":
         """Pixels rescaled to [0, 1] and not normalised (the tiny models are trained from scratch on that scale);
         the PIL backend, since torchvision is not a dependency."""
         try:
@@ -70,7 +77,8 @@ class QwenVLBackbone(VLMBackbone):
                          merge_size=vision.spatial_merge_size, image_mean=[0.0] * 3, image_std=[1.0] * 3,
                          min_pixels=side * side, max_pixels=1024 * 1024)
 
-    def random_pixel_values(self, image_hws, generator) -> Dict[str, torch.Tensor]:
+    def random_pixel_values(self, image_hws: Sequence[Sequence[int]],
+                            generator: torch.Generator) -> Dict[str, torch.Tensor]:
         """Patch rows [sum of h * w patches, 3 * temporal * patch^2] in [0, 1), and their grid [images, 3]."""
         vision = self.config.vision_config
         patch = vision.patch_size
@@ -95,7 +103,8 @@ class QwenVLBackbone(VLMBackbone):
         if described != n_tokens:
             raise ValueError(f"image_grid_thw: describes {described} image tokens, but input_ids hold {n_tokens}")
 
-    def image_embeddings(self, pixel_values, image_grid_thw, dtype, lease) -> torch.Tensor:
+    def image_embeddings(self, pixel_values: torch.Tensor, image_grid_thw: Optional[torch.Tensor],
+                         dtype: torch.dtype, lease: Optional["AttentionLease"]) -> torch.Tensor:
         visual = self.model.model.visual
         dtype = visual.dtype if hasattr(visual, "dtype") else dtype
         extra = {} if lease is None else {"mmlatent_lease": lease}
@@ -103,7 +112,8 @@ class QwenVLBackbone(VLMBackbone):
                                                        **extra)
         return torch.cat(list(features.pooler_output), dim=0)
 
-    def model_positions(self, input_ids, attention_mask, image_grid_thw) -> torch.Tensor:
+    def model_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        image_grid_thw: Optional[torch.Tensor]) -> torch.Tensor:
         """[3, B, S] M-RoPE positions (the model's get_rope_index); text-only inputs count like Chameleon's."""
         if image_grid_thw is None:
             return super().model_positions(input_ids, attention_mask, image_grid_thw)
