@@ -172,6 +172,7 @@ class VLMBackbone:
     def check_images(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
                      image_grid_thw: Optional[torch.Tensor]) -> None:
         """Clear errors for image inputs that do not fit the placeholders of ``input_ids``."""
+        # host sync, one per call: a mismatch must raise before the vision tower or any pass runs
         n_tokens = int((input_ids == self.image_token_id).sum())
         if pixel_values is None:
             if n_tokens:

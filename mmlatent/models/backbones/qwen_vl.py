@@ -95,6 +95,8 @@ class QwenVLBackbone(VLMBackbone):
             raise ValueError("image_grid_thw: required with pixel_values for Qwen2-VL / Qwen2.5-VL")
         if image_grid_thw.dim() != 2 or image_grid_thw.shape[1] != 3:
             raise ValueError(f"image_grid_thw: expected [images, 3] (t, h, w), got {tuple(image_grid_thw.shape)}")
+        # host sync, one per call, before any work (the vision tower reads the grid on the host again for its
+        # sequence lengths)
         patches = int(image_grid_thw.prod(dim=1).sum())
         if pixel_values.shape[0] != patches:
             raise ValueError(f"pixel_values: expected {patches} rows (the sum of t*h*w over image_grid_thw), "
