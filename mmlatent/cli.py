@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional, Sequence
 
 EXIT_USER_ERROR = 2
 
@@ -170,7 +171,7 @@ def _run(args, argv) -> int:
     raise ValueError(f"command: unknown {args.command!r}")
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)  # checks the benchmark's options too
     try:

@@ -52,7 +52,8 @@ def test_config_errors_are_one_line(tmp_path):
     _one_line_error(mmlatent("train", "--config", bad), "not valid YAML at line")
     _one_line_error(mmlatent("train", "--config", _config(tmp_path, learning_rate=3)), "unknown keys",
                     "learning_rate")
-    _one_line_error(mmlatent("train", "--config", _config(tmp_path, epochs=0)), "epochs", "expected an int in [1,", "got 0")
+    _one_line_error(mmlatent("train", "--config", _config(tmp_path, epochs=0)), "epochs", "expected an int in [1,",
+                    "got 0")
     _one_line_error(mmlatent("train", "--config", _config(tmp_path, train={"lr": -1})), "train.lr")
     _one_line_error(mmlatent("train", "--config", _config(tmp_path, train={"lrate": 1})), "train: unknown keys",
                     "lrate")

@@ -116,7 +116,8 @@ def test_rollout_runs_the_fused_kernels(models, monkeypatch, use_backend, backen
     real_row, real_fused = attention.row_attention_mass, attention.attention_with_scores
     monkeypatch.setattr(attention, "row_attention_mass", lambda *a, **kw: calls.__setitem__("row", calls["row"] + 1)
                         or real_row(*a, **kw))
-    monkeypatch.setattr(attention, "attention_with_scores", lambda *a, **kw: calls.__setitem__("fused", calls["fused"] + 1)
+    monkeypatch.setattr(attention, "attention_with_scores",
+                        lambda *a, **kw: calls.__setitem__("fused", calls["fused"] + 1)
                         or real_fused(*a, **kw))
     batch = synthetic_batch(model, images=IMAGES["qwen2_vl"], prompt_lengths=[3, 6], answer_lengths=[4, 2],
                             num_latents=[3, 3])

@@ -33,5 +33,6 @@ __all__ = ["Case", "MMLATENT", "FLOOR_PREFIX", "implementation", "SIZES", "FAMIL
            "BF16_TFLOPS_CEILING", "HBM_TBPS", "attention_flops", "linear_head_flops", "row_mass_bytes",
            "layer_norm_modulate_bytes", "diffusion_mse_bytes", "hardware_rates",
            "time_call", "peak_memory_here", "peak_memory_cpu_subprocess", "memory_probe", "measure",
-           "compare_with_ours", "run", "markdown", "plot", "reading", "readings", "device_label", "DTYPES", "positive_int",
+           "compare_with_ours", "run", "markdown", "plot", "reading", "readings", "device_label", "DTYPES",
+           "positive_int",
            "add_arguments", "main"]

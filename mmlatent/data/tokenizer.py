@@ -4,7 +4,10 @@ words, then the image pad, video pad, vision start and vision end tokens at the 
 from __future__ import annotations
 
 import json
-from typing import Iterable, List
+from typing import TYPE_CHECKING, Any, Iterable, List, Optional
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
@@ -20,7 +23,7 @@ LEGACY_WORD_TOKENIZER_FILE = "tokenizer.json"
 class WordTokenizer:
     """Lower-cased words and punctuation marks; ``encode`` gives ids, ``decode`` joins words with spaces."""
 
-    def __init__(self, words: Iterable[str], size: int = None):
+    def __init__(self, words: Iterable[str], size: Optional[int] = None) -> None:
         words = [w for w in dict.fromkeys(words) if w not in SPECIALS + VISION]
         if size is not None:  # pad with unused tokens to a model's vocabulary size (e.g. Qwen2-VL-7B's 152064)
             if size < len(SPECIALS) + len(words) + len(VISION):
@@ -71,7 +74,7 @@ class WordTokenizer:
             raise ValueError(f"{path}: not a word tokenizer (expected an object with a list of words)")
         return cls(saved["words"], size=saved.get("size"))
 
-    def to_hf(self):
+    def to_hf(self) -> "PreTrainedTokenizerFast":
         """The same vocabulary as a ``transformers.PreTrainedTokenizerFast`` (special tokens marked, words decoded
         joined by spaces), for what needs a Hugging Face tokenizer, e.g. ``stop_strings`` in ``generate``."""
         from transformers import PreTrainedTokenizerFast
@@ -82,7 +85,7 @@ class WordTokenizer:
                                        additional_special_tokens=[t for t in SPECIALS + VISION if t not in named])
 
 
-def is_word_tokenizer_state(saved) -> bool:
+def is_word_tokenizer_state(saved: Any) -> bool:
     """Whether ``saved`` (parsed JSON) is what :meth:`WordTokenizer.save` writes (and not, say, a Hugging Face
     tokenizer.json, which has ``model`` and ``added_tokens`` instead)."""
     return (isinstance(saved, dict) and isinstance(saved.get("words"), list)
@@ -104,8 +107,8 @@ class HFTokenizer:
     ``<|latent|>``, ``<|start-latent|>`` and ``<|end-latent|>`` tokens when missing (resize the model's embeddings
     to ``len(tokenizer)`` then)."""
 
-    def __init__(self, tokenizer, image_token: str = "<|image_pad|>", vision_start: str = "<|vision_start|>",
-                 vision_end: str = "<|vision_end|>"):
+    def __init__(self, tokenizer: "PreTrainedTokenizerBase", image_token: str = "<|image_pad|>",
+                 vision_start: str = "<|vision_start|>", vision_end: str = "<|vision_end|>") -> None:
         missing = [t for t in ("<|latent|>", "<|start-latent|>", "<|end-latent|>")
                    if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
         if missing:
@@ -125,10 +128,10 @@ class HFTokenizer:
     def encode(self, text: str) -> List[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def decode(self, ids, skip_special: bool = True) -> str:
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special)
 
-    def to_hf(self):
+    def to_hf(self) -> "PreTrainedTokenizerBase":
         """The Hugging Face tokenizer itself."""
         return self.tokenizer
 

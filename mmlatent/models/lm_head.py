@@ -61,7 +61,7 @@ class LinearCrossEntropyHead(nn.Module):
 
     def __init__(self, lm_head: nn.Module, *, ignore_index: int = -100, label_smoothing: float = 0.0,
                  logit_softcap: Optional[float] = None, chunk_rows: Optional[int] = None,
-                 suppressed_token_ids: Optional[Sequence[int]] = None):
+                 suppressed_token_ids: Optional[Sequence[int]] = None) -> None:
         super().__init__()
         if not isinstance(lm_head, (nn.Linear, LinearCrossEntropyHead)):
             raise TypeError(f"lm_head: expected an nn.Linear, got {type(lm_head).__name__}")

@@ -30,7 +30,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -69,7 +69,7 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def write_json(path: str, payload, indent=1) -> None:
+def write_json(path: str, payload: Any, indent: Optional[int] = 1) -> None:
     """Writes ``payload`` as UTF-8 JSON atomically (a temporary file, fsynced, renamed over ``path``)."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -79,7 +79,7 @@ def write_json(path: str, payload, indent=1) -> None:
     os.replace(tmp, path)
 
 
-def checked_name(name, what: str = "name") -> str:
+def checked_name(name: str, what: str = "name") -> str:
     """``name`` if it is a file name a manifest may list: a relative path with ``/`` between its parts (no part
     empty, ``.`` or ``..``), not the manifest itself; else ValueError naming ``what``."""
     parts = name.split("/") if isinstance(name, str) else []
@@ -204,8 +204,8 @@ def write_trainer_checkpoint(directory: str, weights: Mapping[str, torch.Tensor]
     })
 
 
-def write_run_checkpoint(directory: str, write_model: Callable[[str], None], run: dict, tokenizer,
-                         image_processor=None) -> str:
+def write_run_checkpoint(directory: str, write_model: Callable[[str], None], run: dict, tokenizer: Any,
+                         image_processor: Optional[Any] = None) -> str:
     """A finished run's ``final``: the model's files (``write_model(folder)`` writes them, see
     :func:`mmlatent.models.ivtlr.saving.write_pretrained`), run.json (``run``: config, result summary and which
     tokenizer was saved), the tokenizer (``word_tokenizer.json`` for a
@@ -323,7 +323,7 @@ def recover_checkpoint(directory: str, missing_ok: bool = False) -> str:
     return directory
 
 
-def read_json(directory: str, name: str):
+def read_json(directory: str, name: str) -> Any:
     path = os.path.join(directory, name)
     try:
         with open(path, encoding="utf-8") as f:

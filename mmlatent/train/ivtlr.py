@@ -11,7 +11,7 @@ import random
 import re
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -226,7 +226,7 @@ def _one_kind(name: str, value, kinds) -> None:
 
 # ------------------------------------------------------------------------------------------------------ building
 
-def build_data(config: RunConfig):
+def build_data(config: RunConfig) -> Tuple[Any, List[Record], List[Record]]:
     """(tokenizer, train records, eval records)."""
     if "synthetic" in config.data:
         spec = dict(config.data["synthetic"])
@@ -281,7 +281,7 @@ def _model_dtype(config: RunConfig, device) -> torch.dtype:
     return torch.bfloat16 if kind in ("path", "qwen2_vl_7b_shapes") and device.type == "cuda" else torch.float32
 
 
-def build_model(config: RunConfig, vocab_size: int, device):
+def build_model(config: RunConfig, vocab_size: int, device: torch.device) -> nn.Module:
     """The run's model, on ``device``: built from its config kind (seeded by the caller), the vision tower frozen
     when asked, LoRA adapters on the language model's layers when ``config.lora`` is set."""
     (kind, spec), = config.model.items()
@@ -344,8 +344,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(config: RunConfig, device=None, resume: Optional[str] = None, progress: bool = True,
-          until: Optional[int] = None, allow_config_change: bool = False) -> dict:
+def train(config: RunConfig, device: Optional[Union[str, torch.device]] = None, resume: Optional[str] = None,
+          progress: bool = True, until: Optional[int] = None, allow_config_change: bool = False) -> dict:
     """Trains one run. A run that reaches its last step writes ``<output_dir>/final`` (:func:`save_run`: the model
     as a Hugging Face or PEFT folder, the tokenizer, the image processor, run.json, manifest.json); one stopped
     early by ``until`` writes ``<output_dir>/checkpoint-<step>`` instead, which ``resume`` continues. Everything
@@ -411,7 +411,8 @@ def train(config: RunConfig, device=None, resume: Optional[str] = None, progress
                 image_processor=image_processor)
 
 
-def save_run(directory: str, model, tokenizer, config: RunConfig, result: dict, *, image_processor=None) -> str:
+def save_run(directory: str, model: nn.Module, tokenizer: Any, config: RunConfig, result: dict, *,
+             image_processor: Optional[Any] = None) -> str:
     """A finished run's folder, self-contained and verified, replacing ``directory`` only once complete
     (:func:`mmlatent.train.checkpoint.write_run_checkpoint`). ``model``: the run's :class:`IVTLR` wrapper (its
     latent token id, k and position mode are saved), or the model itself (then: the tokenizer's latent id,
@@ -440,7 +441,7 @@ def save_run(directory: str, model, tokenizer, config: RunConfig, result: dict, 
                                 tokenizer, image_processor=image_processor)
 
 
-def load_run(directory: str, device=None):
+def load_run(directory: str, device: Optional[Union[str, torch.device]] = None) -> Tuple[IVTLR, Any, RunConfig, Any]:
     """(IVTLR wrapper, tokenizer, RunConfig, image processor) from a folder written by :func:`save_run`, or by the
     first format (model.safetensors of the model's state dict, tokenizer.json).
 
@@ -543,7 +544,7 @@ def _image_processor(config: RunConfig, model):
     return VLMBackbone(model).image_processor()
 
 
-def evaluate(wrapper: IVTLR, tokenizer, image_processor, config: RunConfig, records: List[Record],
+def evaluate(wrapper: IVTLR, tokenizer: Any, image_processor: Any, config: RunConfig, records: List[Record],
              batch_size: int = 32, stage: Optional[int] = None, progress: bool = False) -> dict:
     """Accuracy with the strict parse (the first "the answer is X" of the generated text must be the gold
     letter), the public code's lenient scoring reported separately, latency and generated tokens per sample.

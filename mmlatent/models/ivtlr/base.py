@@ -4,7 +4,7 @@ wrapping makes."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -58,7 +58,7 @@ class IVTLRBase(nn.Module):
     _fast_attention = True
 
     def __init__(self, vlm: nn.Module, latent_token_id: int, *, k: Optional[int] = None,
-                 position_mode: str = "linear"):
+                 position_mode: str = "linear") -> None:
         super().__init__()
         self.vlm = vlm
         self.backbone = VLMBackbone(vlm)
@@ -229,9 +229,10 @@ class IVTLRBase(nn.Module):
             save_base=save_base, save_embedding_layers=save_embedding_layers))
 
     @classmethod
-    def from_pretrained(cls, directory: str, model: Optional[nn.Module] = None, *, base_model=None, device=None,
+    def from_pretrained(cls, directory: str, model: Optional[nn.Module] = None, *,
+                        base_model: Optional[nn.Module] = None, device: Optional[Union[str, torch.device]] = None,
                         dtype: Optional[torch.dtype] = None, attn_implementation: Optional[str] = None,
-                        is_trainable: bool = False):
+                        is_trainable: bool = False) -> "IVTLRBase":
         """The wrapper saved by :meth:`save_pretrained` (or a training run's ``final`` folder), verified against
         its manifest first: a missing or corrupt file raises :class:`~mmlatent.train.checkpoint.CheckpointError`
         naming it.
@@ -264,14 +265,14 @@ class checkpointing_paused:
     """Gradient checkpointing off for a no-grad rollout: it would only drop the KV cache there (transformers
     disables caching in checkpointed layers), and with no graph there is nothing to save."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module) -> None:
         self.layers = checkpointing_layers(module)
 
-    def __enter__(self):
+    def __enter__(self) -> None:
         for layer in self.layers:
             layer.gradient_checkpointing = False
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> None:
         for layer in self.layers:
             layer.gradient_checkpointing = True
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -146,7 +146,7 @@ def _refuse_unsupported(config, names: frozenset) -> None:
                          f"greedily or by sampling{hint}; supported options: {', '.join(SUPPORTED_OPTIONS)}")
 
 
-def hf_tokenizer(tokenizer):
+def hf_tokenizer(tokenizer: Optional[Any]) -> Optional[Any]:
     """A ``transformers`` tokenizer for ``tokenizer``: itself, or what an mmlatent tokenizer's ``to_hf`` gives."""
     if tokenizer is None:
         return None
@@ -213,7 +213,7 @@ class DecodingPlan:
 
 
 def plan(config: "GenerationConfig", default_length: bool, history: torch.Tensor, valid: torch.Tensor, *,
-         tokenizer=None, logits_processor: Optional["LogitsProcessorList"] = None,
+         tokenizer: Optional[Any] = None, logits_processor: Optional["LogitsProcessorList"] = None,
          stopping_criteria: Optional["StoppingCriteriaList"] = None,
          max_position_embeddings: Optional[int] = None) -> DecodingPlan:
     """The processors and criteria of ``config`` (from :func:`resolve`) for a prompt whose assembled ids are

@@ -9,7 +9,7 @@ embeddings counting as text tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional, Union
 
 import torch
 
@@ -22,7 +22,7 @@ class LayoutPlan:
     """Where every token of every sample goes in the assembled layout (the definition both paths share)."""
 
     def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, latent_id: int, image_id: int,
-                 k: int):
+                 k: int) -> None:
         B, S = input_ids.shape
         device = input_ids.device
         self.k = k
@@ -80,7 +80,8 @@ class LayoutPlan:
     def latent_column(self, b: int, step: int) -> int:
         return self.latent_columns[b][step]
 
-    def positions(self, mode: str, backbone: VLMBackbone, input_ids, attention_mask, image_grid_thw):
+    def positions(self, mode: str, backbone: VLMBackbone, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  image_grid_thw: Optional[torch.Tensor]) -> torch.Tensor:
         """[R, B, S_asm] positions (R = 1 for linear, 3 for mrope)."""
         B = input_ids.shape[0]
         if mode == "linear":
@@ -116,7 +117,7 @@ class PreparedInputs:
     filled: torch.Tensor
 
 
-def left_pad(rows: List[torch.Tensor], length: int, fill=0) -> torch.Tensor:
+def left_pad(rows: List[torch.Tensor], length: int, fill: Union[int, float, bool] = 0) -> torch.Tensor:
     """Stacks rows [n_i, ...] into [B, length, ...], each right-aligned (padding at the front)."""
     out = rows[0].new_full((len(rows), length, *rows[0].shape[1:]), fill)
     for i, r in enumerate(rows):

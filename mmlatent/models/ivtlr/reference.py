@@ -1,7 +1,7 @@
 """IVT-LR exactly as its public code computes it: the oracle of the tests and the baseline of the benchmarks."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +89,8 @@ class IVTLRReference(IVTLRBase):
                  pixel_values: Optional[torch.Tensor] = None, image_grid_thw: Optional[torch.Tensor] = None,
                  generation_config: Optional[GenerationConfig] = None, *,
                  logits_processor: Optional[LogitsProcessorList] = None,
-                 stopping_criteria: Optional[StoppingCriteriaList] = None, tokenizer=None, **options) -> torch.Tensor:
+                 stopping_criteria: Optional[StoppingCriteriaList] = None, tokenizer: Optional[Any] = None,
+                 **options: Any) -> torch.Tensor:
         """As the public code's generate: the latent passes and the full pass of its forward give the first token;
         its decoding loop then reads the assembled prompt and that token again without a cache, and continues with
         the cache. Same arguments, options and result as :meth:`IVTLR.generate`."""

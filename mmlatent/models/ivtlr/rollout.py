@@ -2,7 +2,7 @@
 teacher-forced pass over what the prompt's first read did not cover, the memory-lean loss."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import torch
 
@@ -196,7 +196,8 @@ class IVTLR(IVTLRBase):
                  pixel_values: Optional[torch.Tensor] = None, image_grid_thw: Optional[torch.Tensor] = None,
                  generation_config: Optional[GenerationConfig] = None, *,
                  logits_processor: Optional[LogitsProcessorList] = None,
-                 stopping_criteria: Optional[StoppingCriteriaList] = None, tokenizer=None, **options) -> torch.Tensor:
+                 stopping_criteria: Optional[StoppingCriteriaList] = None, tokenizer: Optional[Any] = None,
+                 **options: Any) -> torch.Tensor:
         """Latent rollout over the (left-padded) prompt, then decoding with the KV cache, with Hugging Face
         ``generate``'s options and semantics (:mod:`mmlatent.models.ivtlr.generation`).
 

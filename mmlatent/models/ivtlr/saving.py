@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Dict, Optional, Union
+from typing import Dict, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ def is_peft_model(vlm: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def quiet_progress():
+def quiet_progress() -> Iterator[None]:
     """transformers' progress bars and load reports off: a save or load is one step of what mmlatent reports, and
     what a report would say (a tensor of another shape, say) becomes mmlatent's one error naming the file."""
     from transformers.utils import logging as hf_logging
@@ -187,7 +187,8 @@ def _required(path: str, files, names, what: str) -> None:
         raise CheckpointError(f"{os.path.join(path, MANIFEST)}: does not list {missing[0]}, which {what} must have")
 
 
-def load_model_folder(folder: str, *, dtype=None, attn_implementation: Optional[str] = None, device=None):
+def load_model_folder(folder: str, *, dtype: Optional[torch.dtype] = None, attn_implementation: Optional[str] = None,
+                      device: Optional[Union[str, torch.device]] = None) -> nn.Module:
     """The model of a ``save_pretrained`` folder, by the class its config.json names (one IVT-LR supports); a
     folder transformers cannot load, or tensors whose names or shapes differ from that model's, raise
     CheckpointError naming the file (and the tensor with both shapes)."""
@@ -233,9 +234,10 @@ def _resize(model: nn.Module, vocab_size: int, where: str) -> None:
             model.resize_token_embeddings(vocab_size, mean_resizing=False)
 
 
-def load_pretrained(directory: str, model: Optional[nn.Module] = None, *, base_model=None, device=None,
-                    dtype=None, attn_implementation: Optional[str] = None, is_trainable: bool = False,
-                    verified: bool = False):
+def load_pretrained(directory: str, model: Optional[nn.Module] = None, *, base_model: Optional[nn.Module] = None,
+                    device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None,
+                    attn_implementation: Optional[str] = None, is_trainable: bool = False,
+                    verified: bool = False) -> Tuple[nn.Module, dict]:
     """(model, settings) of a folder written by :func:`write_pretrained`, verified against its manifest first
     (``verified``: the caller has just verified ``directory`` itself, so its files are not hashed again).
 
