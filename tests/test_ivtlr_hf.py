@@ -246,6 +246,24 @@ def test_generate_after_latent_steps_is_hf_generate_on_the_assembled_prompt(mode
                                                                                                  **options))
 
 
+@pytest.mark.parametrize("num_latents", [(0, 0), (2, 2)])
+def test_chameleon_generate_never_picks_the_image_codes_transformers_suppresses(num_latents):
+    """Chameleon's forward sets its image codes' logits to the minimum: decoding over the hidden states does the
+    same, so greedy decoding equals transformers' generate on the assembled prompt."""
+    vlm = tiny_chameleon(seed=2)
+    prompt = synthetic_batch(vlm, images=[[(32, 32)], [(32, 32)]], prompt_lengths=[3, 6], answer_lengths=[0, 0],
+                             num_latents=list(num_latents), seed=4, with_answer=False)
+    del prompt["labels"]
+    wrapper = IVTLR(vlm, LATENT_ID, k=2)
+    suppressed = torch.tensor(wrapper.backbone.suppressed_token_ids())
+    first = wrapper.generate(**prompt, max_new_tokens=1, eos_token_id=-1)[0, 0]
+    with torch.no_grad():  # an image code whose raw logit beats the token greedy decoding picks first
+        vlm.get_output_embeddings().weight[suppressed[0]] = 3 * vlm.get_output_embeddings().weight[first]
+    ours = wrapper.generate(**prompt, max_new_tokens=12, eos_token_id=-1)
+    assert torch.equal(ours, hf_tokens(vlm, wrapper.assembled_prompt(**prompt), max_new_tokens=12, eos_token_id=-1))
+    assert not bool(torch.isin(ours, suppressed).any())
+
+
 def test_eos_ids_stop_rows_and_pad_them_as_hf_does(model):
     prompt = prompt_of(model, num_latents=(1, 1), seed=2)
     wrapper = IVTLR(model, LATENT_ID, k=2)

@@ -180,7 +180,7 @@ class IVTLRBase(nn.Module):
             out = self._lm(lm, inputs_embeds=self.backbone.embed_tokens(token[:, None]), attention_mask=valid.long(),
                            position_ids=self.backbone.position_ids(self._decode_positions(positions, step)),
                            cache=cache, use_cache=True)
-            return self.backbone.lm_head(out.last_hidden_state[:, -1])
+            return self.backbone.logits(out.last_hidden_state[:, -1])
         return feed
 
     @torch.no_grad()

@@ -118,9 +118,9 @@ class IVTLRReference(IVTLRBase):
                                  torch.cat([positions, self._decode_positions(positions, 0)], dim=2)),
                              cache=cache, use_cache=True)
             cached["feed"] = self._cached_feed(lm, cache, key_valid, positions)
-            return self.backbone.lm_head(again.last_hidden_state[:, -1])
+            return self.backbone.logits(again.last_hidden_state[:, -1])
 
-        return decoding.run(history, self.backbone.lm_head(out.last_hidden_state[:, -1]), feed)
+        return decoding.run(history, self.backbone.logits(out.last_hidden_state[:, -1]), feed)
 
 
 def ivtlr_reference(vlm: nn.Module, latent_token_id: int, *, k: Optional[int] = None,

@@ -237,7 +237,7 @@ class IVTLR(IVTLRBase):
         lm = self.backbone.language_model
         hidden, key_valid = self._read(lm, cache, key_valid, filled, plan, positions,
                                        [slice(r, plan.length) for r in read], max(plan.length - r for r in read))
-        return decoding.run(history, self.backbone.lm_head(hidden[:, -1]),
+        return decoding.run(history, self.backbone.logits(hidden[:, -1]),
                             self._cached_feed(lm, cache, key_valid, positions))
 
 
