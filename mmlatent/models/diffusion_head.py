@@ -322,6 +322,28 @@ class LatentDiffusionHead(nn.Module):
         self._schedules.move_to_end(key)
         return self._schedules[key]
 
+    def diffusers_scheduler(self, schedule: Optional[str] = None) -> "diffusers.SchedulerMixin":
+        """A new diffusers scheduler configured as ``sample(schedule=schedule)`` samples: for "ddim" / "ddpm" a
+        ``DDIMScheduler`` / ``DDPMScheduler`` with this head's num_train_timesteps, beta schedule and
+        prediction type, "trailing" spacing, no clipping and final alpha-bar 1; for "flow" a
+        ``FlowMatchEulerDiscreteScheduler(num_train_timesteps=T)``. A ``step()`` loop over the head with it is
+        the transparent sampler that :meth:`sample` is checked against (and the baseline it is measured
+        against). ``schedule`` None: the head's default sampler."""
+        from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+        if schedule is None:
+            schedule = FLOW if self.flow_matching else "ddim"
+        kind = _SAMPLERS.get(schedule) if isinstance(schedule, str) else None
+        if kind is None:
+            raise ValueError(f"schedule: expected one of {', '.join(_SAMPLERS)}, got {schedule!r}")
+        self._check_family(kind == "flow_euler", repr(schedule))
+        if kind == "flow_euler":
+            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps)
+        cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
+        options = dict(set_alpha_to_one=True) if kind == "ddim" else {}
+        return cls(num_train_timesteps=self.num_train_timesteps, beta_schedule=_SCHEDULES[self.noise_schedule],
+                   prediction_type=_PREDICTIONS[self.prediction], clip_sample=False, timestep_spacing="trailing",
+                   **options)
+
     def _remember(self, key: tuple, schedule: SamplerSchedule) -> None:
         if len(self._schedules) >= MAX_CACHED_SCHEDULES:
             self._schedules.popitem(last=False)
