@@ -315,3 +315,32 @@ def test_schedules_that_do_not_fit_the_head_are_refused():
     with pytest.raises(ValueError, match="timestep_sampling: 'logit_normal' draws continuous flow times"):
         LatentDiffusionHead(6, 5, width=16, depth=1, timestep_sampling="logit_normal")
     assert head.schedule(None, 10) is head.schedule("ddim", 10)  # the default sampler of a discrete head
+
+
+@pytest.mark.parametrize("schedule, options", [("ddim", dict(prediction="v")), ("ddim", dict(prediction="epsilon",
+                                               schedule="linear")), ("ddpm", dict(prediction="sample")),
+                                              ("flow", dict(schedule="flow"))])
+def test_diffusers_scheduler_steps_what_sample_samples(schedule, options, use_backend):
+    head = make_head(**options)
+    scheduler = head.diffusers_scheduler(schedule)
+    assert scheduler is not head.diffusers_scheduler(schedule)  # a new one each call: stepping one changes it
+    cond = torch.randn(4, 5)
+    use_backend("torch")
+    ours = head.sample(cond, steps=7, schedule=schedule, generator=torch.Generator().manual_seed(2))
+    generator = torch.Generator().manual_seed(2)
+    scheduler.set_timesteps(7)
+    x = torch.randn(4, 6, generator=generator)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            extra = {"generator": generator} if schedule == "ddpm" else {}
+            x = scheduler.step(head(x, t.expand(4), cond), t, x, **extra).prev_sample
+    assert torch.allclose(ours, x, rtol=1e-4, atol=1e-5)
+
+
+def test_diffusers_scheduler_refuses_another_family():
+    with pytest.raises(ValueError, match="schedule"):
+        make_head().diffusers_scheduler("flow")
+    with pytest.raises(ValueError, match="schedule"):
+        make_head(schedule="flow").diffusers_scheduler("ddim")
+    with pytest.raises(ValueError, match="schedule: expected one of"):
+        make_head().diffusers_scheduler("heun")
