@@ -6,10 +6,13 @@
   (``{"bytes": ..., "path": ...}`` structs or plain binary);
 - M3CoT: a ``.json`` file holding one list of records, or a ``.jsonl`` file with one record per line (another
   extension is read as JSONL unless its text starts with ``[``); records have id, question, choices, answer,
-  context, rationale, split and an image path (``image`` or ``image_path``, relative to the file's folder).
+  context, rationale, split and an image path (``image`` or ``image_path``, relative to the file's folder);
+- Zebra-CoT (:func:`read_zebra_cot`): parquet files of interleaved text-and-image reasoning, read into
+  :class:`mmlatent.data.interleaved.InterleavedRecord` s (its own rules are in its docstring).
 
-Only problems with an image are read (IVT-LR reasons over image tokens): a record whose image is null is left
-out without a report. Every other record is validated in full before it becomes a ``Record``:
+For ScienceQA and M3CoT, only problems with an image are read (IVT-LR reasons over image tokens): a record
+whose image is null is left out without a report. Every other record is validated in full before it becomes a
+``Record``:
 
 - it is a JSON object (a parquet row always is), and for ScienceQA's official layout its pid, listed in
   ``pid_splits.json``, is a key of ``problems.json``;
@@ -36,11 +39,15 @@ import glob
 import io
 import json
 import os
-from typing import Any, Callable, List, Optional, Tuple, Type
+import re
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple, Type
 
 import numpy as np
 
 from .records import LETTERS, Record
+
+if TYPE_CHECKING:
+    from .interleaved import InterleavedRecord
 
 
 class RecordError(ValueError):
@@ -436,7 +443,176 @@ def read_m3cot(path: str, *, split: Optional[str] = None, skip_bad: bool = False
     return records, skipped
 
 
-__all__ = ["read_scienceqa", "read_m3cot", "RecordError", "MissingImageError"]
+# --------------------------------------------------------------------------------------------------- Zebra-CoT
+
+ZEBRA_TEXT_COLUMNS = ("Question", "Text Reasoning Trace", "Final Answer")
+_ZEBRA_IMAGE_COLUMN = re.compile(r"(problem|reasoning)_image_(\d+)")
+
+
+def _zebra_files(path: str) -> List[str]:
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.parquet")))
+        if not files:
+            raise FileNotFoundError(f"path: {path} is a folder without *.parquet files")
+        return files
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"path: no file or folder at {path}")
+    return [path]
+
+
+def _parquet_batches(path: str, batch_rows: int = 64):
+    """(column names, an iterator of row lists): the file read a few rows at a time, so that its encoded images
+    and their decoded arrays are not all held at once; problems with the file raise a ValueError naming it."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"{path}: reading the parquet layout needs pyarrow (pip install mmlatent[data])") from None
+    errors = (pa.ArrowException, OSError)
+    try:
+        parquet = pq.ParquetFile(path)
+        names = list(parquet.schema_arrow.names)
+    except errors as err:
+        raise ValueError(f"{path}: not a readable parquet file ({type(err).__name__}: {err})") from None
+
+    def rows():
+        try:
+            for batch in parquet.iter_batches(batch_size=batch_rows):
+                yield batch.to_pylist()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: a string column is not UTF-8 ({err.reason})") from None
+        except errors as err:
+            raise ValueError(f"{path}: not a readable parquet file ({type(err).__name__}: {err})") from None
+    return names, rows()
+
+
+def _null_image(value: object) -> bool:
+    return value is None or (isinstance(value, dict) and value.get("bytes") is None and value.get("path") is None)
+
+
+def _zebra_image(fields: _Fields, column: str, columns: set, role: str) -> Optional[np.ndarray]:
+    """The decoded image of ``column``; None when it is null (``role`` None) or a RecordError when the text
+    references it (``role``: the referencing field) and it is null or not a column of the file."""
+    if column not in columns:
+        raise fields.error(column, f"referenced by {role}, but the file has no such column")
+    value = fields.row.get(column)
+    if _null_image(value):  # a {bytes: null, path: null} struct is how the datasets library writes "no image"
+        value = None
+    elif isinstance(value, dict):
+        if value.get("bytes") is None:
+            raise fields.error(column, f"no bytes embedded (path {value.get('path')!r})")
+        value = value["bytes"]
+    if value is None:
+        if role is not None:
+            raise fields.error(column, f"referenced by {role}, but null")
+        return None
+    if not isinstance(value, bytes):
+        raise fields.error(column, f"expected encoded image bytes, a {{bytes, path}} struct or null, got "
+                                   f"{_kind(value)}")
+    return fields.decode_image(column, value)
+
+
+def _zebra_marked(fields: _Fields, name: str, kind: str) -> list:
+    from .interleaved import parse_marked_text
+    try:
+        return parse_marked_text(fields.text(name), kind)
+    except RecordError:
+        raise
+    except ValueError as err:
+        raise fields.error(name, str(err)) from None
+
+
+def _zebra_record(fields: _Fields, columns: set, path: str, row_index: int) -> "InterleavedRecord":
+    from .interleaved import ImageRef, InterleavedRecord, InterleavedRecordError
+    question = _zebra_marked(fields, "Question", "problem")
+    trace = _zebra_marked(fields, "Text Reasoning Trace", "reasoning")
+    answer = fields.text("Final Answer").strip()
+    referenced = {("problem", p.index + 1) for p in question if isinstance(p, ImageRef)}
+    referenced |= {("reasoning", p.index + 1) for p in trace if isinstance(p, ImageRef)}
+    numbered = sorted((m.group(1), int(m.group(2))) for m in map(_ZEBRA_IMAGE_COLUMN.fullmatch, columns) if m)
+    images = {"problem": {}, "reasoning": {}}
+    for kind, number in sorted(set(numbered) | referenced):
+        role = None if (kind, number) not in referenced else \
+            ("the Question" if kind == "problem" else "the Text Reasoning Trace")
+        if kind == "reasoning" and role is None:
+            continue  # an unreferenced reasoning image has no place in the reasoning; it is left out
+        image = _zebra_image(fields, f"{kind}_image_{number}", columns, role)
+        if image is not None:
+            images[kind][number] = image
+    # ImageRef indices are positions among the images kept (in column order), not column numbers
+    position = {kind: {number: i for i, number in enumerate(sorted(found))} for kind, found in images.items()}
+
+    def renumbered(pieces):
+        return [ImageRef(p.kind, position[p.kind][p.index + 1]) if isinstance(p, ImageRef) else p for p in pieces]
+    unreferenced = [number for kind, number in numbered if kind == "reasoning" and (kind, number) not in referenced
+                    and not _null_image(fields.row.get(f"reasoning_image_{number}"))]
+    meta = {"file": os.path.basename(path), "row": row_index,
+            "problem_image_columns": [f"problem_image_{n}" for n in sorted(images["problem"])],
+            "reasoning_image_columns": [f"reasoning_image_{n}" for n in sorted(images["reasoning"])]}
+    if unreferenced:
+        meta["unreferenced_reasoning_image_columns"] = [f"reasoning_image_{n}" for n in unreferenced]
+    try:
+        return InterleavedRecord(
+            id=fields.record_id, question=renumbered(question), reasoning=renumbered(trace), answer=answer,
+            problem_images=[images["problem"][n] for n in sorted(images["problem"])],
+            reasoning_images=[images["reasoning"][n] for n in sorted(images["reasoning"])], meta=meta)
+    except InterleavedRecordError as err:  # what the checks above should have caught
+        raise fields.error(err.field, err.problem) from None
+
+
+def read_zebra_cot(path: str, *, skip_bad: bool = False) -> Tuple[List["InterleavedRecord"], list]:
+    """(records, skipped) of Zebra-CoT's parquet layout: ``path`` is a parquet file or a folder whose
+    ``*.parquet`` files are read in sorted order. Each row becomes an
+    :class:`~mmlatent.data.interleaved.InterleavedRecord` (no options; ``answer`` is the stripped Final Answer).
+
+    Columns: ``Question``, ``Text Reasoning Trace`` and ``Final Answer`` (required: non-blank strings), and any
+    number of ``problem_image_N`` / ``reasoning_image_M`` columns (``{bytes, path}`` structs, plain bytes, or null;
+    a file has as many as its widest row needs). The question and the trace reference images by
+    ``<image_start>[problem_image_K]<image_end>`` / ``<image_start>[reasoning_image_K]<image_end>``; the
+    ``ImageRef`` indices count the images kept, in column order. Every non-null problem image is kept (an
+    unreferenced one stands before the question); a reasoning image is kept when the trace references it (an
+    unreferenced, non-null one is left out and named in ``meta["unreferenced_reasoning_image_columns"]``). Images
+    are decoded at read time to RGB uint8 arrays. The record id is the ``id`` column's value if the file has one,
+    else ``"<file stem>:<row index>"``.
+
+    Bad rows raise :class:`RecordError` (``<file>: record <id>: <field>: <problem>``), or with ``skip_bad=True`` are
+    left out and listed in ``skipped`` as (id, message): a required text missing, blank or not a string, a marker
+    whose image column is missing or null, a marker of the wrong kind (a reasoning image in the question, a
+    problem image in the trace), an image that does not decode, a bad or repeated id. Whole-file problems raise
+    even with ``skip_bad``: no file or no parquet file in the folder (FileNotFoundError), an unreadable parquet
+    file, or a required column missing (ValueError naming the file)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a parquet file or a folder of them, got {_kind(path)}")
+    _check_skip_bad(skip_bad)
+    records, skipped, seen = [], [], {}
+    for file in _zebra_files(os.fspath(path)):
+        names, batches = _parquet_batches(file)
+        missing = [c for c in ZEBRA_TEXT_COLUMNS if c not in names]
+        if missing:
+            raise ValueError(f"{file}: missing column{'s' if len(missing) > 1 else ''} "
+                             f"{', '.join(map(repr, missing))} (Zebra-CoT's layout has "
+                             f"{', '.join(map(repr, ZEBRA_TEXT_COLUMNS))})")
+        columns, stem, index = set(names), os.path.splitext(os.path.basename(file))[0], 0
+        for rows in batches:
+            for row in rows:
+                def build(row=row, index=index, file=file):
+                    fields = _Fields(row, file, f"{stem}:{index}")
+                    if "id" in columns:
+                        raw_id = row.get("id")
+                        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or not str(raw_id).strip():
+                            raise fields.error("id", f"expected a string or int, got {_kind(raw_id)}")
+                        fields.record_id = str(raw_id)
+                    if fields.record_id in seen:
+                        raise fields.error("id", f"the same id as the record at {seen[fields.record_id]}")
+                    record = _zebra_record(fields, columns, file, index)
+                    seen[record.id] = f"{os.path.basename(file)} row {index}"
+                    return record
+                _collect(build, skip_bad, skipped, records)
+                index += 1
+    return records, skipped
+
+
+__all__ = ["read_scienceqa", "read_m3cot", "read_zebra_cot", "RecordError", "MissingImageError"]
 
 
 def load(kind: str, spec: dict) -> Tuple[List[Record], List[Record]]:

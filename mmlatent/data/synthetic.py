@@ -12,14 +12,34 @@ selecting k cells. Question kinds (the number of rationale steps in brackets):
 
 The options are the four colours in a fixed order (A red, B green, C blue, D yellow): with shuffled letters a tiny
 model learned nothing in 300 s on 2 cores. Every record carries its rationale, one sentence per step.
+
+Kinds whose reasoning passes through an intermediate visual state (:data:`INTERMEDIATE_KINDS`, drawn only by
+:func:`generate_interleaved`, which gives :class:`mmlatent.data.interleaved.InterleavedRecord` s):
+
+- ``swap``: "Swap the red and the blue objects. What colour is the object in the top left cell now?" (any
+  occupied cell: after the swap it is still occupied);
+- ``move``: "Move the green object one cell down. What colour is the object above the red object now?" (the
+  move stays inside the grid onto an empty cell, and the relation asked about involves the moved object, so it
+  holds only after the move);
+- ``double_swap``: two swaps of different pairs, then a cell, as ``swap`` (two intermediate states).
+
+Each operation's result is a reasoning image, ``render`` of the grid after it (the same 24 x 24 layout, one merged
+image token per cell). The modal-mixed reasoning restates each operation in words, then shows its sketch, and only
+then names the answer ("Swap the red and the blue objects." <sketch> "The object in the top left cell is blue."):
+the resulting positions are in the sketch alone. The text rationale (``text_reasoning``, the text-CoT variant)
+says the same state in words instead: after each operation one sentence per object, in raster order ("The blue
+object is in the top left cell."). The question and the initial image determine the answer.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .records import Record
+from .records import LETTERS, Record
+
+if TYPE_CHECKING:
+    from .interleaved import InterleavedRecord
 
 GRID, CELL = 3, 8
 IMAGE_SIZE = GRID * CELL
@@ -134,4 +154,150 @@ def _words(text: str) -> List[str]:
     return re.findall(r"\w+|[^\w\s]", text.lower())
 
 
-__all__ = ["generate", "render", "vocabulary", "KINDS", "COLOURS", "IMAGE_SIZE"]
+# ------------------------------------------------------------------------------ kinds with an intermediate state
+
+INTERMEDIATE_KINDS = ("swap", "move", "double_swap")
+MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
+
+
+def _swapped(objects: Dict[tuple, str], a: str, b: str) -> Dict[tuple, str]:
+    where = {colour: cell for cell, colour in objects.items()}
+    out = dict(objects)
+    out[where[a]], out[where[b]] = b, a
+    return out
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _state_sentences(objects: Dict[tuple, str]) -> List[str]:
+    return [f"The {objects[cell]} object is in {_cell_name(*cell)}." for cell in sorted(objects)]
+
+
+def _swap_pair(rng: np.random.Generator, objects: Dict[tuple, str],
+               exclude: Optional[frozenset] = None) -> Optional[Tuple[str, str]]:
+    colours = [objects[cell] for cell in sorted(objects)]
+    pairs = [(a, b) for i, a in enumerate(colours) for b in colours[i + 1:] if frozenset((a, b)) != exclude]
+    if not pairs:
+        return None
+    a, b = pairs[int(rng.integers(len(pairs)))]
+    return (a, b) if rng.integers(2) else (b, a)
+
+
+def _intermediate(rng: np.random.Generator, kind: str) -> Optional[tuple]:
+    """(initial objects, question, modal-mixed reasoning with None where each sketch goes, sketch states, text
+    rationale sentences, answer colour) or None when this draw has no valid question."""
+    if kind in ("swap", "double_swap"):
+        objects = _place(rng, int(rng.integers(2 if kind == "swap" else 3, 5)))
+        states, operations, current, previous = [], [], objects, None
+        for _ in range(1 if kind == "swap" else 2):
+            pair = _swap_pair(rng, current, previous)
+            if pair is None:
+                return None
+            current = _swapped(current, *pair)
+            states.append(current)
+            operations.append(f"swap the {pair[0]} and the {pair[1]} objects")
+            previous = frozenset(pair)
+        cells = sorted(current)
+        cell = cells[int(rng.integers(len(cells)))]
+        answer = current[cell]
+        question = f"{_sentence(', then '.join(operations))}. What colour is the object in {_cell_name(*cell)} now?"
+        final = f"The object in {_cell_name(*cell)} is {answer}."
+    elif kind == "move":
+        objects = _place(rng, int(rng.integers(2, 5)))
+        moves = [(cell, name, (cell[0] + dr, cell[1] + dc)) for cell in sorted(objects)
+                 for name, (dr, dc) in MOVES.items()]
+        moves = [(cell, name, to) for cell, name, to in moves
+                 if 0 <= to[0] < GRID and 0 <= to[1] < GRID and to not in objects]
+        if not moves:
+            return None
+        cell, name, to = moves[int(rng.integers(len(moves)))]
+        current = {c: colour for c, colour in objects.items() if c != cell}
+        current[to] = objects[cell]
+        # relations of the new state that involve the moved object: the move decides each of them
+        pairs = [(anchor, d, _neighbour(current, anchor, d)) for anchor in sorted(current) for d in DIRECTIONS]
+        pairs = [(anchor, d, target) for anchor, d, target in pairs if target is not None and to in (anchor, target)]
+        if not pairs:
+            return None
+        anchor, direction, target = pairs[int(rng.integers(len(pairs)))]
+        states, operations = [current], [f"move the {objects[cell]} object one cell {name}"]
+        answer = current[target]
+        question = (f"{_sentence(operations[0])}. What colour is the object {direction} the {current[anchor]} "
+                    f"object now?")
+        final = f"The object {direction} the {current[anchor]} object is {answer}."
+    else:
+        raise ValueError(f"kind: {kind!r} is not one of {', '.join(INTERMEDIATE_KINDS)}")
+    reasoning, text = [], []
+    for operation, state in zip(operations, states):
+        reasoning += [_sentence(operation) + ".", None]
+        text += [_sentence(operation) + "."] + _state_sentences(state)
+    return objects, question, reasoning + [final], states, text + [final], answer
+
+
+def generate_interleaved(n: int, *, seed: int = 0, kinds: Sequence[str] = INTERMEDIATE_KINDS + KINDS,
+                         weights: Optional[Sequence[float]] = None,
+                         split: str = "train") -> List["InterleavedRecord"]:
+    """``n`` :class:`~mmlatent.data.interleaved.InterleavedRecord` s, deterministic for (seed, split, kinds,
+    weights); ``kinds`` are drawn with ``weights`` (uniform by default). A record of an intermediate kind has one
+    problem image (the initial grid) and one reasoning image per operation; one of the other kinds has its
+    rationale as the reasoning's only (text) piece and no reasoning image. ``meta`` holds ``kind``, ``steps``
+    (sentences of the text rationale) and ``sketches``. With only the kinds of :data:`KINDS`, the records ask the
+    questions :func:`generate` asks for the same arguments."""
+    from .interleaved import ImageRef, InterleavedRecord
+    known = INTERMEDIATE_KINDS + KINDS
+    for kind in kinds:
+        if kind not in known:
+            raise ValueError(f"kinds: unknown kind {kind!r}; expected some of {', '.join(known)}")
+    if n < 0:
+        raise ValueError(f"n: expected a non-negative count, got {n}")
+    # generate()'s stream and loop, so that the kinds of KINDS draw what generate() draws
+    rng = np.random.default_rng([seed, {"train": 0, "val": 1, "test": 2}.get(split, 3)])
+    probabilities = None if weights is None else np.asarray(weights, dtype=float) / np.sum(weights)
+    records = []
+    while len(records) < n:
+        kind = kinds[int(rng.choice(len(kinds), p=probabilities))]
+        record_id = f"{split}-{seed}-{len(records)}"
+        if kind in KINDS:
+            drawn = _question(rng, kind)
+            if drawn is None:
+                continue
+            objects, question, steps, colour = drawn
+            rationale = " ".join(steps)
+            records.append(InterleavedRecord(
+                id=record_id, question=[question], reasoning=[rationale], answer=LETTERS[COLOURS.index(colour)],
+                problem_images=[render(objects)], reasoning_images=[], options=list(COLOURS),
+                text_reasoning=rationale, meta={"kind": kind, "steps": len(steps), "sketches": 0}))
+            continue
+        drawn = _intermediate(rng, kind)
+        if drawn is None:
+            continue
+        objects, question, pieces, states, text, colour = drawn
+        sketches = iter(range(len(states)))
+        reasoning = [ImageRef("reasoning", next(sketches)) if piece is None else piece for piece in pieces]
+        records.append(InterleavedRecord(
+            id=record_id, question=[question], reasoning=reasoning, answer=LETTERS[COLOURS.index(colour)],
+            problem_images=[render(objects)], reasoning_images=[render(state) for state in states],
+            options=list(COLOURS), text_reasoning=" ".join(text),
+            meta={"kind": kind, "steps": len(text), "sketches": len(states)}))
+    return records
+
+
+def interleaved_vocabulary() -> List[str]:
+    """:func:`vocabulary` followed by the words that only the intermediate kinds use (sorted): the words keep
+    the ids that :func:`vocabulary` gives them. ``vocabulary()`` itself is unchanged, as the runs built from it
+    (and their checkpoints' tokenizers) need."""
+    from .interleaved import final_answer_text, prompt_pieces
+    base = vocabulary()
+    words = set()
+    for record in generate_interleaved(400, seed=12345, kinds=INTERMEDIATE_KINDS, split="vocabulary"):
+        text = [p for p in prompt_pieces(record) + record.reasoning if isinstance(p, str)] + [record.text_reasoning]
+        for piece in text + [final_answer_text(record)]:
+            words.update(_words(piece))
+    for name in list(MOVES) + ["then", "swap", "move", "now", "objects", "and"]:
+        words.update(_words(name))
+    return base + sorted(words - set(base))
+
+
+__all__ = ["generate", "generate_interleaved", "render", "vocabulary", "interleaved_vocabulary", "KINDS",
+           "INTERMEDIATE_KINDS", "COLOURS", "IMAGE_SIZE", "MOVES"]
