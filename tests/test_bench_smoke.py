@@ -19,7 +19,8 @@ def test_bench_tiny_writes_json_markdown_png(tmp_path):
     assert ops == {"attention_with_scores", "row_attention_mass", "select_topk_tokens", "linear_cross_entropy",
                    "linear_log_probs", "ivtlr training step", "ivtlr training step, grad checkpointing",
                    "ivtlr inference (+32 tokens)", "layer_norm_modulate", "diffusion_mse",
-                   "diffusion head sample", "apply_fused_loss training step"}
+                   "diffusion head sample", "apply_fused_loss training step", "modal-mixed SFT step",
+                   "modal-mixed generate"}
     baselines = [r for r in result["rows"] if r["impl"] != "mmlatent"]
     assert baselines and all(r["speedup_of_mmlatent"] > 0 for r in baselines)
     assert "eager+output_attentions" in table and "sdpa" in table and "torch topk" in table
@@ -79,6 +80,41 @@ def test_ivtlr_cases_agree_with_their_reference():
             assert len(ours) == len(theirs) > 0
             for a, b in zip(ours, theirs):
                 assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_modal_mixed_cases_agree_with_their_baselines():
+    """The SFT step's loss and gradients equal the naive step's (same diffusion draws); generation writes the
+    forced plan, ids equal to the reference loop's and latents within float tolerance; the floor runs."""
+    from mmlatent.bench.cases import modal_mixed
+    cases = [case for case in bench.cases_for("tiny") if case.op.startswith("modal-mixed")]
+    assert [case.op for case in cases] == ["modal-mixed SFT step", "modal-mixed generate"]
+    sft, generate = cases
+    args = sft.make(torch.device("cpu"), torch.float32)
+    (loss, grads), (naive_loss, naive_grads) = sft.ours(args), sft.baselines[modal_mixed.NAIVE_STEP](args)
+    assert torch.allclose(loss, naive_loss, rtol=1e-5)
+    assert len(grads) == len(naive_grads) > 0 and all(g is not None for g in grads)
+    for a, b in zip(grads, naive_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    args = generate.make(torch.device("cpu"), torch.float32)
+    ours, reference = generate.ours(args), generate.baselines[modal_mixed.REFERENCE](args)
+    K = args["K"]
+    assert ours.sequences.tolist() == [modal_mixed.plan(K)] * args["prompts"]["input_ids"].shape[0]
+    assert torch.equal(ours.sequences, reference.sequences)
+    for a, b in zip(ours.latents, reference.latents):
+        assert a.shape == (modal_mixed.SKETCHES, K, args["model"].hidden_size) and a.abs().max() > 0
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert generate.baselines[modal_mixed.FLOOR](args).shape[0] == args["prompts"]["input_ids"].shape[0]
+
+
+def test_modal_mixed_gpu_cases_build_nothing_on_a_cpu():
+    """The Qwen2.5-VL-7B-shape rows are Case records until a run makes their inputs, and they refuse a CPU."""
+    from mmlatent.bench.cases import modal_mixed
+    cases = modal_mixed.cases("gpu")
+    assert [case.op for case in cases] == ["modal-mixed SFT step", "modal-mixed generate"]
+    assert "LoRA r64" in cases[0].shape and "7B" in cases[1].shape
+    for case in cases:
+        with pytest.raises(RuntimeError, match="CUDA"):
+            case.make(torch.device("cpu"), torch.bfloat16)
 
 
 def test_bench_uses_only_public_kernel_names():
