@@ -1,8 +1,9 @@
 """The `mmlatent` command.
 
     mmlatent demo                    what `make demo` runs (see mmlatent/demo.py)
-    mmlatent train --config FILE     one training run from a YAML config (configs/*.yaml)
-    mmlatent eval --checkpoint DIR   evaluate a saved run on its held-out records
+    mmlatent train --config FILE     one training run from a YAML config (configs/*.yaml); the config's ``method``
+                                     key picks the method: absent or ``ivtlr`` (IVT-LR), ``modal_mixed``
+    mmlatent eval --checkpoint DIR   evaluate a saved run on its held-out records (either method)
     mmlatent recover --checkpoint DIR  finish a checkpoint replacement that a crash interrupted
     mmlatent bench                   the micro-benchmarks (the options of `python -m mmlatent.bench`)
 
@@ -127,8 +128,11 @@ def _run(args, argv) -> int:
         print(f"{path}: complete and verified", flush=True)
         return 0
     if args.command == "train":
-        from mmlatent.train.ivtlr import RunConfig, evaluate as run_eval, train as run_train
-        config = RunConfig.load(args.config)
+        from mmlatent.train.ivtlr import evaluate as run_eval, train as run_train
+        from mmlatent.train.modal_mixed import ModalMixedConfig, load_config
+        config = load_config(args.config)
+        if isinstance(config, ModalMixedConfig):
+            return _train_modal_mixed(args, config)
         out_dir = config.train.get("output_dir")
         if out_dir:
             _check_writable_folder(out_dir, "train.output_dir")
@@ -155,9 +159,11 @@ def _run(args, argv) -> int:
     if args.command == "eval":
         from mmlatent.train.checkpoint import resolve_checkpoint
         from mmlatent.train.ivtlr import build_data, evaluate as run_eval, load_run
+        from mmlatent.train.modal_mixed import METHOD, run_method
         if args.out:
             _check_writable_file(args.out, "--out")
-        resolve_checkpoint(args.checkpoint)
+        if run_method(resolve_checkpoint(args.checkpoint), verified=True) == METHOD:
+            return _eval_modal_mixed(args)
         wrapper, tokenizer, config, image_processor = load_run(args.checkpoint, device=args.device)
         _, _, records = build_data(config)
         records = records[:args.n] if args.n else records
@@ -169,6 +175,50 @@ def _run(args, argv) -> int:
             print(f"wrote {args.out}", flush=True)
         return 0
     raise ValueError(f"command: unknown {args.command!r}")
+
+
+def _train_modal_mixed(args, config) -> int:
+    """``mmlatent train`` of a ``method: modal_mixed`` config: train, evaluate (with the reconstruction error and
+    the dummy-latent ablation), print the summary, write eval.json beside the run and the --report."""
+    from mmlatent.train import modal_mixed as mm
+    out_dir = config.train.get("output_dir")
+    if out_dir:
+        _check_writable_folder(out_dir, "train.output_dir")
+    if args.report:
+        _check_writable_file(args.report, "--report")
+    if args.resume:
+        from mmlatent.train.checkpoint import resolve_checkpoint
+        resolve_checkpoint(args.resume)
+    result = mm.train(config, device=args.device, resume=args.resume, allow_config_change=args.allow_config_change)
+    metrics = mm.evaluate(result["model"], result["tokenizer"], result["image_processor"], config,
+                          result["eval_records"], progress=True)
+    print("\n".join(mm.summary_lines(metrics, result.get("train_seconds"))), flush=True)
+    if out_dir:  # next to the verified files, outside the manifest (it is written after the checkpoint)
+        _write_json(os.path.join(result["checkpoint"], "eval.json"), metrics)
+    if args.report:
+        keep = ("name", "method", "mode", "device", "train_seconds", "peak_memory_bytes", "median_step_seconds")
+        summary = {k: result.get(k) for k in keep}
+        summary.update(command=f"mmlatent train --config {args.config}", steps=len(result["history"]["train"]),
+                       batch_size=config.batch_size, accuracy=metrics["accuracy"], n_eval=metrics["n"],
+                       ablation={k: v["accuracy"] for k, v in (metrics["ablation"] or {}).items()},
+                       latent_mse=metrics["latent_mse"], latent_cosine=metrics["latent_cosine"])
+        os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
+        _write_json(args.report, summary)
+    return 0
+
+
+def _eval_modal_mixed(args) -> int:
+    from mmlatent.train import modal_mixed as mm
+    model, tokenizer, config, image_processor = mm.load_run(args.checkpoint, device=args.device)
+    _, _, records = mm.build_data(config)
+    records = records[:args.n] if args.n else records
+    metrics = mm.evaluate(model, tokenizer, image_processor, config, records, progress=True)
+    print("\n".join(mm.summary_lines(metrics)), flush=True)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        _write_json(args.out, metrics)
+        print(f"wrote {args.out}", flush=True)
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -5,15 +5,21 @@
 2. Evaluates those runs and the shipped checkpoints (``checkpoints/synthetic-*/final``) on held-out questions:
    strict accuracy with its standard error, the public code's lenient scoring, latency and tokens per answer.
 3. Writes the table (markdown and JSON) and a PNG of the loss curves and accuracies into ``out``.
-4. Runs the CPU-size benchmark rows where the implementation matters (``--sizes demo``) and prints their table,
+4. Modal-mixed CoT on the intermediate-state questions (swap, move, double swap): trains a brief run (the IVT-LR
+   runs' model, data size and epochs) and evaluates it beside the shipped Modal-mixed checkpoints
+   (``checkpoints/synthetic-modal-mixed*/final``): accuracy per kind, the held-out sketches' reconstruction error
+   and the dummy-latent ablation (generated latents replaced by zeros, or noise of their norm); the table goes to
+   ``out/demo-modal-mixed.md`` and ``.json``.
+5. Runs the CPU-size benchmark rows where the implementation matters (``--sizes demo``) and prints their table,
    each baseline read in one line, and a plot labelled with the ratios.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 
@@ -25,6 +31,10 @@ BRIEF = dict(model={"tiny_qwen2_vl": {"hidden": 64, "layers": 2, "heads": 4, "kv
              batch_size=32, k=2, max_new_tokens=48,
              train={"lr": 0.003, "weight_decay": 0.01, "warmup_steps": 10, "clip": 1.0, "seed": 0})
 EVAL_N = 400
+SHIPPED_MODAL_MIXED = ["synthetic-modal-mixed-no-cot", "synthetic-modal-mixed-cot", "synthetic-modal-mixed"]
+# the brief Modal-mixed run's own settings; its model, data size, epochs and optimiser come from BRIEF
+MODAL_MIXED = dict(num_latents=9, pool_grid=[3, 3], diffusion_weight=1.0, batch_mul=4, cache_targets=True,
+                   head={"width": 256, "depth": 3}, sampler={"steps": 20}, max_new_tokens=64)
 
 
 def _brief_runs() -> List[RunConfig]:
@@ -74,6 +84,103 @@ def plot(histories: dict, rows: Sequence[dict], path: str) -> None:
     plt.close(fig)
 
 
+def _modal_mixed_brief():
+    from mmlatent.data import synthetic
+    from mmlatent.train.modal_mixed import ModalMixedConfig
+    data = BRIEF["data"]["synthetic"]
+    return ModalMixedConfig(name="brief Modal-mixed", mode="modal_mixed", model=BRIEF["model"],
+                            data={"synthetic": {"n_train": data["n_train"], "n_eval": data["n_eval"],
+                                                "seed": data["seed"], "kinds": list(synthetic.INTERMEDIATE_KINDS)}},
+                            epochs=BRIEF["epochs"], batch_size=BRIEF["batch_size"],
+                            train=dict(BRIEF["train"], progress=True), **MODAL_MIXED)
+
+
+def _modal_mixed_row(metrics: dict, source: str, train_seconds: Optional[float] = None) -> dict:
+    keep = ("name", "mode", "n", "accuracy", "accuracy_stderr", "accuracy_by_kind", "latency_per_sample_s",
+            "tokens_per_answer", "latent_mse", "latent_mse_of_zeros", "latent_cosine", "ablation")
+    return dict({k: metrics[k] for k in keep}, source=source, train_seconds=train_seconds)
+
+
+def modal_mixed_markdown(rows: Sequence[dict]) -> str:
+    """The Modal-mixed table: accuracy (strict) with its standard error, per kind, the ablation, the
+    reconstruction of the held-out sketches, cost per answer."""
+    def pct(p, e=None):
+        return "" if p is None else f"{100 * p:.1f}%" + ("" if e is None else f" ± {100 * e:.1f}")
+    lines = ["| variant | source | n | accuracy (strict) | by kind | latents -> zeros | latents -> noise | "
+             "sketch MSE (zeros) | cosine | ms / answer | tokens / answer | trained in |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ablation = r["ablation"] or {}
+        kinds = ", ".join(f"{k} {100 * v['accuracy']:.0f}%" for k, v in r["accuracy_by_kind"].items())
+        mse = "" if r["latent_mse"] is None else f"{r['latent_mse']:.2e} ({r['latent_mse_of_zeros']:.2e})"
+        cosine = "" if r["latent_cosine"] is None else f"{r['latent_cosine']:.3f}"
+        trained = "" if r["train_seconds"] is None else f"{r['train_seconds']:.0f} s"
+        lines.append(f"| {r['name']} | {r['source']} | {r['n']} | {pct(r['accuracy'], r['accuracy_stderr'])} | "
+                     f"{kinds} | {pct(ablation['zeros']['accuracy']) if 'zeros' in ablation else ''} | "
+                     f"{pct(ablation['noise']['accuracy']) if 'noise' in ablation else ''} | {mse} | {cosine} | "
+                     f"{1000 * r['latency_per_sample_s']:.1f} | {r['tokens_per_answer']:.1f} | {trained} |")
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def _kernels_of_a_cpu_run() -> Iterator[None]:
+    """Without a GPU, the kernels a user's CPU run picks: ``TRITON_INTERPRET=1`` (which the test suite sets, and
+    which mmlatent's dispatch reads at every call) would run the diffusion head's Triton kernels in the
+    interpreter, minutes per training step; it is lifted for the duration and restored."""
+    value = os.environ.get("TRITON_INTERPRET")
+    lift = value is not None and not torch.cuda.is_available()
+    if lift:
+        del os.environ["TRITON_INTERPRET"]
+    try:
+        yield
+    finally:
+        if lift:
+            os.environ["TRITON_INTERPRET"] = value
+
+
+def modal_mixed_part(out: str, checkpoints: str) -> List[dict]:
+    """Step 4: the brief Modal-mixed run and the shipped Modal-mixed checkpoints, evaluated on held-out
+    intermediate-state questions; prints each summary and writes the table."""
+    with _kernels_of_a_cpu_run():
+        return _modal_mixed_part(out, checkpoints)
+
+
+def _modal_mixed_part(out: str, checkpoints: str) -> List[dict]:
+    from mmlatent.train import modal_mixed as mm
+    print("\nModal-mixed CoT: the model writes text, then K latent sketch embeddings drawn by a diffusion head from "
+          "its hidden\nstate, then text. Questions whose answer holds only after an operation (swap, move, double "
+          "swap); the ablation\nfeeds zeros or noise back instead of the generated sketches.\n", flush=True)
+    rows = []
+    config = _modal_mixed_brief()
+    t0 = time.perf_counter()
+    result = mm.train(config)
+    seconds = time.perf_counter() - t0
+    metrics = mm.evaluate(result["model"], result["tokenizer"], result["image_processor"], config,
+                          result["eval_records"], progress=True)
+    print("\n".join(mm.summary_lines(metrics, seconds)), flush=True)
+    rows.append(_modal_mixed_row(metrics, "trained now", seconds))
+    for name in SHIPPED_MODAL_MIXED:
+        directory = os.path.join(checkpoints, name, "final")
+        if not os.path.exists(directory):
+            print(f"  (no shipped checkpoint at {directory}: skipped)", flush=True)
+            continue
+        model, tokenizer, loaded, image_processor = mm.load_run(directory)
+        _, _, records = mm.build_data(loaded)
+        metrics = mm.evaluate(model, tokenizer, image_processor, loaded, records[:EVAL_N], progress=True)
+        print("\n".join(mm.summary_lines(metrics)), flush=True)
+        with open(os.path.join(directory, "run.json")) as f:
+            trained = json.load(f)["result"].get("train_seconds")
+        rows.append(_modal_mixed_row(metrics, "shipped checkpoint", trained))
+    table = modal_mixed_markdown(rows)
+    with open(os.path.join(out, "demo-modal-mixed.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(out, "demo-modal-mixed.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print("\n" + table)
+    print(f"wrote {out}/demo-modal-mixed.md, demo-modal-mixed.json\n", flush=True)
+    return rows
+
+
 def shipped_checkpoints() -> str:
     """The checkpoints/ folder of this mmlatent checkout (beside the package), wherever the demo is run from."""
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
@@ -119,6 +226,7 @@ def main(out: str = "demo-output", bench: bool = True, checkpoints: Optional[str
     plot(histories, rows, os.path.join(out, "demo.png"))
     print("\n" + table)
     print(f"wrote {out}/demo.md, demo.json, demo.png\n", flush=True)
+    modal_mixed_part(out, checkpoints)
     if bench:
         from mmlatent import bench as bench_module
         print("Micro-benchmarks at CPU sizes, the rows where the implementation decides the outcome (at tiny sizes "

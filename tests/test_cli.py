@@ -272,3 +272,46 @@ def test_eval_of_a_training_checkpoint_says_what_to_do(tmp_path):
     assert mmlatent("train", "--config", config).returncode == 0
     _one_line_error(mmlatent("eval", "--checkpoint", out / "checkpoint-1"), "a training checkpoint",
                     "mmlatent train --resume")
+
+
+MODAL_MIXED = dict(name="mm", method="modal_mixed", model=TINY["model"],
+                   data={"synthetic": {"n_train": 8, "n_eval": 2, "seed": 0, "kinds": ["swap"]}}, batch_size=8,
+                   head={"width": 16, "depth": 1}, sampler={"steps": 2}, max_new_tokens=4,
+                   train={"lr": 0.003, "seed": 0, "progress": False})
+
+
+def test_modal_mixed_config_errors_are_one_line(tmp_path):
+    def config(**changes):
+        path = tmp_path / "mm.yaml"
+        path.write_text(yaml.safe_dump(dict(MODAL_MIXED, **changes)))
+        return path
+    _one_line_error(mmlatent("train", "--config", config(pool=[3, 3])), "mm.yaml", "unknown keys", "'pool'")
+    _one_line_error(mmlatent("train", "--config", config(method="coconut")), "method: expected one of ivtlr, "
+                                                                           "modal_mixed", "'coconut'")
+    (tmp_path / "a-file").write_text("")
+    _one_line_error(mmlatent("train", "--config", config(train={"output_dir": str(tmp_path / "a-file" / "x")})),
+                    "train.output_dir")
+
+
+def test_ivtlr_config_with_method_ivtlr_trains_as_without(tmp_path):
+    done = mmlatent("train", "--config", _config(tmp_path, method="ivtlr"))
+    assert done.returncode == 0, done.stderr
+    assert "lenient, public code's scoring" in done.stdout
+
+
+def test_eval_dispatches_a_modal_mixed_run_and_refuses_its_corrupt_head(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMLATENT_BACKEND", "torch")  # not the interpreted Triton kernels in the subprocess
+    out = tmp_path / "run"
+    path = tmp_path / "mm.yaml"
+    path.write_text(yaml.safe_dump(dict(MODAL_MIXED, train=dict(MODAL_MIXED["train"], output_dir=str(out)))))
+    done = mmlatent("train", "--config", path)
+    assert done.returncode == 0, done.stderr
+    assert "mm: accuracy" in done.stdout and "ablation, latents -> zeros" in done.stdout
+    done = mmlatent("eval", "--checkpoint", out / "final", "--n", 2, "--out", tmp_path / "e.json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["method"] == "modal_mixed" and report["n"] == 2 and "latent_mse" in report
+    with open(out / "final" / "diffusion_head.safetensors", "r+b") as f:
+        f.seek(64)
+        f.write(b"\0\1\2")
+    _one_line_error(mmlatent("eval", "--checkpoint", out / "final"), "diffusion_head.safetensors", "corrupt")
