@@ -113,16 +113,7 @@ class VLMCollator:
             ids, labels = self.sample(record, count)
             rows.append(ids)
             label_rows.append(labels)
-        width = max(map(len, rows))
-        B = len(rows)
-        input_ids = torch.full((B, width), self.tokenizer.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros(B, width, dtype=torch.long)
-        labels = torch.full((B, width), -100, dtype=torch.long)
-        for b, (ids, lab) in enumerate(zip(rows, label_rows)):
-            input_ids[b, width - len(ids):] = torch.tensor(ids)
-            attention_mask[b, width - len(ids):] = 1
-            if lab is not None:
-                labels[b, width - len(ids):] = torch.tensor(lab)
+        input_ids, attention_mask, labels = left_pad(rows, label_rows, self.tokenizer.pad_id)
         batch = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=processed["pixel_values"])
         if "image_grid_thw" in processed:
             batch["image_grid_thw"] = processed["image_grid_thw"]
@@ -131,5 +122,22 @@ class VLMCollator:
         return batch
 
 
-__all__ = ["VLMCollator", "image_processor_for", "vlm_image_token_ids", "load_image",
+def left_pad(rows: Sequence[List[int]], label_rows: Sequence[Optional[List[int]]], pad_id: int
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ``input_ids``, ``attention_mask`` and ``labels``, each [B, max length] int64, from token rows
+    and their label rows (None: all -100, a prompt-only row). Generation appends on the right, so every row's
+    last token sits in the last column."""
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for b, (ids, lab) in enumerate(zip(rows, label_rows)):
+        input_ids[b, width - len(ids):] = torch.tensor(ids)
+        attention_mask[b, width - len(ids):] = 1
+        if lab is not None:
+            labels[b, width - len(ids):] = torch.tensor(lab)
+    return input_ids, attention_mask, labels
+
+
+__all__ = ["VLMCollator", "image_processor_for", "vlm_image_token_ids", "load_image", "left_pad",
            "MODES"]

@@ -390,7 +390,7 @@ class ModalMixedCollator:
     def __call__(self, records: Sequence[Union[InterleavedRecord, Record]]) -> Dict[str, torch.Tensor]:
         from mmlatent.models.backbones import processed_image_tokens
 
-        from .collate import load_image
+        from .collate import left_pad, load_image
         records = self._records(records)
         if not records:
             raise ValueError("records: expected at least one record, got none")
@@ -409,16 +409,7 @@ class ModalMixedCollator:
             ids, labels = self.sample(record, tokens)
             rows.append(ids)
             label_rows.append(labels)
-        width = max(map(len, rows))
-        B = len(rows)
-        input_ids = torch.full((B, width), self.tokenizer.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros(B, width, dtype=torch.long)
-        labels = torch.full((B, width), -100, dtype=torch.long)
-        for b, (ids, lab) in enumerate(zip(rows, label_rows)):
-            input_ids[b, width - len(ids):] = torch.tensor(ids)
-            attention_mask[b, width - len(ids):] = 1
-            if lab is not None:
-                labels[b, width - len(ids):] = torch.tensor(lab)
+        input_ids, attention_mask, labels = left_pad(rows, label_rows, self.tokenizer.pad_id)
         batch: Dict[str, torch.Tensor] = dict(input_ids=input_ids, attention_mask=attention_mask)
         if not self.prompt_only:
             batch["labels"] = labels
