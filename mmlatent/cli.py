@@ -4,6 +4,8 @@
     mmlatent train --config FILE     one training run from a YAML config (configs/*.yaml); the config's ``method``
                                      key picks the method: absent or ``ivtlr`` (IVT-LR), ``modal_mixed``
     mmlatent eval --checkpoint DIR   evaluate a saved run on its held-out records (either method)
+    mmlatent compare --checkpoint DIR DIR ... --out PREFIX
+                                     evaluate runs of one method side by side: PREFIX.md, .json and .png
     mmlatent recover --checkpoint DIR  finish a checkpoint replacement that a crash interrupted
     mmlatent bench                   the micro-benchmarks (the options of `python -m mmlatent.bench`)
 
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     debug = _Parser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the full traceback of an error")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,eval,recover,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,train,eval,compare,recover,bench}")
     demo = sub.add_parser("demo", parents=[debug], help="train the tiny variants briefly, evaluate them and the "
                                                         "shipped checkpoints, then print the micro-benchmark table")
     demo.add_argument("--out", default="demo-output", help="folder for the runs, the table and the PNG "
@@ -74,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="evaluate the first N held-out records (default: all)")
     evaluate.add_argument("--out", help="JSON file for the full results (default: only the summary is printed)")
     evaluate.add_argument("--device", type=_device, help="cpu or cuda (default: cpu)")
+    compare = sub.add_parser("compare", parents=[debug],
+                             help="evaluate saved runs of one method side by side: a table, JSON and a plot")
+    compare.add_argument("--checkpoint", required=True, nargs="+", action="extend", metavar="DIR",
+                         help="finished runs' final/ folders (all IVT-LR or all Modal-mixed)")
+    compare.add_argument("--n", type=bench_module.positive_int,
+                         help="evaluate the first N held-out records of each (default: all)")
+    compare.add_argument("--out", required=True, metavar="PREFIX",
+                         help="writes PREFIX.md (the table), PREFIX.json (the rows) and PREFIX.png (accuracy per kind)")
+    compare.add_argument("--device", type=_device, help="cpu or cuda (default: cpu)")
     recover = sub.add_parser("recover", parents=[debug],
                              help="finish replacing a checkpoint folder after a crash during its save")
     recover.add_argument("--checkpoint", required=True, help="the checkpoint folder (e.g. runs/x/final)")
@@ -128,59 +139,26 @@ def _run(args, argv) -> int:
         print(f"{path}: complete and verified", flush=True)
         return 0
     if args.command == "train":
-        from mmlatent.train.ivtlr import evaluate as run_eval, train as run_train
-        from mmlatent.train.modal_mixed import ModalMixedConfig, load_config
-        config = load_config(args.config)
-        if isinstance(config, ModalMixedConfig):
-            return _train_modal_mixed(args, config)
-        out_dir = config.train.get("output_dir")
-        if out_dir:
-            _check_writable_folder(out_dir, "train.output_dir")
-        if args.report:
-            _check_writable_file(args.report, "--report")
-        if args.resume:
-            from mmlatent.train.checkpoint import resolve_checkpoint
-            resolve_checkpoint(args.resume)  # a missing or corrupt checkpoint is refused before building anything
-        result = run_train(config, device=args.device, resume=args.resume,
-                           allow_config_change=args.allow_config_change)
-        metrics = run_eval(result["wrapper"], result["tokenizer"], result["image_processor"], config,
-                           result["eval_records"], progress=True)
-        _report(metrics, result.get("train_seconds"))
-        if out_dir:  # next to the verified files, outside the manifest (it is written after the checkpoint)
-            _write_json(os.path.join(result["checkpoint"], "eval.json"), metrics)
-        if args.report:
-            keep = ("name", "mode", "stage", "device", "train_seconds", "peak_memory_bytes", "median_step_seconds")
-            summary = {k: result.get(k) for k in keep}
-            summary.update(command=f"mmlatent train --config {args.config}", steps=len(result["history"]["train"]),
-                           batch_size=config.batch_size, accuracy=metrics["accuracy"], n_eval=metrics["n"])
-            os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
-            _write_json(args.report, summary)
-        return 0
+        return _train(args)
     if args.command == "eval":
-        from mmlatent.train.checkpoint import resolve_checkpoint
-        from mmlatent.train.ivtlr import build_data, evaluate as run_eval, load_run
-        from mmlatent.train.modal_mixed import METHOD, run_method
-        if args.out:
-            _check_writable_file(args.out, "--out")
-        if run_method(resolve_checkpoint(args.checkpoint), verified=True) == METHOD:
-            return _eval_modal_mixed(args)
-        wrapper, tokenizer, config, image_processor = load_run(args.checkpoint, device=args.device)
-        _, _, records = build_data(config)
-        records = records[:args.n] if args.n else records
-        metrics = run_eval(wrapper, tokenizer, image_processor, config, records, progress=True)
-        _report(metrics)
-        if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            _write_json(args.out, metrics)
-            print(f"wrote {args.out}", flush=True)
+        return _eval(args)
+    if args.command == "compare":
+        from mmlatent.train.compare import compare
+        for suffix in (".md", ".json", ".png"):
+            _check_writable_file(args.out + suffix, "--out")
+        compare(args.checkpoint, args.out, n=args.n, device=args.device,
+                command="mmlatent " + " ".join(a for a in argv if a != "--debug"))
+        print(f"wrote {args.out}.md, {args.out}.json, {args.out}.png", flush=True)
         return 0
     raise ValueError(f"command: unknown {args.command!r}")
 
 
-def _train_modal_mixed(args, config) -> int:
-    """``mmlatent train`` of a ``method: modal_mixed`` config: train, evaluate (with the reconstruction error and
-    the dummy-latent ablation), print the summary, write eval.json beside the run and the --report."""
-    from mmlatent.train import modal_mixed as mm
+def _train(args) -> int:
+    """``mmlatent train``: train, evaluate on the held-out records (for Modal-mixed with the reconstruction error
+    and the dummy-latent ablation), print the summary, write eval.json beside the run and the --report."""
+    from mmlatent.train.methods import load_config, method_module
+    config = load_config(args.config)
+    method = method_module(getattr(config, "method", "ivtlr"))
     out_dir = config.train.get("output_dir")
     if out_dir:
         _check_writable_folder(out_dir, "train.output_dir")
@@ -188,32 +166,39 @@ def _train_modal_mixed(args, config) -> int:
         _check_writable_file(args.report, "--report")
     if args.resume:
         from mmlatent.train.checkpoint import resolve_checkpoint
-        resolve_checkpoint(args.resume)
-    result = mm.train(config, device=args.device, resume=args.resume, allow_config_change=args.allow_config_change)
-    metrics = mm.evaluate(result["model"], result["tokenizer"], result["image_processor"], config,
-                          result["eval_records"], progress=True)
-    print("\n".join(mm.summary_lines(metrics, result.get("train_seconds"))), flush=True)
+        resolve_checkpoint(args.resume)  # a missing or corrupt checkpoint is refused before building anything
+    result = method.train(config, device=args.device, resume=args.resume, allow_config_change=args.allow_config_change)
+    metrics = method.evaluate_result(result, config, progress=True)
+    print("\n".join(method.summary_lines(metrics, result.get("train_seconds"))), flush=True)
     if out_dir:  # next to the verified files, outside the manifest (it is written after the checkpoint)
         _write_json(os.path.join(result["checkpoint"], "eval.json"), metrics)
     if args.report:
-        keep = ("name", "method", "mode", "device", "train_seconds", "peak_memory_bytes", "median_step_seconds")
-        summary = {k: result.get(k) for k in keep}
+        keep = ("name", "method", "mode", "stage", "device", "train_seconds", "peak_memory_bytes",
+                "median_step_seconds")
+        summary = {k: result[k] for k in keep if k in result}
         summary.update(command=f"mmlatent train --config {args.config}", steps=len(result["history"]["train"]),
-                       batch_size=config.batch_size, accuracy=metrics["accuracy"], n_eval=metrics["n"],
-                       ablation={k: v["accuracy"] for k, v in (metrics["ablation"] or {}).items()},
-                       latent_mse=metrics["latent_mse"], latent_cosine=metrics["latent_cosine"])
+                       batch_size=config.batch_size, accuracy=metrics["accuracy"], n_eval=metrics["n"])
+        if metrics.get("ablation") is not None:
+            summary.update(ablation={k: v["accuracy"] for k, v in metrics["ablation"].items()},
+                           latent_mse=metrics["latent_mse"], latent_cosine=metrics["latent_cosine"])
         os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
         _write_json(args.report, summary)
     return 0
 
 
-def _eval_modal_mixed(args) -> int:
-    from mmlatent.train import modal_mixed as mm
-    model, tokenizer, config, image_processor = mm.load_run(args.checkpoint, device=args.device)
-    _, _, records = mm.build_data(config)
+def _eval(args) -> int:
+    """``mmlatent eval``: a saved run (either method, read from its verified run.json) on its held-out records."""
+    from mmlatent.train.checkpoint import resolve_checkpoint
+    from mmlatent.train.methods import method_module
+    from mmlatent.train.modal_mixed import run_method
+    if args.out:
+        _check_writable_file(args.out, "--out")
+    method = method_module(run_method(resolve_checkpoint(args.checkpoint), verified=True))
+    model, tokenizer, config, image_processor = method.load_run(args.checkpoint, device=args.device)
+    _, _, records = method.build_data(config)
     records = records[:args.n] if args.n else records
-    metrics = mm.evaluate(model, tokenizer, image_processor, config, records, progress=True)
-    print("\n".join(mm.summary_lines(metrics)), flush=True)
+    metrics = method.evaluate(model, tokenizer, image_processor, config, records, progress=True)
+    print("\n".join(method.summary_lines(metrics)), flush=True)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         _write_json(args.out, metrics)
@@ -238,16 +223,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"mmlatent {args.command}: error: {message.splitlines()[0] if message else type(err).__name__} "
               f"(--debug shows the traceback)", file=sys.stderr)
         return EXIT_USER_ERROR
-
-
-def _report(metrics: dict, train_seconds=None) -> None:
-    line = (f"{metrics['name']}: accuracy {100 * metrics['accuracy']:.1f}% +- {100 * metrics['accuracy_stderr']:.1f} "
-            f"(n={metrics['n']}; lenient, public code's scoring: {100 * metrics['lenient_accuracy_public_code']:.1f}%)"
-            f", {1000 * metrics['latency_per_sample_s']:.1f} ms and {metrics['tokens_per_answer']:.1f} tokens per "
-            f"answer")
-    if train_seconds is not None:
-        line += f"; trained in {train_seconds:.0f} s"
-    print(line, flush=True)
 
 
 if __name__ == "__main__":

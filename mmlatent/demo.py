@@ -7,9 +7,9 @@
 3. Writes the table (markdown and JSON) and a PNG of the loss curves and accuracies into ``out``.
 4. Modal-mixed CoT on the intermediate-state questions (swap, move, double swap): trains a brief run (the IVT-LR
    runs' model, data size and epochs) and evaluates it beside the shipped Modal-mixed checkpoints
-   (``checkpoints/synthetic-modal-mixed*/final``): accuracy per kind, the held-out sketches' reconstruction error
-   and the dummy-latent ablation (generated latents replaced by zeros, or noise of their norm); the table goes to
-   ``out/demo-modal-mixed.md`` and ``.json``.
+   (``checkpoints/synthetic-modal-mixed/final`` and its no-CoT baseline): accuracy per kind, the held-out
+   sketches' reconstruction error and the dummy-latent ablation (generated latents replaced by zeros, or noise of
+   their norm); the table goes to ``out/demo-modal-mixed.md`` and ``.json``.
 5. Runs the CPU-size benchmark rows where the implementation matters (``--sizes demo``) and prints their table,
    each baseline read in one line, and a plot labelled with the ratios.
 """
@@ -23,7 +23,8 @@ from typing import Iterator, List, Optional, Sequence
 
 import torch
 
-from mmlatent.train.ivtlr import RunConfig, build_data, evaluate, load_run, train
+from mmlatent.train.ivtlr import (RunConfig, build_data, evaluate, evaluate_result, load_run, markdown_table,
+                                  table_row, train)
 
 SHIPPED = ["synthetic-no-cot", "synthetic-cot", "synthetic-ivtlr", "synthetic-ivtlr-no-image"]
 BRIEF = dict(model={"tiny_qwen2_vl": {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128}},
@@ -31,7 +32,11 @@ BRIEF = dict(model={"tiny_qwen2_vl": {"hidden": 64, "layers": 2, "heads": 4, "kv
              batch_size=32, k=2, max_new_tokens=48,
              train={"lr": 0.003, "weight_decay": 0.01, "warmup_steps": 10, "clip": 1.0, "seed": 0})
 EVAL_N = 400
-SHIPPED_MODAL_MIXED = ["synthetic-modal-mixed-no-cot", "synthetic-modal-mixed-cot", "synthetic-modal-mixed"]
+# the shipped Modal-mixed run and its no-CoT baseline (the text-CoT one writes ~80 tokens per answer: left to
+# `mmlatent eval --checkpoint checkpoints/synthetic-modal-mixed-cot/final`), on MODAL_MIXED_EVAL_N questions
+SHIPPED_MODAL_MIXED = ["synthetic-modal-mixed-no-cot", "synthetic-modal-mixed"]
+MODAL_MIXED_EVAL_N = 200
+MODAL_MIXED_BRIEF_EVAL_N = 100  # the brief run's held-out questions (it is there to show the loop, not a result)
 # the brief Modal-mixed run's own settings; its model, data size, epochs and optimiser come from BRIEF
 MODAL_MIXED = dict(num_latents=9, pool_grid=[3, 3], diffusion_weight=1.0, batch_mul=4, cache_targets=True,
                    head={"width": 256, "depth": 3}, sampler={"steps": 20}, max_new_tokens=64)
@@ -41,23 +46,6 @@ def _brief_runs() -> List[RunConfig]:
     return [RunConfig(name="brief no-CoT", mode="no_cot", epochs_per_stage=1, **BRIEF),
             RunConfig(name="brief CoT (stage 0)", mode="cot", epochs_per_stage=1, **BRIEF),
             RunConfig(name="brief IVT-LR (stages 0-3)", mode="ivtlr", epochs_per_stage=1, **BRIEF)]
-
-
-def _row(metrics: dict, source: str, train_seconds: Optional[float] = None) -> dict:
-    keep = ("name", "mode", "stage", "n", "accuracy", "accuracy_stderr", "lenient_accuracy_public_code",
-            "latency_per_sample_s", "tokens_per_answer", "accuracy_by_kind")
-    return dict({k: metrics[k] for k in keep}, source=source, train_seconds=train_seconds)
-
-
-def markdown(rows: Sequence[dict]) -> str:
-    lines = ["| variant | source | n | accuracy (strict) | lenient (public code) | ms / answer | tokens / answer |"
-             " trained in |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        trained = "" if r["train_seconds"] is None else f"{r['train_seconds']:.0f} s"
-        lines.append(f"| {r['name']} | {r['source']} | {r['n']} | {100 * r['accuracy']:.1f}% "
-                     f"± {100 * r['accuracy_stderr']:.1f} | {100 * r['lenient_accuracy_public_code']:.1f}% | "
-                     f"{1000 * r['latency_per_sample_s']:.1f} | {r['tokens_per_answer']:.1f} | {trained} |")
-    return "\n".join(lines) + "\n"
 
 
 def plot(histories: dict, rows: Sequence[dict], path: str) -> None:
@@ -95,33 +83,6 @@ def _modal_mixed_brief():
                             train=dict(BRIEF["train"], progress=True), **MODAL_MIXED)
 
 
-def _modal_mixed_row(metrics: dict, source: str, train_seconds: Optional[float] = None) -> dict:
-    keep = ("name", "mode", "n", "accuracy", "accuracy_stderr", "accuracy_by_kind", "latency_per_sample_s",
-            "tokens_per_answer", "latent_mse", "latent_mse_of_zeros", "latent_cosine", "ablation")
-    return dict({k: metrics[k] for k in keep}, source=source, train_seconds=train_seconds)
-
-
-def modal_mixed_markdown(rows: Sequence[dict]) -> str:
-    """The Modal-mixed table: accuracy (strict) with its standard error, per kind, the ablation, the
-    reconstruction of the held-out sketches, cost per answer."""
-    def pct(p, e=None):
-        return "" if p is None else f"{100 * p:.1f}%" + ("" if e is None else f" ± {100 * e:.1f}")
-    lines = ["| variant | source | n | accuracy (strict) | by kind | latents -> zeros | latents -> noise | "
-             "sketch MSE (zeros) | cosine | ms / answer | tokens / answer | trained in |",
-             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        ablation = r["ablation"] or {}
-        kinds = ", ".join(f"{k} {100 * v['accuracy']:.0f}%" for k, v in r["accuracy_by_kind"].items())
-        mse = "" if r["latent_mse"] is None else f"{r['latent_mse']:.2e} ({r['latent_mse_of_zeros']:.2e})"
-        cosine = "" if r["latent_cosine"] is None else f"{r['latent_cosine']:.3f}"
-        trained = "" if r["train_seconds"] is None else f"{r['train_seconds']:.0f} s"
-        lines.append(f"| {r['name']} | {r['source']} | {r['n']} | {pct(r['accuracy'], r['accuracy_stderr'])} | "
-                     f"{kinds} | {pct(ablation['zeros']['accuracy']) if 'zeros' in ablation else ''} | "
-                     f"{pct(ablation['noise']['accuracy']) if 'noise' in ablation else ''} | {mse} | {cosine} | "
-                     f"{1000 * r['latency_per_sample_s']:.1f} | {r['tokens_per_answer']:.1f} | {trained} |")
-    return "\n".join(lines) + "\n"
-
-
 @contextlib.contextmanager
 def _kernels_of_a_cpu_run() -> Iterator[None]:
     """Without a GPU, the kernels a user's CPU run picks: ``TRITON_INTERPRET=1`` (which the test suite sets, and
@@ -153,12 +114,13 @@ def _modal_mixed_part(out: str, checkpoints: str) -> List[dict]:
     rows = []
     config = _modal_mixed_brief()
     t0 = time.perf_counter()
+    started = t0
     result = mm.train(config)
     seconds = time.perf_counter() - t0
     metrics = mm.evaluate(result["model"], result["tokenizer"], result["image_processor"], config,
-                          result["eval_records"], progress=True)
+                          result["eval_records"][:MODAL_MIXED_BRIEF_EVAL_N], progress=True)
     print("\n".join(mm.summary_lines(metrics, seconds)), flush=True)
-    rows.append(_modal_mixed_row(metrics, "trained now", seconds))
+    rows.append(mm.table_row(metrics, "trained now", seconds))
     for name in SHIPPED_MODAL_MIXED:
         directory = os.path.join(checkpoints, name, "final")
         if not os.path.exists(directory):
@@ -166,12 +128,14 @@ def _modal_mixed_part(out: str, checkpoints: str) -> List[dict]:
             continue
         model, tokenizer, loaded, image_processor = mm.load_run(directory)
         _, _, records = mm.build_data(loaded)
-        metrics = mm.evaluate(model, tokenizer, image_processor, loaded, records[:EVAL_N], progress=True)
+        metrics = mm.evaluate(model, tokenizer, image_processor, loaded, records[:min(EVAL_N, MODAL_MIXED_EVAL_N)],
+                              progress=True)
         print("\n".join(mm.summary_lines(metrics)), flush=True)
         with open(os.path.join(directory, "run.json")) as f:
             trained = json.load(f)["result"].get("train_seconds")
-        rows.append(_modal_mixed_row(metrics, "shipped checkpoint", trained))
-    table = modal_mixed_markdown(rows)
+        rows.append(mm.table_row(metrics, "shipped checkpoint", trained))
+    table = mm.markdown_table(rows)
+    print(f"(Modal-mixed part: {time.perf_counter() - started:.0f} s)", flush=True)
     with open(os.path.join(out, "demo-modal-mixed.md"), "w") as f:
         f.write(table)
     with open(os.path.join(out, "demo-modal-mixed.json"), "w") as f:
@@ -200,12 +164,11 @@ def main(out: str = "demo-output", bench: bool = True, checkpoints: Optional[str
         seconds = time.perf_counter() - t0
         histories[config.name] = result["history"]
         losses = [r["loss"] for r in result["history"]["train"]]
-        metrics = evaluate(result["wrapper"], result["tokenizer"], result["image_processor"], config,
-                           result["eval_records"])
+        metrics = evaluate_result(result, config)
         print(f"  {config.name}: loss {losses[0]:.2f} -> {sum(losses[-10:]) / len(losses[-10:]):.2f}; held-out "
               f"accuracy {100 * metrics['accuracy']:.1f}% (one-object colour questions: "
               f"{100 * metrics['accuracy_by_kind'].get('colour', float('nan')):.0f}%)", flush=True)
-        rows.append(_row(metrics, "trained now", seconds))
+        rows.append(table_row(metrics, "trained now", seconds))
     for name in SHIPPED:
         directory = os.path.join(checkpoints, name, "final")
         if not os.path.exists(directory):
@@ -217,8 +180,8 @@ def main(out: str = "demo-output", bench: bool = True, checkpoints: Optional[str
         metrics = evaluate(wrapper, tokenizer, image_processor, config, records[:EVAL_N], progress=True)
         with open(os.path.join(directory, "run.json")) as f:
             trained = json.load(f)["result"].get("train_seconds")
-        rows.append(_row(metrics, "shipped checkpoint", trained))
-    table = markdown(rows)
+        rows.append(table_row(metrics, "shipped checkpoint", trained))
+    table = markdown_table(rows)
     with open(os.path.join(out, "demo.md"), "w") as f:
         f.write(table)
     with open(os.path.join(out, "demo.json"), "w") as f:

@@ -95,7 +95,7 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_every_option_has_help_and_version_exists():
     parser = cli.build_parser()
     verbs = parser._subparsers._group_actions[0].choices
-    assert set(verbs) == {"demo", "train", "eval", "recover", "bench"}
+    assert set(verbs) == {"demo", "train", "eval", "compare", "recover", "bench"}
     for name, verb in [("mmlatent", parser), *verbs.items()]:
         for action in verb._actions:
             if action.help == argparse.SUPPRESS or isinstance(action, argparse._SubParsersAction):

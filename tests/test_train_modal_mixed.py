@@ -11,6 +11,8 @@ import yaml
 from mmlatent import cli
 from mmlatent.train import modal_mixed as mm
 from mmlatent.train.checkpoint import CheckpointError
+from mmlatent.train.methods import from_mapping, load_config, method_module, read_yaml
+from mmlatent.data.records import strict_answer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(model={"tiny_qwen2_vl": {"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 64}},
@@ -117,6 +119,9 @@ def test_evaluation_keys_and_the_ablation(trained):
     n = len(records)
     assert metrics["n"] == n == len(metrics["outputs"])
     assert metrics["accuracy"] == sum(o["correct"] for o in metrics["outputs"]) / n
+    # a correct answer is a given one; an answer is given exactly when the strict parse reads a letter
+    assert metrics["answered"] >= metrics["accuracy"]
+    assert metrics["answered"] == sum(strict_answer(o["output"]) is not None for o in metrics["outputs"]) / n
     assert sum(v["n"] for v in metrics["accuracy_by_kind"].values()) == n
     held_out = sum(len(r.sketch_refs) for r in records)
     assert metrics["sketches_matched"] + metrics["sketches_missing"] == held_out
@@ -126,6 +131,7 @@ def test_evaluation_keys_and_the_ablation(trained):
     for result_ in metrics["ablation"].values():
         assert result_["accuracy_drop"] == pytest.approx(metrics["accuracy"] - result_["accuracy"])
         assert set(result_["accuracy_by_kind"]) == set(metrics["accuracy_by_kind"])
+        assert result_["accuracy"] <= result_["answered"] <= 1 and result_["tokens_per_answer"] > 0
     # the ablation feeds other latents back: the generated latents are nonzero, the zeros run's are zero
     model, tokenizer, processor = result["model"], result["tokenizer"], result["image_processor"]
     batch = mm.collator(config, tokenizer, processor, prompt_only=True)(records)
@@ -166,7 +172,7 @@ def test_config_errors_name_the_file_and_key(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(dict(TINY, method="modal_mixed", pool=[3, 3])))
     with pytest.raises(ValueError, match=r"bad.yaml: unknown keys \['pool'\]"):
-        mm.load_config(str(path))
+        load_config(str(path))
     for changes, needle in (({"pool_grid": [2, 2]}, "pool_grid: \\[2, 2\\] pools to 4 latents"),
                             ({"head": {"widht": 8}}, "head: unknown keys \\['widht'\\]"),
                             ({"head": {"prediction": "velocity"}}, "head.prediction"),
@@ -180,10 +186,10 @@ def test_config_errors_name_the_file_and_key(tmp_path):
                             ({"train": {"lr": 0}}, "train.lr")):
         path.write_text(yaml.safe_dump(dict(TINY, method="modal_mixed", **changes)))
         with pytest.raises(ValueError, match=f"bad.yaml: {needle}"):
-            mm.load_config(str(path))
+            load_config(str(path))
     path.write_text(yaml.safe_dump(dict(TINY, method="chain")))
     with pytest.raises(ValueError, match="method: expected one of ivtlr, modal_mixed"):
-        mm.load_config(str(path))
+        load_config(str(path))
 
 
 def test_method_key_picks_the_run_kind(tmp_path):
@@ -192,14 +198,14 @@ def test_method_key_picks_the_run_kind(tmp_path):
                                                                   "kv_heads": 1, "intermediate": 64}})
     path = tmp_path / "a.yaml"
     path.write_text(yaml.safe_dump(ivtlr))
-    assert isinstance(mm.load_config(str(path)), RunConfig)
+    assert isinstance(load_config(str(path)), RunConfig)
     path.write_text(yaml.safe_dump(dict(ivtlr, method="ivtlr")))
-    assert mm.load_config(str(path)) == RunConfig(**ivtlr)
+    assert load_config(str(path)) == RunConfig(**ivtlr)
     path.write_text(yaml.safe_dump(dict(ivtlr, method="ivtlr", head={})))
     with pytest.raises(ValueError, match=r"unknown keys \['head'\]"):
-        mm.load_config(str(path))
+        load_config(str(path))
     for name in ("synthetic-modal-mixed", "synthetic-modal-mixed-cot", "synthetic-modal-mixed-no-cot"):
-        config = mm.load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
+        config = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
         assert isinstance(config, mm.ModalMixedConfig) and config.name == name
 
 
@@ -221,12 +227,12 @@ def test_cli_train_then_eval(tmp_path, capsys):
 def test_7b_zebra_config_parses_and_names_the_missing_paths(tmp_path):
     path = os.path.join(ROOT, "configs", "modal-mixed-qwen2_5vl-7b-zebra.yaml")
     with pytest.raises(ValueError, match="model.path: /path/to/Qwen2.5-VL-7B-Instruct is not a model folder"):
-        mm.load_config(path)
-    raw = mm.read_yaml(path)
+        load_config(path)
+    raw = read_yaml(path)
     model = tmp_path / "qwen"
     model.mkdir()
     (model / "config.json").write_text("{}")
-    config = mm.ModalMixedConfig.from_mapping(dict(raw, model={"path": str(model)}), path)
+    config = from_mapping(mm.ModalMixedConfig, dict(raw, model={"path": str(model)}), path)
     assert (config.num_latents, config.pool_grid, config.diffusion_weight, config.batch_mul) == (32, [4, 8], 1.0, 4)
     assert config.sketch_size == [448, 448] and config.lora["r"] == 64 and config.train["bf16"] is True
     assert (config.head["width"], config.head["depth"]) == (1024, 3)
@@ -249,3 +255,32 @@ def test_lora_run_folder_is_a_peft_folder_with_the_head_beside_it(tmp_path):
                          ablation=False)
     model, tokenizer, loaded, processor = mm.load_run(str(final))
     assert mm.evaluate(model, tokenizer, processor, loaded, records, ablation=False)["outputs"] == before["outputs"]
+
+
+def test_cli_compare_writes_the_table_rows_and_plot(trained, tmp_path, capsys):
+    config, result, final = trained
+    prefix = tmp_path / "out" / "cmp"
+    assert cli.main(["compare", "--checkpoint", str(final), str(final), "--n", "4", "--out", str(prefix)]) == 0
+    written = json.loads((tmp_path / "out" / "cmp.json").read_text())
+    assert written["method"] == "modal_mixed" and written["command"].startswith("mmlatent compare")
+    rows = written["rows"]
+    assert [r["source"] for r in rows] == [str(final)] * 2 and rows[0]["n"] == 4
+    direct = mm.evaluate(result["model"], result["tokenizer"], result["image_processor"], config,
+                         result["eval_records"][:4])
+    assert rows[0]["accuracy"] == rows[1]["accuracy"] == direct["accuracy"]
+    assert rows[0]["ablation"]["zeros"]["accuracy"] == direct["ablation"]["zeros"]["accuracy"]
+    table = (tmp_path / "out" / "cmp.md").read_text().splitlines()
+    assert len(table) == 4 and table[2].startswith(f"| {config.name} | {final} | 4 |")
+    assert (tmp_path / "out" / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_compare_refuses_runs_of_two_methods_before_evaluating(trained, tmp_path, capsys):
+    _, _, final = trained
+    ivtlr_run = os.path.join(ROOT, "checkpoints", "synthetic-ivtlr", "final")
+    assert cli.main(["compare", "--checkpoint", str(final), ivtlr_run, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert f"{ivtlr_run} holds a ivtlr run" in err and "one method" in err
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="method: expected one of ivtlr, modal_mixed, got 'grpo'"):
+        method_module("grpo")

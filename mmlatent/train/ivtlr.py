@@ -11,7 +11,7 @@ import random
 import re
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -86,33 +86,10 @@ class RunConfig:
     @classmethod
     def load(cls, path: str) -> "RunConfig":
         """Reads a YAML config; every problem (no such file, invalid YAML with its line, unknown keys, a value
-        out of range) is a ValueError or FileNotFoundError naming the file and the key."""
-        import yaml
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config: no such file {path}") from None
-        except IsADirectoryError:
-            raise ValueError(f"config: {path} is a folder, not a YAML file") from None
-        except UnicodeDecodeError as err:
-            raise ValueError(f"config: {path} is not UTF-8 text ({err})") from None
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise ValueError(f"config: {path} is not valid YAML{where}: {problem}") from None
-        raw = {} if raw is None else raw
-        if not isinstance(raw, dict):
-            raise ValueError(f"config: {path} must hold a mapping of run settings, got a {type(raw).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {unknown}; expected some of {sorted(known)}")
-        try:
-            return cls(**raw)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
+        out of range) is a ValueError or FileNotFoundError naming the file and the key
+        (:mod:`mmlatent.train.methods`)."""
+        from .methods import from_mapping, read_yaml
+        return from_mapping(cls, read_yaml(path), path)
 
 
 MODEL_KINDS = ("tiny_qwen2_vl", "tiny_chameleon", "qwen2_vl_7b_shapes", "path")
@@ -120,6 +97,9 @@ DATA_KEYS = {"synthetic": {"n_train", "n_eval", "seed", "kinds", "weights", "ima
              "scienceqa": {"root", "train_split", "eval_split", "skip_bad"},
              "m3cot": {"train", "eval", "skip_bad"}}
 DATA_REQUIRED = {"scienceqa": ("root",), "m3cot": ("train", "eval")}
+
+
+RUN_CONFIG = RunConfig  # the config class of this method's runs (mmlatent.train.methods)
 
 
 def _check_model(model: dict) -> None:
@@ -587,4 +567,44 @@ def evaluate(wrapper: IVTLR, tokenizer: Any, image_processor: Any, config: RunCo
                 accuracy_by_kind={k: v[0] / v[1] for k, v in per_kind.items()}, outputs=outputs)
 
 
-__all__ = ["RunConfig", "train", "evaluate", "save_run", "load_run", "build_data", "build_model", "seed_everything"]
+def table_row(metrics: dict, source: str, train_seconds: Optional[float] = None) -> dict:
+    """One row of :func:`markdown_table`: the summary of :func:`evaluate`'s metrics (no per-question outputs),
+    with where the model came from and how long it trained."""
+    keep = ("name", "mode", "stage", "n", "accuracy", "accuracy_stderr", "lenient_accuracy_public_code",
+            "latency_per_sample_s", "tokens_per_answer", "accuracy_by_kind")
+    return dict({k: metrics[k] for k in keep}, source=source, train_seconds=train_seconds)
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """The IVT-LR runs' table: strict and lenient accuracy, latency and tokens per answer, training time."""
+    lines = ["| variant | source | n | accuracy (strict) | lenient (public code) | ms / answer | tokens / answer |"
+             " trained in |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        trained = "" if r["train_seconds"] is None else f"{r['train_seconds']:.0f} s"
+        lines.append(f"| {r['name']} | {r['source']} | {r['n']} | {100 * r['accuracy']:.1f}% "
+                     f"± {100 * r['accuracy_stderr']:.1f} | {100 * r['lenient_accuracy_public_code']:.1f}% | "
+                     f"{1000 * r['latency_per_sample_s']:.1f} | {r['tokens_per_answer']:.1f} | {trained} |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_result(result: dict, config: RunConfig, progress: bool = False) -> dict:
+    """:func:`evaluate` of what :func:`train` returned (its IVT-LR model, tokenizer and image processor) on the
+    run's held-out records."""
+    return evaluate(result["wrapper"], result["tokenizer"], result["image_processor"], config, result["eval_records"],
+                    progress=progress)
+
+
+def summary_lines(metrics: dict, train_seconds: Optional[float] = None) -> List[str]:
+    """The printed summary of :func:`evaluate`'s metrics: strict accuracy with its standard error, the public
+    code's lenient scoring, latency and tokens per answer."""
+    line = (f"{metrics['name']}: accuracy {100 * metrics['accuracy']:.1f}% +- {100 * metrics['accuracy_stderr']:.1f}"
+            f" (n={metrics['n']}; lenient, public code's scoring: {100 * metrics['lenient_accuracy_public_code']:.1f}%)"
+            f", {1000 * metrics['latency_per_sample_s']:.1f} ms and {metrics['tokens_per_answer']:.1f} tokens per "
+            f"answer")
+    if train_seconds is not None:
+        line += f"; trained in {train_seconds:.0f} s"
+    return [line]
+
+
+__all__ = ["RunConfig", "RUN_CONFIG", "train", "evaluate", "evaluate_result", "summary_lines", "table_row",
+           "markdown_table", "save_run", "load_run", "build_data", "build_model", "seed_everything"]

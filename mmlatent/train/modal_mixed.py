@@ -16,7 +16,7 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,11 +32,7 @@ from .checkpoint import (CheckpointError, check_shapes, load_tensors, read_json,
                          write_json, write_run_checkpoint)
 from .loop import EpochBatches, TrainConfig, Trainer, check_int
 
-if TYPE_CHECKING:
-    from .ivtlr import RunConfig
-
 METHOD = "modal_mixed"
-METHODS = ("ivtlr", METHOD)
 MODES = ("modal_mixed", "cot", "no_cot")
 RUN_FORMAT = 1
 SETTINGS_FILE = "modal_mixed_config.json"
@@ -146,69 +142,14 @@ class ModalMixedConfig:
             raise ValueError(f"train.{err}") from None
 
     @classmethod
-    def from_mapping(cls, raw: dict, path: str) -> "ModalMixedConfig":
-        """From a parsed YAML mapping; errors name ``path`` and the key."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {unknown}; expected some of {sorted(known)}")
-        try:
-            return cls(**raw)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
-
-    @classmethod
     def load(cls, path: str) -> "ModalMixedConfig":
         """Reads a YAML config (``method: modal_mixed``); every problem is a ValueError or FileNotFoundError
-        naming the file and the key."""
-        return cls.from_mapping(read_yaml(path), path)
+        naming the file and the key (:mod:`mmlatent.train.methods`)."""
+        from .methods import from_mapping, read_yaml
+        return from_mapping(cls, read_yaml(path), path)
 
 
-def read_yaml(path: str) -> dict:
-    """The mapping a YAML config holds; the errors of :meth:`mmlatent.train.ivtlr.RunConfig.load`."""
-    import yaml
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config: no such file {path}") from None
-    except IsADirectoryError:
-        raise ValueError(f"config: {path} is a folder, not a YAML file") from None
-    except UnicodeDecodeError as err:
-        raise ValueError(f"config: {path} is not UTF-8 text ({err})") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ValueError(f"config: {path} is not valid YAML{where}: {problem}") from None
-    raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
-        raise ValueError(f"config: {path} must hold a mapping of run settings, got a {type(raw).__name__}")
-    return raw
-
-
-def load_config(path: str) -> Union["RunConfig", "ModalMixedConfig"]:
-    """The run config of a YAML file, by its ``method`` key: absent or ``ivtlr``, an IVT-LR
-    :class:`~mmlatent.train.ivtlr.RunConfig` (read by ``RunConfig.load`` when the key is absent); ``modal_mixed``,
-    a :class:`ModalMixedConfig`. Another method is a ValueError naming the file."""
-    from .ivtlr import RunConfig
-    raw = read_yaml(path)
-    method = raw.get("method", "ivtlr")
-    if method == "ivtlr":
-        if "method" not in raw:
-            return RunConfig.load(path)
-        raw = {k: v for k, v in raw.items() if k != "method"}
-        known = {f.name for f in fields(RunConfig)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {unknown}; expected some of {sorted(known | {'method'})}")
-        try:
-            return RunConfig(**raw)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
-    if method == METHOD:
-        return ModalMixedConfig.from_mapping(raw, path)
-    raise ValueError(f"{path}: method: expected one of {', '.join(METHODS)}, got {method!r}")
+RUN_CONFIG = ModalMixedConfig  # the config class of this method's runs (mmlatent.train.methods)
 
 
 def _check_model(model: dict) -> None:
@@ -761,6 +702,14 @@ def answer_correct(text: str, record: Any) -> bool:
     return norm(match.group(1)) == norm(record.answer)
 
 
+def answer_given(text: str, record: Any) -> bool:
+    """Whether ``text`` holds an answer the strict parse can read at all (right or wrong): it separates a model
+    that answers wrongly from one whose output has lost its format."""
+    if record.options is not None:
+        return strict_answer(text) is not None
+    return _FREE_ANSWER.search(text) is not None
+
+
 def _rate(correct: int, n: int) -> Tuple[float, float]:
     if not n:
         return float("nan"), float("nan")
@@ -789,18 +738,20 @@ def _generate(model: ModalMixedCoT, tokenizer: Any, config: ModalMixedConfig, ba
 
 
 def evaluate(model: ModalMixedCoT, tokenizer: Any, image_processor: Any, config: ModalMixedConfig, records: list,
-             batch_size: int = 32, progress: bool = False, ablation: bool = True) -> dict:
+             batch_size: int = 64, progress: bool = False, ablation: bool = True) -> dict:
     """Greedy, deterministic evaluation (text argmax; the head's DDIM from x_T = 0) on ``records``.
 
     Returns ``accuracy`` and ``accuracy_stderr`` (strict parse, :func:`answer_correct`), ``accuracy_by_kind``
-    ({kind: {accuracy, accuracy_stderr, n}}), ``latency_per_sample_s`` and ``tokens_per_answer`` (every generated
+    ({kind: {accuracy, accuracy_stderr, n}}), ``answered`` (the fraction with any parseable answer,
+    :func:`answer_given`), ``latency_per_sample_s`` and ``tokens_per_answer`` (every generated
     position up to eos: text, START, latents, END), ``sketches_per_answer``; in modal_mixed mode also the
     reconstruction of the held-out sketches: ``latent_mse`` and ``latent_cosine`` (generated vs. true pooled
     latents, sketch i of a sample matched to its i-th generated sketch; MSE over every element, cosine per latent
     vector, both averaged over the matched sketches), ``latent_mse_of_zeros`` (what all-zero latents would score),
     ``sketches_matched``, ``sketches_missing`` (held-out sketches without a generated one) and ``sketches_extra``
     (generated past the record's count); and with ``ablation`` the dummy-latent ablation: ``ablation`` =
-    {"zeros" | "noise": {accuracy, accuracy_stderr, accuracy_by_kind, accuracy_drop}}, generated again with every
+    {"zeros" | "noise": {accuracy, accuracy_stderr, accuracy_by_kind, accuracy_drop, answered,
+    tokens_per_answer}}, generated again with every
     latent replaced by zeros or by Gaussian noise of the latent's norm before it is fed back. Other modes give
     None for the reconstruction and ablation keys. ``outputs``: each record's generated text and correctness."""
     from tqdm.auto import tqdm
@@ -815,7 +766,10 @@ def evaluate(model: ModalMixedCoT, tokenizer: Any, image_processor: Any, config:
     seconds = 0.0
     errors, cosines, zero_errors = [], [], []
     missing = extra = 0
+    answered = 0
     ablated: Dict[str, List[bool]] = {o: [] for o in OVERRIDES} if sketching and ablation else {}
+    ablated_answered = {o: 0 for o in ablated}
+    ablated_tokens = {o: 0 for o in ablated}
     batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
     runs = [(None, f"eval {config.name}")] + [(o, f"eval {config.name} (latents: {o})") for o in ablated]
     for override, label in runs:
@@ -833,8 +787,11 @@ def evaluate(model: ModalMixedCoT, tokenizer: Any, image_processor: Any, config:
                 ok = answer_correct(text, record)
                 if override is not None:
                     ablated[override].append(ok)
+                    ablated_answered[override] += answer_given(text, record)
+                    ablated_tokens[override] += len(ids)
                     continue
                 correct.append(ok)
+                answered += answer_given(text, record)
                 kinds.append(str(record.meta.get("kind", "all")))
                 tokens += len(ids)
                 sketches += len(generated.latents[b])
@@ -859,7 +816,7 @@ def evaluate(model: ModalMixedCoT, tokenizer: Any, image_processor: Any, config:
     n = len(records)
     accuracy, stderr = _rate(sum(correct), n)
     metrics = dict(name=config.name, method=METHOD, mode=config.mode, n=n, accuracy=accuracy, accuracy_stderr=stderr,
-                   accuracy_by_kind=_by_kind(kinds, correct),
+                   accuracy_by_kind=_by_kind(kinds, correct), answered=answered / n if n else float("nan"),
                    latency_per_sample_s=seconds / n if n else float("nan"),
                    tokens_per_answer=tokens / n if n else float("nan"),
                    sketches_per_answer=sketches / n if n else float("nan"),
@@ -875,8 +832,50 @@ def evaluate(model: ModalMixedCoT, tokenizer: Any, image_processor: Any, config:
         for override, oks in ablated.items():
             rate, err = _rate(sum(oks), n)
             metrics["ablation"][override] = dict(accuracy=rate, accuracy_stderr=err,
-                                                 accuracy_by_kind=_by_kind(kinds, oks), accuracy_drop=accuracy - rate)
+                                                 accuracy_by_kind=_by_kind(kinds, oks), accuracy_drop=accuracy - rate,
+                                                 answered=ablated_answered[override] / n,
+                                                 tokens_per_answer=ablated_tokens[override] / n)
     return metrics
+
+
+def evaluate_result(result: dict, config: ModalMixedConfig, progress: bool = False) -> dict:
+    """:func:`evaluate` of what :func:`train` returned (its model, tokenizer and image processor) on the run's
+    held-out records."""
+    return evaluate(result["model"], result["tokenizer"], result["image_processor"], config, result["eval_records"],
+                    progress=progress)
+
+
+def table_row(metrics: dict, source: str, train_seconds: Optional[float] = None) -> dict:
+    """One row of :func:`markdown_table`: the summary of :func:`evaluate`'s metrics (no per-question outputs),
+    with where the model came from and how long it trained."""
+    keep = ("name", "mode", "n", "accuracy", "accuracy_stderr", "accuracy_by_kind", "latency_per_sample_s",
+            "tokens_per_answer", "answered", "latent_mse", "latent_mse_of_zeros", "latent_cosine", "ablation")
+    return dict({k: metrics[k] for k in keep}, source=source, train_seconds=train_seconds)
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """The Modal-mixed runs' table: accuracy (strict) with its standard error, per kind, the ablation (accuracy,
+    and how many answers the strict parse could read at all), the reconstruction of the held-out sketches, cost
+    per answer, training time."""
+    def pct(p, e=None):
+        return "" if p is None else f"{100 * p:.1f}%" + ("" if e is None else f" ± {100 * e:.1f}")
+    lines = ["| variant | source | n | accuracy (strict) | by kind | latents -> zeros | latents -> noise | "
+             "sketch MSE (zeros) | cosine | ms / answer | tokens / answer | trained in |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ablation = r["ablation"] or {}
+
+        def dummy(override):
+            result = ablation.get(override)
+            return "" if result is None else f"{pct(result['accuracy'])} ({pct(result['answered'])} answered)"
+        kinds = ", ".join(f"{k} {100 * v['accuracy']:.0f}%" for k, v in r["accuracy_by_kind"].items())
+        mse = "" if r["latent_mse"] is None else f"{r['latent_mse']:.2e} ({r['latent_mse_of_zeros']:.2e})"
+        cosine = "" if r["latent_cosine"] is None else f"{r['latent_cosine']:.3f}"
+        trained = "" if r["train_seconds"] is None else f"{r['train_seconds']:.0f} s"
+        lines.append(f"| {r['name']} | {r['source']} | {r['n']} | {pct(r['accuracy'], r['accuracy_stderr'])} | "
+                     f"{kinds} | {dummy('zeros')} | {dummy('noise')} | {mse} | {cosine} | "
+                     f"{1000 * r['latency_per_sample_s']:.1f} | {r['tokens_per_answer']:.1f} | {trained} |")
+    return "\n".join(lines) + "\n"
 
 
 def summary_lines(metrics: dict, train_seconds: Optional[float] = None) -> List[str]:
@@ -885,7 +884,7 @@ def summary_lines(metrics: dict, train_seconds: Optional[float] = None) -> List[
     pct = lambda p, e: f"{100 * p:.1f}% +- {100 * e:.1f}"  # noqa: E731
     line = (f"{metrics['name']}: accuracy {pct(metrics['accuracy'], metrics['accuracy_stderr'])} (n={metrics['n']}, "
             f"{metrics['mode']}), {1000 * metrics['latency_per_sample_s']:.1f} ms and "
-            f"{metrics['tokens_per_answer']:.1f} tokens per answer")
+            f"{metrics['tokens_per_answer']:.1f} tokens per answer, {100 * metrics['answered']:.1f}% answered")
     if train_seconds is not None:
         line += f"; trained in {train_seconds:.0f} s"
     lines = [line, "  by kind: " + ", ".join(f"{k} {pct(v['accuracy'], v['accuracy_stderr'])} (n={v['n']})"
@@ -897,11 +896,13 @@ def summary_lines(metrics: dict, train_seconds: Optional[float] = None) -> List[
                      f"{metrics['sketches_extra']} extra; {metrics['sketches_per_answer']:.2f} sketches per answer")
     for override, result in (metrics.get("ablation") or {}).items():
         lines.append(f"  ablation, latents -> {override}: accuracy {pct(result['accuracy'], result['accuracy_stderr'])}"
-                     f" ({100 * result['accuracy_drop']:+.1f} points below); by kind: "
+                     f" ({100 * result['accuracy_drop']:.1f} points below Modal-mixed; {100 * result['answered']:.1f}%"
+                     f" answered, {result['tokens_per_answer']:.1f} tokens per answer); by kind: "
                      + ", ".join(f"{k} {100 * v['accuracy']:.1f}%" for k, v in result["accuracy_by_kind"].items()))
     return lines
 
 
-__all__ = ["ModalMixedConfig", "load_config", "read_yaml", "build_data", "build_model", "build_vlm", "build_head",
-           "train", "evaluate", "save_run", "load_run", "write_model", "load_model", "run_method", "joint_loss",
-           "sketch_targets", "answer_correct", "summary_lines", "head_config", "METHOD"]
+__all__ = ["ModalMixedConfig", "RUN_CONFIG", "build_data", "build_model", "build_vlm", "build_head", "train",
+           "evaluate", "evaluate_result", "save_run", "load_run", "write_model", "load_model", "run_method",
+           "joint_loss", "sketch_targets", "answer_correct", "answer_given", "summary_lines", "table_row",
+           "markdown_table", "head_config", "METHOD"]
