@@ -4,7 +4,6 @@ plain loop over diffusers' FlowMatchEulerDiscreteScheduler.step (static shift, d
 the string, the scheduler and the SamplerSchedule agreeing, a convergence run on a conditional 2-D distribution,
 and every argument check."""
 import copy
-import math
 
 import pytest
 import torch

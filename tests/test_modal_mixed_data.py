@@ -16,7 +16,6 @@ from mmlatent.data import VLMCollator, WordTokenizer, image_processor_for, synth
 from mmlatent.data.interleaved import (ImageRef, InterleavedRecord, InterleavedRecordError, ModalMixedCollator,
                                        join_text, parse_marked_text)
 from mmlatent.data.readers import RecordError, read_zebra_cot
-from mmlatent.data.records import Record
 from mmlatent.models.tiny import tiny_qwen2_vl
 
 pa = pytest.importorskip("pyarrow")

@@ -18,7 +18,7 @@ import math
 import numbers
 import warnings
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Dict, Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from torch import nn

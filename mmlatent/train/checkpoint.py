@@ -334,6 +334,22 @@ def read_json(directory: str, name: str) -> Any:
         raise CheckpointError(f"{path}: not valid JSON ({err}); the file is truncated or corrupt") from None
 
 
+def read_settings_file(directory: str, name: str, file_format: str, version: int, what: str) -> dict:
+    """``directory/name``, a settings JSON object whose ``format`` is ``file_format`` and whose ``version`` is an int
+    up to ``version`` (what this mmlatent reads); ``what`` names the kind in the error ("an IVT-LR settings
+    file"). CheckpointError naming the file otherwise."""
+    where = os.path.join(directory, name)
+    settings = read_json(directory, name)
+    if not isinstance(settings, dict) or settings.get("format") != file_format:
+        raise CheckpointError(f"{where}: not {what} (format {file_format!r})")
+    found = settings.get("version")
+    if isinstance(found, bool) or not isinstance(found, int) or found > version:
+        raise CheckpointError(f"{where}: version {found!r}, this mmlatent reads up to {version}; upgrade mmlatent")
+    if settings.get("weights") not in ("full", "adapter"):
+        raise CheckpointError(f"{where}: weights: expected 'full' or 'adapter', got {settings.get('weights')!r}")
+    return settings
+
+
 def load_tensors(directory: str, name: str, device: str = "cpu") -> Dict:
     from safetensors.torch import load_file
     path = os.path.join(directory, name)

@@ -8,13 +8,13 @@ import copy
 import math
 import os
 import random
-import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from torch import nn
 
 from mmlatent.data import (MODES, VLMCollator, WordTokenizer, lenient_correct, prompt_text, strict_answer,
                            synthetic)
@@ -24,14 +24,15 @@ from mmlatent.models.backbones import VLMBackbone
 from mmlatent.models.ivtlr.generation import GREEDY_OPTIONS
 from mmlatent.models import tiny as tiny_models
 
-from .checkpoint import (RUN_FILES, CheckpointError, check_shapes, load_tensors, read_json, read_manifest,
-                         resolve_checkpoint, write_run_checkpoint)
+from .checkpoint import RUN_FILES, CheckpointError, check_shapes, load_tensors, read_manifest, write_run_checkpoint
 
 # what run.json records since runs are saved as Hugging Face / PEFT folders (absent: the first format, a
 # model.safetensors of model.state_dict() and tokenizer.json, still read)
 RUN_FORMAT = 2
 from .curriculum import Curriculum
 from .loop import EpochBatches, TrainConfig, Trainer, check_int
+from .methods import (check_data_keys, check_kind_weights, check_model_spec, check_train_options, from_mapping,
+                      open_run, prepare_trainable, read_yaml)
 
 
 @dataclass
@@ -67,28 +68,18 @@ class RunConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         _one_kind("model", self.model, MODEL_KINDS)
-        _check_model(self.model)
+        check_model_spec(self.model)
         _one_kind("data", self.data, DATA_KEYS)
         _check_data(self.data)
         if self.lora is not None:
             _check_lora(self.lora)
-        if not isinstance(self.train, dict):
-            raise ValueError(f"train: expected a mapping of TrainConfig options, got {self.train!r}")
-        known = {f.name for f in fields(TrainConfig)}
-        unknown = sorted(set(self.train) - known)
-        if unknown:
-            raise ValueError(f"train: unknown keys {unknown}; expected some of {sorted(known)}")
-        try:
-            TrainConfig(**dict({"max_steps": 1}, **self.train))
-        except ValueError as err:
-            raise ValueError(f"train.{err}") from None
+        check_train_options(self.train)
 
     @classmethod
     def load(cls, path: str) -> "RunConfig":
         """Reads a YAML config; every problem (no such file, invalid YAML with its line, unknown keys, a value
         out of range) is a ValueError or FileNotFoundError naming the file and the key
         (:mod:`mmlatent.train.methods`)."""
-        from .methods import from_mapping, read_yaml
         return from_mapping(cls, read_yaml(path), path)
 
 
@@ -102,46 +93,8 @@ DATA_REQUIRED = {"scienceqa": ("root",), "m3cot": ("train", "eval")}
 RUN_CONFIG = RunConfig  # the config class of this method's runs (mmlatent.train.methods)
 
 
-def _check_model(model: dict) -> None:
-    (kind, spec), = model.items()
-    if kind == "path":
-        if not isinstance(spec, str) or not spec:
-            raise ValueError(f"model.path: expected the path of a local checkpoint folder, got {spec!r}")
-        if not os.path.isdir(spec) or not os.path.isfile(os.path.join(spec, "config.json")):
-            raise ValueError(f"model.path: {spec} is not a model folder (no {os.path.join(spec, 'config.json')}); "
-                             f"models are loaded from local folders only")
-        return
-    if spec is None:
-        spec = {}
-    if not isinstance(spec, dict):
-        raise ValueError(f"model.{kind}: expected a mapping of settings, got {spec!r}")
-    import inspect
-    builder = {"tiny_qwen2_vl": tiny_models.tiny_qwen2_vl, "tiny_chameleon": tiny_models.tiny_chameleon,
-               "qwen2_vl_7b_shapes": tiny_models.qwen2_vl_7b_shapes}[kind]
-    defaults = {n: p.default for n, p in inspect.signature(builder).parameters.items()
-                if n not in ("vocab", "device", "dtype", "attn_implementation")}
-    unknown = sorted(set(spec) - set(defaults))
-    if unknown:
-        raise ValueError(f"model.{kind}: unknown keys {unknown}; expected some of {sorted(defaults)}")
-    for key, value in spec.items():
-        check_int(f"model.{kind}.{key}", value, minimum=0 if key == "seed" else 1)
-    merged = dict(defaults, **spec)
-    if "heads" in merged and merged["hidden"] % merged["heads"]:
-        raise ValueError(f"model.{kind}.hidden: {merged['hidden']} is not a multiple of heads ({merged['heads']})")
-    if "kv_heads" in merged and merged["heads"] % merged["kv_heads"]:
-        raise ValueError(f"model.{kind}.heads: {merged['heads']} is not a multiple of kv_heads "
-                         f"({merged['kv_heads']})")
-
-
 def _check_data(data: dict) -> None:
-    (kind, spec), = data.items()
-    if not isinstance(spec, dict):
-        raise ValueError(f"data.{kind}: expected a mapping of settings, got {spec!r}")
-    unknown = sorted(set(spec) - DATA_KEYS[kind])
-    if unknown:
-        raise ValueError(f"data.{kind}: unknown keys {unknown}; expected some of {sorted(DATA_KEYS[kind])}")
-    for key in sorted(set(DATA_REQUIRED.get(kind, ())) - set(spec)):
-        raise ValueError(f"data.{kind}.{key}: required")
+    kind, spec = check_data_keys(data, DATA_KEYS, DATA_REQUIRED)
     for key, value in spec.items():
         name = f"data.{kind}.{key}"
         if key in ("n_train", "n_eval", "vocab_size"):
@@ -163,12 +116,7 @@ def _check_data(data: dict) -> None:
             if not isinstance(value, (list, tuple)) or not value or any(k not in synthetic.KINDS for k in value):
                 raise ValueError(f"{name}: expected a non-empty list of {', '.join(synthetic.KINDS)}, got {value!r}")
         elif key == "weights":
-            kinds = spec.get("kinds", synthetic.KINDS)
-            if (not isinstance(value, (list, tuple)) or len(value) != len(kinds)
-                    or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0
-                           for w in value) or not sum(value) > 0):
-                raise ValueError(f"{name}: expected {len(kinds)} non-negative numbers (one per kind) with a "
-                                 f"positive sum, got {value!r}")
+            check_kind_weights(name, value, spec.get("kinds", synthetic.KINDS))
 
 
 def _check_lora(lora) -> None:
@@ -284,18 +232,7 @@ def build_model(config: RunConfig, vocab_size: int, device: torch.device) -> nn.
             model.resize_token_embeddings(vocab_size)
     else:
         raise ValueError(f"model: unknown kind {kind!r}; expected one of {', '.join(MODEL_KINDS)}")
-    backbone = VLMBackbone(model)
-    if config.freeze_vision:
-        backbone.vision_tower.requires_grad_(False)
-    if config.lora:
-        import peft
-        lora = dict(config.lora)
-        modules = lora.pop("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                              "down_proj"])
-        # the adapters go into the language model's layers only (never the vision tower's projections)
-        pattern = re.escape(backbone.language_model_name) + r"\..*\.(" + "|".join(modules) + ")"
-        model = peft.get_peft_model(model, peft.LoraConfig(target_modules=pattern, **lora))
-    return model
+    return prepare_trainable(model, freeze_vision=config.freeze_vision, lora=config.lora)
 
 
 def curriculum(config: RunConfig) -> Curriculum:
@@ -432,23 +369,8 @@ def load_run(directory: str, device: Optional[Union[str, torch.device]] = None) 
     with both shapes)."""
     from mmlatent.models.ivtlr import saving
     device = torch.device(device or "cpu")
-    if not os.path.exists(os.path.join(directory, "run.json")) and os.path.exists(os.path.join(directory,
-                                                                                              "trainer.json")):
-        raise CheckpointError(f"{directory}: a training checkpoint (continue it with mmlatent train --resume); a "
-                              f"finished run's final/ folder is what is evaluated")
-    path = resolve_checkpoint(directory, required=RUN_FILES)
-    files = read_manifest(path)["files"]
-    stored = read_json(path, "run.json")
-    where = os.path.join(path, "run.json")
-    if not isinstance(stored, dict):
-        raise CheckpointError(f"{where}: expected a JSON object")
-    if isinstance(stored.get("format"), int) and stored["format"] > RUN_FORMAT:
-        raise CheckpointError(f"{where}: format {stored['format']}, this mmlatent reads up to {RUN_FORMAT}")
-    try:
-        config = RunConfig(**stored["config"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{where}: not a run config this version reads ({err})") from None
-    tokenizer = _saved_tokenizer(path, files, stored.get("tokenizer"))
+    path, files, stored, config, tokenizer = open_run(directory, required=RUN_FILES, config_class=RunConfig,
+                                                      run_format=RUN_FORMAT)
     if saving.IVTLR_CONFIG_FILE in files:
         # a LoRA run on a local checkpoint adapts model.path, which is not in the folder
         base = config.model["path"] if config.lora and "path" in config.model and "base/config.json" not in files \

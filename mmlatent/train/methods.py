@@ -8,9 +8,11 @@ file, a folder, text that is not UTF-8, invalid YAML (with its line and column),
 mapping, unknown keys, a value out of range (the config class's own check, prefixed with the file)."""
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import fields
 from types import ModuleType
-from typing import Any, Iterable, Type, TypeVar
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Type, TypeVar
 
 Config = TypeVar("Config")
 
@@ -51,6 +53,139 @@ def from_mapping(cls: Type[Config], raw: dict, path: str, also_known: Iterable[s
         raise ValueError(f"{path}: {err}") from None
 
 
+def check_train_options(train: Any) -> None:
+    """A config's ``train`` mapping: only :class:`~mmlatent.train.TrainConfig` fields, each value in range."""
+    from .loop import TrainConfig
+    if not isinstance(train, dict):
+        raise ValueError(f"train: expected a mapping of TrainConfig options, got {train!r}")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(train) - known)
+    if unknown:
+        raise ValueError(f"train: unknown keys {unknown}; expected some of {sorted(known)}")
+    try:
+        TrainConfig(**dict({"max_steps": 1}, **train))
+    except ValueError as err:
+        raise ValueError(f"train.{err}") from None
+
+
+def check_model_spec(model: dict) -> None:
+    """A config's one-kind ``model`` mapping: ``{"path": local folder}`` or ``{<builder of mmlatent.models.tiny>:
+    {its keyword arguments}}``, each value in range and the head counts dividing."""
+    import inspect
+
+    from mmlatent.models import tiny as tiny_models
+
+    from .loop import check_int
+    (kind, spec), = model.items()
+    if kind == "path":
+        if not isinstance(spec, str) or not spec:
+            raise ValueError(f"model.path: expected the path of a local checkpoint folder, got {spec!r}")
+        if not os.path.isdir(spec) or not os.path.isfile(os.path.join(spec, "config.json")):
+            raise ValueError(f"model.path: {spec} is not a model folder (no {os.path.join(spec, 'config.json')}); "
+                             f"models are loaded from local folders only")
+        return
+    spec = {} if spec is None else spec
+    if not isinstance(spec, dict):
+        raise ValueError(f"model.{kind}: expected a mapping of settings, got {spec!r}")
+    builder = getattr(tiny_models, kind)
+    defaults = {n: p.default for n, p in inspect.signature(builder).parameters.items()
+                if n not in ("vocab", "device", "dtype", "attn_implementation")}
+    unknown = sorted(set(spec) - set(defaults))
+    if unknown:
+        raise ValueError(f"model.{kind}: unknown keys {unknown}; expected some of {sorted(defaults)}")
+    for key, value in spec.items():
+        if key == "mlp_ratio":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"model.{kind}.{key}: expected a positive number, got {value!r}")
+            continue
+        check_int(f"model.{kind}.{key}", value, minimum=0 if key == "seed" else 1)
+    merged = dict(defaults, **spec)
+    if "heads" in merged and merged["hidden"] % merged["heads"]:
+        raise ValueError(f"model.{kind}.hidden: {merged['hidden']} is not a multiple of heads ({merged['heads']})")
+    if "kv_heads" in merged and merged["heads"] % merged["kv_heads"]:
+        raise ValueError(f"model.{kind}.heads: {merged['heads']} is not a multiple of kv_heads "
+                         f"({merged['kv_heads']})")
+
+
+def check_data_keys(data: dict, keys: Dict[str, set], required: Dict[str, Sequence[str]]) -> Tuple[str, dict]:
+    """A config's one-kind ``data`` mapping: its settings a mapping, only ``keys[kind]``, every
+    ``required[kind]`` present. Returns ``(kind, settings)``; each value is the method's to check."""
+    (kind, spec), = data.items()
+    if not isinstance(spec, dict):
+        raise ValueError(f"data.{kind}: expected a mapping of settings, got {spec!r}")
+    unknown = sorted(set(spec) - keys[kind])
+    if unknown:
+        raise ValueError(f"data.{kind}: unknown keys {unknown}; expected some of {sorted(keys[kind])}")
+    for key in sorted(set(required.get(kind, ())) - set(spec)):
+        raise ValueError(f"data.{kind}.{key}: required")
+    return kind, spec
+
+
+def check_kind_weights(name: str, value: Any, kinds: Sequence[str]) -> None:
+    """Sampling weights of question kinds: one finite non-negative number per kind, with a positive sum."""
+    if (not isinstance(value, (list, tuple)) or len(value) != len(kinds)
+            or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0
+                   for w in value) or not sum(value) > 0):
+        raise ValueError(f"{name}: expected {len(kinds)} non-negative numbers (one per kind) with a positive sum, "
+                         f"got {value!r}")
+
+
+def open_run(directory: str, *, required: Sequence[str], config_class: type, run_format: int,
+             method: Optional[str] = None) -> Tuple[str, dict, dict, Any, Any]:
+    """The finished run folder ``directory`` (or the surviving copy of a save a crash interrupted), verified
+    against its manifest: ``(path, manifest files, run.json, config, tokenizer)``. A training checkpoint, a
+    run.json of another ``method`` (None: one without the key) or of a newer ``run_format``, and a config this
+    version cannot build are CheckpointErrors naming the file."""
+    from .checkpoint import CheckpointError, read_json, read_manifest, resolve_checkpoint
+    from .ivtlr import _saved_tokenizer
+    if not os.path.exists(os.path.join(directory, "run.json")) and os.path.exists(os.path.join(directory,
+                                                                                              "trainer.json")):
+        raise CheckpointError(f"{directory}: a training checkpoint (continue it with mmlatent train --resume); a "
+                              f"finished run's final/ folder is what is evaluated")
+    path = resolve_checkpoint(directory, required=tuple(required))
+    files = read_manifest(path)["files"]
+    stored = read_json(path, "run.json")
+    where = os.path.join(path, "run.json")
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{where}: expected a JSON object")
+    if method is not None and stored.get("method") != method:
+        raise CheckpointError(f"{where}: not a {method} run (method {stored.get('method')!r})")
+    if isinstance(stored.get("format"), int) and stored["format"] > run_format:
+        raise CheckpointError(f"{where}: format {stored['format']}, this mmlatent reads up to {run_format}")
+    try:
+        config = config_class(**stored["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: not a run config this version reads ({err})") from None
+    return path, files, stored, config, _saved_tokenizer(path, files, stored.get("tokenizer"))
+
+
+DEFAULT_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def prepare_trainable(model: Any, *, freeze_vision: bool, lora: Optional[dict],
+                      added_token_ids: Sequence[int] = ()) -> Any:
+    """A run's VLM made trainable as its config says: the vision tower frozen (``freeze_vision``), and with
+    ``lora`` (LoraConfig keywords; ``target_modules`` defaults to every projection) PEFT adapters in the language
+    model's layers only, never the vision tower's projections. ``added_token_ids``: embedding rows the run added
+    (special tokens of a resized vocabulary), trained as PEFT trainable tokens unless ``lora`` says otherwise.
+    Returns the model (a PEFT model with ``lora``)."""
+    import re
+
+    from mmlatent.models.backbones import VLMBackbone
+    backbone = VLMBackbone(model)
+    if freeze_vision:
+        backbone.vision_tower.requires_grad_(False)
+    if not lora:
+        return model
+    import peft
+    options = dict(lora)
+    modules = options.pop("target_modules", list(DEFAULT_LORA_MODULES))
+    pattern = re.escape(backbone.language_model_name) + r"\..*\.(" + "|".join(modules) + ")"
+    if added_token_ids and "trainable_token_indices" not in options and "modules_to_save" not in options:
+        options["trainable_token_indices"] = {"embed_tokens": list(added_token_ids)}
+    return peft.get_peft_model(model, peft.LoraConfig(target_modules=pattern, **options))
+
+
 def method_module(name: str) -> ModuleType:
     """The module of the method ``name`` (``"ivtlr"`` or ``"modal_mixed"``); another name is a ValueError."""
     from . import ivtlr, modal_mixed
@@ -72,4 +207,5 @@ def load_config(path: str) -> Any:
     return from_mapping(cls, raw, path, also_known=() if "method" in {f.name for f in fields(cls)} else ("method",))
 
 
-__all__ = ["read_yaml", "from_mapping", "load_config", "method_module"]
+__all__ = ["read_yaml", "from_mapping", "load_config", "method_module", "check_train_options", "check_model_spec",
+           "check_data_keys", "check_kind_weights", "prepare_trainable", "open_run"]

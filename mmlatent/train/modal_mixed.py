@@ -15,7 +15,7 @@ import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -28,9 +28,11 @@ from mmlatent.models import LatentDiffusionHead, ModalMixedCoT, ModalMixedOutput
 from mmlatent.models.backbones import VLMBackbone
 from mmlatent.models import tiny as tiny_models
 
-from .checkpoint import (CheckpointError, check_shapes, load_tensors, read_json, read_manifest, resolve_checkpoint,
-                         write_json, write_run_checkpoint)
+from .checkpoint import (CheckpointError, check_shapes, load_tensors, read_json, read_manifest, read_settings_file,
+                         resolve_checkpoint, write_json, write_run_checkpoint)
 from .loop import EpochBatches, TrainConfig, Trainer, check_int
+from .methods import (check_data_keys, check_kind_weights, check_model_spec, check_train_options, from_mapping,
+                      open_run, prepare_trainable, read_yaml)
 
 METHOD = "modal_mixed"
 MODES = ("modal_mixed", "cot", "no_cot")
@@ -123,78 +125,27 @@ class ModalMixedConfig:
             raise ValueError("cache_targets: the sketch targets are cached only under a frozen vision tower "
                              "(freeze_vision: true), which keeps them fixed")
         _one_kind("model", self.model, MODEL_KINDS)
-        _check_model(self.model)
+        check_model_spec(self.model)
         _one_kind("data", self.data, tuple(DATA_KEYS))
         _check_data(self.data)
         _check_head(self.head)
         _check_sampler(self.sampler, self.head)
         if self.lora is not None:
             _check_lora(self.lora)
-        if not isinstance(self.train, dict):
-            raise ValueError(f"train: expected a mapping of TrainConfig options, got {self.train!r}")
-        known = {f.name for f in fields(TrainConfig)}
-        unknown = sorted(set(self.train) - known)
-        if unknown:
-            raise ValueError(f"train: unknown keys {unknown}; expected some of {sorted(known)}")
-        try:
-            TrainConfig(**dict({"max_steps": 1}, **self.train))
-        except ValueError as err:
-            raise ValueError(f"train.{err}") from None
+        check_train_options(self.train)
 
     @classmethod
     def load(cls, path: str) -> "ModalMixedConfig":
         """Reads a YAML config (``method: modal_mixed``); every problem is a ValueError or FileNotFoundError
         naming the file and the key (:mod:`mmlatent.train.methods`)."""
-        from .methods import from_mapping, read_yaml
         return from_mapping(cls, read_yaml(path), path)
 
 
 RUN_CONFIG = ModalMixedConfig  # the config class of this method's runs (mmlatent.train.methods)
 
 
-def _check_model(model: dict) -> None:
-    import inspect
-    (kind, spec), = model.items()
-    if kind == "path":
-        if not isinstance(spec, str) or not spec:
-            raise ValueError(f"model.path: expected the path of a local checkpoint folder, got {spec!r}")
-        if not os.path.isdir(spec) or not os.path.isfile(os.path.join(spec, "config.json")):
-            raise ValueError(f"model.path: {spec} is not a model folder (no {os.path.join(spec, 'config.json')}); "
-                             f"models are loaded from local folders only")
-        return
-    spec = {} if spec is None else spec
-    if not isinstance(spec, dict):
-        raise ValueError(f"model.{kind}: expected a mapping of settings, got {spec!r}")
-    builder = getattr(tiny_models, kind)
-    defaults = {n: p.default for n, p in inspect.signature(builder).parameters.items()
-                if n not in ("vocab", "device", "dtype", "attn_implementation")}
-    unknown = sorted(set(spec) - set(defaults))
-    if unknown:
-        raise ValueError(f"model.{kind}: unknown keys {unknown}; expected some of {sorted(defaults)}")
-    for key, value in spec.items():
-        if key == "mlp_ratio":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"model.{kind}.{key}: expected a positive number, got {value!r}")
-            continue
-        check_int(f"model.{kind}.{key}", value, minimum=0 if key == "seed" else 1)
-    merged = dict(defaults, **spec)
-    if merged["hidden"] % merged["heads"]:
-        raise ValueError(f"model.{kind}.hidden: {merged['hidden']} is not a multiple of heads ({merged['heads']})")
-    if merged["heads"] % merged["kv_heads"]:
-        raise ValueError(f"model.{kind}.heads: {merged['heads']} is not a multiple of kv_heads "
-                         f"({merged['kv_heads']})")
-
-
 def _check_data(data: dict) -> None:
-    (kind, spec), = data.items()
-    if not isinstance(spec, dict):
-        raise ValueError(f"data.{kind}: expected a mapping of settings, got {spec!r}")
-    unknown = sorted(set(spec) - DATA_KEYS[kind])
-    if unknown:
-        raise ValueError(f"data.{kind}: unknown keys {unknown}; expected some of {sorted(DATA_KEYS[kind])}")
-    for key in DATA_REQUIRED.get(kind, ()):
-        if key not in spec:
-            raise ValueError(f"data.{kind}.{key}: required")
+    kind, spec = check_data_keys(data, DATA_KEYS, DATA_REQUIRED)
     known = synthetic.INTERMEDIATE_KINDS + synthetic.KINDS
     for key, value in spec.items():
         name = f"data.{kind}.{key}"
@@ -212,12 +163,7 @@ def _check_data(data: dict) -> None:
             if not isinstance(value, (list, tuple)) or not value or any(k not in known for k in value):
                 raise ValueError(f"{name}: expected a non-empty list of {', '.join(known)}, got {value!r}")
         elif key == "weights":
-            kinds = spec.get("kinds", known)
-            if (not isinstance(value, (list, tuple)) or len(value) != len(kinds)
-                    or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0
-                           for w in value) or not sum(value) > 0):
-                raise ValueError(f"{name}: expected {len(kinds)} non-negative numbers (one per kind) with a "
-                                 f"positive sum, got {value!r}")
+            check_kind_weights(name, value, spec.get("kinds", known))
 
 
 def _check_head(head: dict) -> None:
@@ -315,19 +261,7 @@ def build_vlm(config: ModalMixedConfig, tokenizer: Any, device: torch.device) ->
             vlm.resize_token_embeddings(len(tokenizer))
     else:
         vlm = getattr(tiny_models, kind)(vocab=len(tokenizer), device=device, **(spec or {}))
-    backbone = VLMBackbone(vlm)
-    if config.freeze_vision:
-        backbone.vision_tower.requires_grad_(False)
-    if config.lora:
-        import peft
-        lora = dict(config.lora)
-        modules = lora.pop("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                              "down_proj"])
-        pattern = re.escape(backbone.language_model_name) + r"\..*\.(" + "|".join(modules) + ")"
-        if added and "trainable_token_indices" not in lora and "modules_to_save" not in lora:
-            lora["trainable_token_indices"] = {"embed_tokens": added}
-        vlm = peft.get_peft_model(vlm, peft.LoraConfig(target_modules=pattern, **lora))
-    return vlm
+    return prepare_trainable(vlm, freeze_vision=config.freeze_vision, lora=config.lora, added_token_ids=added)
 
 
 def build_head(config: ModalMixedConfig, hidden: int, device: torch.device) -> LatentDiffusionHead:
@@ -574,18 +508,10 @@ def run_method(directory: str, verified: bool = False) -> str:
 
 
 def _read_settings(path: str) -> dict:
-    where = os.path.join(path, SETTINGS_FILE)
-    settings = read_json(path, SETTINGS_FILE)
-    if not isinstance(settings, dict) or settings.get("format") != SETTINGS_FORMAT:
-        raise CheckpointError(f"{where}: not a Modal-mixed settings file (format {SETTINGS_FORMAT!r})")
-    version = settings.get("version")
-    if isinstance(version, bool) or not isinstance(version, int) or version > SETTINGS_VERSION:
-        raise CheckpointError(f"{where}: version {version!r}, this mmlatent reads up to {SETTINGS_VERSION}")
+    settings = read_settings_file(path, SETTINGS_FILE, SETTINGS_FORMAT, SETTINGS_VERSION, "a Modal-mixed settings file")
     for key in ("modal_mixed", "head"):
         if not isinstance(settings.get(key), dict):
-            raise CheckpointError(f"{where}: {key}: expected a JSON object")
-    if settings.get("weights") not in ("full", "adapter"):
-        raise CheckpointError(f"{where}: weights: expected 'full' or 'adapter', got {settings.get('weights')!r}")
+            raise CheckpointError(f"{os.path.join(path, SETTINGS_FILE)}: {key}: expected a JSON object")
     return settings
 
 
@@ -650,25 +576,10 @@ def load_run(directory: str, device: Optional[Union[str, torch.device]] = None
              ) -> Tuple[ModalMixedCoT, Any, ModalMixedConfig, Any]:
     """(ModalMixedCoT, tokenizer, ModalMixedConfig, image processor) of a folder :func:`save_run` wrote, verified
     against its manifest once (a save killed midway is found in its surviving copy)."""
-    from .ivtlr import _saved_tokenizer
     device = torch.device(device or "cpu")
-    if not os.path.exists(os.path.join(directory, "run.json")) and os.path.exists(os.path.join(directory,
-                                                                                              "trainer.json")):
-        raise CheckpointError(f"{directory}: a training checkpoint (continue it with mmlatent train --resume); a "
-                              f"finished run's final/ folder is what is evaluated")
-    path = resolve_checkpoint(directory, required=("run.json", SETTINGS_FILE, HEAD_FILE))
-    files = read_manifest(path)["files"]
-    stored = read_json(path, "run.json")
-    where = os.path.join(path, "run.json")
-    if not isinstance(stored, dict) or stored.get("method") != METHOD:
-        raise CheckpointError(f"{where}: not a Modal-mixed run (method {METHOD!r})")
-    if isinstance(stored.get("format"), int) and stored["format"] > RUN_FORMAT:
-        raise CheckpointError(f"{where}: format {stored['format']}, this mmlatent reads up to {RUN_FORMAT}")
-    try:
-        config = ModalMixedConfig(**stored["config"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{where}: not a run config this version reads ({err})") from None
-    tokenizer = _saved_tokenizer(path, files, stored.get("tokenizer"))
+    path, files, stored, config, tokenizer = open_run(directory, required=("run.json", SETTINGS_FILE, HEAD_FILE),
+                                                      config_class=ModalMixedConfig, run_format=RUN_FORMAT,
+                                                      method=METHOD)
     model, settings = load_model(path, device=device, dtype=_model_dtype(config, device),
                                  base_model=config.model.get("path"), verified=True)
     if (model.start_token_id, model.end_token_id, model.latent_token_id) != (

@@ -150,14 +150,9 @@ def write_pretrained(vlm: nn.Module, folder: str, *, latent_token_id: int, k: in
 
 def read_settings(path: str) -> dict:
     """The verified folder ``path``'s ``ivtlr_config.json``, checked; CheckpointError naming the file."""
-    from mmlatent.train.checkpoint import CheckpointError, checked_name, read_json
+    from mmlatent.train.checkpoint import CheckpointError, checked_name, read_settings_file
     where = os.path.join(path, IVTLR_CONFIG_FILE)
-    settings = read_json(path, IVTLR_CONFIG_FILE)
-    if not isinstance(settings, dict) or settings.get("format") != FORMAT:
-        raise CheckpointError(f"{where}: not an IVT-LR settings file (format {FORMAT!r})")
-    version = settings.get("version")
-    if isinstance(version, bool) or not isinstance(version, int) or version > VERSION:
-        raise CheckpointError(f"{where}: version {version!r}, this mmlatent reads up to {VERSION}; upgrade mmlatent")
+    settings = read_settings_file(path, IVTLR_CONFIG_FILE, FORMAT, VERSION, "an IVT-LR settings file")
 
     def positive(key, minimum=1):
         value = settings.get(key)
@@ -170,8 +165,6 @@ def read_settings(path: str) -> dict:
     if settings.get("position_mode") not in POSITION_MODES:
         raise CheckpointError(f"{where}: position_mode: expected one of {POSITION_MODES}, got "
                               f"{settings.get('position_mode')!r}")
-    if settings.get("weights") not in ("full", "adapter"):
-        raise CheckpointError(f"{where}: weights: expected 'full' or 'adapter', got {settings.get('weights')!r}")
     if settings.get("base") is not None:
         try:
             checked_name(settings["base"], "base")
