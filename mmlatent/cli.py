@@ -177,7 +177,7 @@ def _train(args) -> int:
                 "median_step_seconds")
         summary = {k: result[k] for k in keep if k in result}
         summary.update(command=f"mmlatent train --config {args.config}", steps=len(result["history"]["train"]),
-                       batch_size=config.batch_size, accuracy=metrics["accuracy"], n_eval=metrics["n"])
+                       batch_size=getattr(config, "batch_size", None), accuracy=metrics["accuracy"], n_eval=metrics["n"])
         if metrics.get("ablation") is not None:
             summary.update(ablation={k: v["accuracy"] for k, v in metrics["ablation"].items()},
                            latent_mse=metrics["latent_mse"], latent_cosine=metrics["latent_cosine"])

@@ -158,6 +158,9 @@ class Trainer:
             checkpoint and compared on :meth:`resume`, which refuses a change that would alter the run.
         count_tokens: ``count_tokens(batch) -> int``, the tokens a batch trains on, for tokens/s (default
             :func:`batch_tokens`); called on the batch before it moves to the device.
+        step_log: ``step_log() -> dict`` of JSON-able numbers, called after each optimizer step: merged into the
+            step's history record and shown on the progress bar (a method's own per-step metrics, such as GRPO's
+            reward).
 
     ``history`` keeps every step's loss, learning rate, gradient norm, tokens/s, peak memory and seconds, and every
     evaluation. One host synchronisation per optimizer step: the loss and gradient norm, when they are logged.
@@ -168,7 +171,8 @@ class Trainer:
                  eval_fn: Optional[Callable[[nn.Module], Dict[str, Any]]] = None,
                  on_epoch: Optional[Callable[[int, Optional[int]], None]] = None, describe: str = "train",
                  run_config: Optional[dict] = None,
-                 count_tokens: Callable[[Mapping[str, Any]], int] = batch_tokens) -> None:
+                 count_tokens: Callable[[Mapping[str, Any]], int] = batch_tokens,
+                 step_log: Optional[Callable[[], Dict[str, float]]] = None) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable loss_fn(model, batch), got {type(loss_fn).__name__}")
         if not isinstance(batches, EpochBatches):
@@ -178,6 +182,9 @@ class Trainer:
         self.model, self.loss_fn, self.batches, self.config = model, loss_fn, batches, config
         self.eval_fn, self.on_epoch, self.describe = eval_fn, on_epoch, describe
         self.count_tokens = count_tokens
+        if step_log is not None and not callable(step_log):
+            raise TypeError(f"step_log: expected a callable step_log() -> dict, got {type(step_log).__name__}")
+        self.step_log = step_log
         self.run_config = json.loads(json.dumps(run_config if run_config is not None else {"train": asdict(config)}))
         self.device = next(model.parameters()).device
         self.bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
@@ -252,9 +259,12 @@ class Trainer:
             record = dict(step=self.step, loss=step_loss, lr=self.scheduler.get_last_lr()[0], grad_norm=grad_norm,
                           tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0, peak_memory_bytes=peak,
                           epoch=epoch, seconds=elapsed)
+            extra = self.step_log() if self.step_log is not None else {}
+            record.update(extra)
             self.history["train"].append(record)
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                            peak=f"{peak / 2**20:.0f}MiB", epoch=epoch)
+                            peak=f"{peak / 2**20:.0f}MiB", epoch=epoch,
+                            **{k: f"{v:.3g}" for k, v in extra.items() if isinstance(v, (int, float))})
             bar.update(1)
             if self.eval_fn is not None and c.eval_every and self.step % c.eval_every == 0:
                 self.evaluate()

@@ -35,10 +35,19 @@ class ModalMixedGeneration:
             sample that finished (an eos id) is padded with ``pad_token_id``.
         latents: one float32 tensor [n_seg_b, K, D] per sample: the latents fed back, sketch by sketch (a sketch
             cut short by ``max_new_tokens`` is left out).
+        log_probs: [B, L_new] float32: each text token's log-probability under the distribution it was chosen
+            from (softmax of the logits / ``text_temperature``, the placeholder id excluded), 0 elsewhere: what a
+            policy-gradient rollout stores.
+        sampled: [B, L_new] bool: the positions the text distribution chose (text tokens, START, eos); False on
+            latents, the forced END and the padding after a row finished.
+        lengths: [B] int64: positions each row wrote before it finished (eos included).
     """
 
     sequences: torch.Tensor
     latents: List[torch.Tensor]
+    log_probs: Optional[torch.Tensor] = None
+    sampled: Optional[torch.Tensor] = None
+    lengths: Optional[torch.Tensor] = None
 
 
 def special_ids(model: "ModalMixedCoT", eos_token_id: Optional[Union[int, Sequence[int]]],
@@ -99,14 +108,21 @@ def override_latents(latents: torch.Tensor, override: Optional[str],
     return noise * (latents.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
 
-def next_tokens(logits: torch.Tensor, latent_token_id: int, do_sample: bool,
-                generator: Optional[torch.Generator]) -> torch.Tensor:
-    """[n] ids from [n, V] logits: argmax, or a draw from softmax; the placeholder id is never written as text."""
-    logits = logits.float()
-    logits[:, latent_token_id] = float("-inf")
+def next_tokens(logits: torch.Tensor, unwritable_token_ids: Sequence[int], do_sample: bool,
+                generator: Optional[torch.Generator], text_temperature: float = 1.0
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """([n] ids, [n] float32 log-probs) from [n, V] logits: the argmax, or a draw from softmax(logits /
+    ``text_temperature``), and each id's log-probability under that softmax; ``unwritable_token_ids`` (the
+    placeholder, END, the image and video ids: :attr:`ModalMixedCoT.unwritable_token_ids`) are never written as text
+    (their probability is 0)."""
+    logits = logits.float() / text_temperature
+    logits[:, list(unwritable_token_ids)] = float("-inf")
+    log_probs = torch.log_softmax(logits, dim=-1)
     if not do_sample:
-        return logits.argmax(dim=-1)
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+        ids = logits.argmax(dim=-1)
+    else:
+        ids = torch.multinomial(log_probs.exp(), 1, generator=generator)[:, 0]
+    return ids, log_probs.gather(1, ids[:, None])[:, 0]
 
 
 @torch.no_grad()
@@ -115,7 +131,7 @@ def generate(model: "ModalMixedCoT", input_ids: torch.Tensor, attention_mask: to
              max_new_tokens: int = 64, steps: int = 50, schedule: ScheduleSpec = "ddim", temperature: float = 1.0,
              cfg_scale: float = 1.0, do_sample: bool = False, generator: Optional[torch.Generator] = None,
              eos_token_id: Optional[Union[int, Sequence[int]]] = None, pad_token_id: Optional[int] = None,
-             latent_override: Optional[str] = None) -> ModalMixedGeneration:
+             latent_override: Optional[str] = None, text_temperature: float = 1.0) -> ModalMixedGeneration:
     """Text and sketches for a left-padded batch of prompts.
 
     Args:
@@ -129,13 +145,17 @@ def generate(model: "ModalMixedCoT", input_ids: torch.Tensor, attention_mask: to
         eos_token_id, pad_token_id: default to the VLM's generation config.
         latent_override: None, or "zeros" / "noise" (of each latent's norm) fed back instead of the generated
             latents: the dummy-latent ablation. ``latents`` then holds what was fed.
+        text_temperature: divides the text logits before the draw (and the stored log-probs); the argmax is the
+            same at any temperature.
 
-    A row never writes ``latent_token_id`` as text; a row that has finished keeps a place in the batch (its
-    positions are padding) until every row has finished or ``max_new_tokens`` positions are written.
+    A row never writes ``latent_token_id``, END, the image or the video id as text; a row that has finished keeps a
+    place in the batch (its positions are padding) until every row has finished or ``max_new_tokens`` positions
+    are written.
     """
     from transformers import DynamicCache
 
     check_generate_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, latent_override)
+    text_temperature = checks.number("text_temperature", text_temperature, positive=True)
     eos, pad = special_ids(model, eos_token_id, pad_token_id)
     resolved = model.head.schedule(schedule, steps)  # checked and converted once, not per latent
     backbone = model.backbone
@@ -158,15 +178,18 @@ def generate(model: "ModalMixedCoT", input_ids: torch.Tensor, attention_mask: to
     finished = [False] * B
     segments: List[List[torch.Tensor]] = [[] for _ in range(B)]
     current: List[List[torch.Tensor]] = [[] for _ in range(B)]
-    written = []
+    written, scores, chosen = [], [], []
+    lengths = [0] * B
     for step in range(max_new_tokens):
         text_rows = [b for b in range(B) if not finished[b] and sketched[b] is None]
         latent_rows = [b for b in range(B) if sketched[b] is not None and sketched[b] < K]
         end_rows = [b for b in range(B) if sketched[b] == K]
         ids = torch.full((B,), pad, dtype=torch.long, device=device)
+        log_probs = torch.zeros(B, device=device)
         if text_rows:
             rows = torch.tensor(text_rows, device=device)
-            ids[rows] = next_tokens(backbone.logits(hidden[rows]), tokens.latent, do_sample, generator)
+            ids[rows], log_probs[rows] = next_tokens(backbone.logits(hidden[rows]), model.unwritable_token_ids, do_sample,
+                                                     generator, text_temperature)
         if end_rows:
             ids[torch.tensor(end_rows, device=device)] = tokens.end
         latents = None
@@ -177,6 +200,10 @@ def generate(model: "ModalMixedCoT", input_ids: torch.Tensor, attention_mask: to
                                       temperature=temperature, generator=generator)
             latents = override_latents(drawn, latent_override, generator)
         written.append(ids)
+        scores.append(log_probs)
+        chosen.append([not finished[b] and sketched[b] is None for b in range(B)])
+        for b in range(B):
+            lengths[b] += not finished[b]
         host = ids.tolist()  # the step's one host sync
         for b in text_rows:
             if host[b] == tokens.start:
@@ -204,7 +231,9 @@ def generate(model: "ModalMixedCoT", input_ids: torch.Tensor, attention_mask: to
     D = model.hidden_size
     return ModalMixedGeneration(
         sequences=torch.stack(written, dim=1),
-        latents=[torch.stack(s) if s else torch.zeros(0, K, D, device=device) for s in segments])
+        latents=[torch.stack(s) if s else torch.zeros(0, K, D, device=device) for s in segments],
+        log_probs=torch.stack(scores, dim=1), sampled=torch.tensor(chosen, device=device).T.contiguous(),
+        lengths=torch.tensor(lengths, dtype=torch.long, device=device))
 
 
 __all__ = ["generate", "ModalMixedGeneration", "LATENT_OVERRIDES", "special_ids", "check_generate_inputs",

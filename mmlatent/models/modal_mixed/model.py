@@ -123,6 +123,11 @@ class ModalMixedCoT(nn.Module):
         self.batch_mul = batch_mul
         self.detach_conditions = detach_conditions
         self.hidden_size = hidden
+        # ids text generation never writes: the placeholder (a latent comes from the head), END (it follows the
+        # K-th latent by rule; as text it would close no sketch) and the ids that announce image features (an
+        # image token without its pixels would break every later forward)
+        self.unwritable_token_ids = tuple(sorted({latent_token_id, end_token_id, config.image_token_id,
+                                                  config.video_token_id}))
 
     # ----------------------------------------------------------------------------------------------- pieces
     @property
@@ -203,7 +208,6 @@ class ModalMixedCoT(nn.Module):
         j-1's for latent j. ``latent_loss = head.loss(targets, conditions, batch_mul=batch_mul,
         generator=generator)``. ValueError naming the argument for a bad layout, targets of the wrong count or
         width, or labels on placeholders."""
-        backbone = self.backbone
         checks.tensor("input_ids", input_ids, dtypes=(torch.int64, torch.int32))
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected [B, S], got {tuple(input_ids.shape)}")
@@ -223,14 +227,8 @@ class ModalMixedCoT(nn.Module):
         if layout.num_segments and bool((labels[layout.rows, layout.cols] != -100).any()):
             raise ValueError("labels: expected -100 on every latent placeholder (a latent is trained by the "
                              "diffusion loss, not by cross-entropy)")
-        backbone.check_images(input_ids, pixel_values, image_grid_thw)
-        embeds = backbone.input_embeddings(input_ids, pixel_values, image_grid_thw)
         targets = latent_targets.reshape(-1, D)
-        if layout.num_segments:
-            embeds = embeds.index_put((layout.rows, layout.cols), targets.to(embeds.dtype))
-        positions, _ = mrope_positions(self.vlm, input_ids, attention_mask, image_grid_thw)
-        hidden = backbone.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                         position_ids=positions, use_cache=False).last_hidden_state
+        hidden = self._hidden(input_ids, attention_mask, layout, targets, pixel_values, image_grid_thw)
         text_loss = self.text_head()(hidden, labels, shift=True)
         conditions = hidden[layout.rows, layout.cols - 1]
         if self.detach_conditions:
@@ -245,6 +243,39 @@ class ModalMixedCoT(nn.Module):
         return ModalMixedOutput(loss=loss, text_loss=text_loss, latent_loss=latent_loss, conditions=conditions,
                                 targets=targets)
 
+    def _hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layout: SketchLayout,
+                latents: torch.Tensor, pixel_values: Optional[torch.Tensor],
+                image_grid_thw: Optional[torch.Tensor]) -> torch.Tensor:
+        backbone = self.backbone
+        backbone.check_images(input_ids, pixel_values, image_grid_thw)
+        embeds = backbone.input_embeddings(input_ids, pixel_values, image_grid_thw)
+        if layout.num_segments:
+            embeds = embeds.index_put((layout.rows, layout.cols), latents.to(embeds.dtype))
+        positions, _ = mrope_positions(self.vlm, input_ids, attention_mask, image_grid_thw)
+        return backbone.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
+                                       use_cache=False).last_hidden_state
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, latents: torch.Tensor,
+                      pixel_values: Optional[torch.Tensor] = None,
+                      image_grid_thw: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, S, D] final-layer hidden states (after the final norm) of sequences whose sketches are given:
+        ``latents`` [N_seg, K, D] in placeholder order (sample, then position) become the placeholders' input
+        embeddings, the prompt images go through the VLM's normal path, positions are M-RoPE's with the sketch
+        tokens as text. The forward :meth:`forward` and a policy's log-probabilities (GRPO) share; the layout is
+        checked as in :meth:`forward`."""
+        checks.tensor("input_ids", input_ids, dtypes=(torch.int64, torch.int32))
+        if input_ids.dim() != 2 or not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"input_ids, attention_mask: expected two [B, S] tensors, got "
+                             f"{tuple(input_ids.shape)} and "
+                             f"{tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else attention_mask!r}")
+        checks.tensor("latents", latents, dtypes=checks.FLOAT_DTYPES)
+        layout = self.sketch_layout(input_ids, attention_mask)
+        K, D = self.num_latents, self.hidden_size
+        if latents.dim() != 3 or latents.shape[1:] != (K, D) or latents.shape[0] != layout.num_segments:
+            raise ValueError(f"latents: expected [{layout.num_segments}, {K}, {D}] (the sketches input_ids hold, "
+                             f"num_latents, hidden size), got {tuple(latents.shape)}")
+        return self._hidden(input_ids, attention_mask, layout, latents.reshape(-1, D), pixel_values, image_grid_thw)
+
     # -------------------------------------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
@@ -253,14 +284,15 @@ class ModalMixedCoT(nn.Module):
                  temperature: float = 1.0, cfg_scale: float = 1.0, do_sample: bool = False,
                  generator: Optional[torch.Generator] = None,
                  eos_token_id: Optional[Union[int, Sequence[int]]] = None,
-                 pad_token_id: Optional[int] = None, latent_override: Optional[str] = None
-                 ) -> "ModalMixedGeneration":
+                 pad_token_id: Optional[int] = None, latent_override: Optional[str] = None,
+                 text_temperature: float = 1.0) -> "ModalMixedGeneration":
         """Batched, KV-cached generation of text and sketches; see :func:`.generation.generate`."""
         from .generation import generate
         return generate(self, input_ids, attention_mask, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                         max_new_tokens=max_new_tokens, steps=steps, schedule=schedule, temperature=temperature,
                         cfg_scale=cfg_scale, do_sample=do_sample, generator=generator, eos_token_id=eos_token_id,
-                        pad_token_id=pad_token_id, latent_override=latent_override)
+                        pad_token_id=pad_token_id, latent_override=latent_override,
+                        text_temperature=text_temperature)
 
     def extra_repr(self) -> str:
         return (f"num_latents={self.num_latents}, pool_grid={self.pool_grid}, start={self.start_token_id}, "

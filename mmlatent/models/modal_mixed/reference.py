@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ...kernels import checks
 from ..diffusion_head import ScheduleSpec
 from .generation import (ModalMixedGeneration, check_generate_inputs, next_tokens, override_latents,
                          special_ids)
@@ -29,8 +30,8 @@ def _scheduler(model: "ModalMixedCoT", schedule: ScheduleSpec) -> "diffusers.Sch
                     f"scheduler, got {type(schedule).__name__}")
 
 
-def diffusers_sample(model: "ModalMixedCoT", cond: torch.Tensor, scheduler: "diffusers.SchedulerMixin", steps: int, temperature: float,
-                     cfg_scale: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+def diffusers_sample(model: "ModalMixedCoT", cond: torch.Tensor, scheduler: "diffusers.SchedulerMixin", steps: int,
+                     temperature: float, cfg_scale: float, generator: Optional[torch.Generator]) -> torch.Tensor:
     """[1, D] float32: one latent from the condition [1, D] by ``scheduler.step()`` over the head."""
     head = model.head
     dtype = next(head.parameters()).dtype
@@ -80,7 +81,8 @@ def modal_mixed_reference_generate(model: "ModalMixedCoT", input_ids: torch.Tens
                                    generator: Optional[torch.Generator] = None,
                                    eos_token_id: Optional[Union[int, Sequence[int]]] = None,
                                    pad_token_id: Optional[int] = None,
-                                   latent_override: Optional[str] = None) -> ModalMixedGeneration:
+                                   latent_override: Optional[str] = None,
+                                   text_temperature: float = 1.0) -> ModalMixedGeneration:
     """:meth:`ModalMixedCoT.generate`'s result, computed the plain way (same keywords).
 
     Per sample, with its padding removed: at every step the VLM's own forward (``vlm.model(input_ids=...,
@@ -94,6 +96,7 @@ def modal_mixed_reference_generate(model: "ModalMixedCoT", input_ids: torch.Tens
     order, so the two agree in distribution only. A ``SamplerSchedule`` is refused (TypeError): it has no
     diffusers ``step``."""
     check_generate_inputs(model, input_ids, attention_mask, max_new_tokens, do_sample, latent_override)
+    text_temperature = checks.number("text_temperature", text_temperature, positive=True)
     eos, pad = special_ids(model, eos_token_id, pad_token_id)
     scheduler = _scheduler(model, schedule)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -102,10 +105,12 @@ def modal_mixed_reference_generate(model: "ModalMixedCoT", input_ids: torch.Tens
     backbone.check_images(input_ids, pixel_values, image_grid_thw)
     tokens, K, D = model.tokens, model.num_latents, model.hidden_size
     device = input_ids.device
-    sequences, all_latents = [], []
+    sequences, all_latents, all_scores, all_sampled = [], [], [], []
     for b, (pixels, grid) in enumerate(_images_per_sample(model, input_ids, pixel_values, image_grid_thw)):
         prompt = input_ids[b][attention_mask[b].bool()]
         generated: List[int] = []
+        scores: List[float] = []  # each position's text log-prob (0 where the head or the rule wrote it)
+        sampled: List[bool] = []
         fed: List[torch.Tensor] = []  # the latents, in placeholder order
         sketched = 0 if int(prompt[-1]) == tokens.start else None
         for _ in range(max_new_tokens):
@@ -121,26 +126,41 @@ def modal_mixed_reference_generate(model: "ModalMixedCoT", input_ids: torch.Tens
                 latent = diffusers_sample(model, hidden, scheduler, steps, temperature, cfg_scale, generator)
                 fed.append(override_latents(latent, latent_override, generator))
                 generated.append(tokens.latent)
+                scores.append(0.0)
+                sampled.append(False)
                 sketched += 1
             elif sketched == K:
                 generated.append(tokens.end)
+                scores.append(0.0)
+                sampled.append(False)
                 sketched = None
             else:
-                token = int(next_tokens(backbone.logits(hidden), tokens.latent, do_sample, generator)[0])
+                ids, log_probs = next_tokens(backbone.logits(hidden), model.unwritable_token_ids, do_sample, generator,
+                                             text_temperature)
+                token = int(ids[0])
                 generated.append(token)
+                scores.append(float(log_probs[0]))
+                sampled.append(True)
                 if token == tokens.start:
                     sketched = 0
                 elif token in eos:
                     break
         complete = len(fed) // K * K
         sequences.append(generated)
+        all_scores.append(scores)
+        all_sampled.append(sampled)
         all_latents.append(torch.cat(fed[:complete]).view(-1, K, D) if complete
                            else torch.zeros(0, K, D, device=device))
     width = max(map(len, sequences))
     out = torch.full((len(sequences), width), pad, dtype=torch.long, device=device)
+    log_probs = torch.zeros(len(sequences), width, device=device)
+    chosen = torch.zeros(len(sequences), width, dtype=torch.bool, device=device)
     for b, row in enumerate(sequences):
         out[b, :len(row)] = torch.tensor(row, dtype=torch.long, device=device)
-    return ModalMixedGeneration(sequences=out, latents=all_latents)
+        log_probs[b, :len(row)] = torch.tensor(all_scores[b], device=device)
+        chosen[b, :len(row)] = torch.tensor(all_sampled[b], dtype=torch.bool, device=device)
+    return ModalMixedGeneration(sequences=out, latents=all_latents, log_probs=log_probs, sampled=chosen,
+                                lengths=torch.tensor([len(r) for r in sequences], dtype=torch.long, device=device))
 
 
 __all__ = ["modal_mixed_reference_generate", "diffusers_sample"]

@@ -1,0 +1,711 @@
+"""GRPO for latent reasoners without the [B, L, V] logits: group-relative advantages, the clipped policy loss of
+TRL's ``GRPOTrainer`` (every loss type and importance-sampling level it shares with PPO-style clipping), and the
+policy's per-token log-probabilities of a completion from one forward, through ``linear_log_probs``.
+
+The formulas are TRL's (``trl/trainer/grpo_trainer.py``, ``_generate_and_score_completions`` for the advantages
+and ``_compute_loss`` for the loss; compared against TRL 1.13.0 in ``tests/test_grpo.py``), written for one
+process and one accumulation window; docs/design.md, "GRPO", says how micro-batches and the loop use them.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmlatent.kernels import checks
+
+from .loop import EpochBatches
+
+SCALES = ("group", "batch", "none")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+STD_EPS = 1e-4  # TRL's: A = (r - mean) / (std + 1e-4)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group") -> torch.Tensor:
+    """Group-relative advantages, [N] float32, as TRL's GRPOTrainer computes them.
+
+    Args:
+        rewards: [N] finite rewards, N = prompts x ``group_size``, each prompt's completions contiguous.
+        group_size: G, completions per prompt (must divide N).
+        scale: ``"group"`` divides ``r - mean_group(r)`` by (the group's std + 1e-4), ``"batch"`` by (the whole
+            batch's std + 1e-4), ``"none"`` does not divide (Dr. GRPO). The std is torch's unbiased one; a group
+            (or batch) of one has std 0, as in TRL.
+    """
+    checks.tensor("rewards", rewards, dtypes=checks.FLOAT_DTYPES)
+    if rewards.dim() != 1 or rewards.shape[0] == 0:
+        raise ValueError(f"rewards: expected a non-empty [N] tensor, got {tuple(rewards.shape)}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size: expected a positive int, got {group_size!r}")
+    n = rewards.shape[0]
+    if n % group_size:
+        raise ValueError(f"group_size: {group_size} does not divide the {n} rewards (prompts x group_size, each "
+                         f"prompt's completions contiguous)")
+    if scale not in SCALES:
+        raise ValueError(f"scale: expected one of {', '.join(SCALES)}, got {scale!r}")
+    if not bool(torch.isfinite(rewards).all()):
+        raise ValueError("rewards: expected finite values (a NaN or infinite reward has no advantage)")
+    r = rewards.float()
+    grouped = r.view(-1, group_size)
+    advantages = r - grouped.mean(dim=1).repeat_interleave(group_size)
+    if scale == "none":
+        return advantages
+    if scale == "group":
+        std = grouped.std(dim=1).repeat_interleave(group_size) if group_size > 1 else torch.zeros_like(r)
+    else:
+        std = r.std().expand_as(r) if n > 1 else torch.zeros_like(r)
+    return advantages / (std + STD_EPS)
+
+
+@dataclass
+class GRPOLossOutput:
+    """What :func:`grpo_loss` returns.
+
+    Attributes:
+        loss: scalar float32, differentiable in ``logp``.
+        clip_ratio: scalar float32, no gradient: the fraction of masked tokens (sequences, at the sequence level)
+            whose importance weight was clipped in the direction that matters (below 1 - epsilon_low with a
+            negative advantage, or above 1 + epsilon_high with a positive one): TRL's ``clip_ratio/region_mean``.
+        kl: scalar float32 masked mean of the k3 estimator (no gradient), or None without ``ref_logp``.
+    """
+
+    loss: torch.Tensor
+    clip_ratio: torch.Tensor
+    kl: Optional[torch.Tensor]
+
+
+def _check_like(name: str, value: Optional[torch.Tensor], shape: torch.Size) -> None:
+    if value is None:
+        return
+    checks.tensor(name, value, dtypes=checks.FLOAT_DTYPES)
+    if value.shape != shape:
+        raise ValueError(f"{name}: expected logp's shape {tuple(shape)}, got {tuple(value.shape)}")
+
+
+def grpo_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+              old_logp: Optional[torch.Tensor] = None, ref_logp: Optional[torch.Tensor] = None, beta: float = 0.0,
+              epsilon_low: float = 0.2, epsilon_high: Optional[float] = None, loss_type: str = "dapo",
+              importance_sampling_level: str = "token", max_completion_length: Optional[int] = None,
+              num_items_in_batch: Optional[Union[int, torch.Tensor]] = None) -> GRPOLossOutput:
+    """TRL GRPOTrainer's clipped policy loss of one micro-batch.
+
+    Args:
+        logp: [N, L] per-token log-probs of the completion tokens under the current policy (float32; the
+            gradient flows through it).
+        advantages: [N] (:func:`group_advantages`), one per completion.
+        mask: [N, L] bool, True on the completion's text tokens (the tokens that carry a log-prob).
+        old_logp: [N, L] the log-probs the rollout was scored with (None: ``logp.detach()``, one iteration per
+            rollout, so every weight is 1).
+        ref_logp: [N, L] the reference policy's; needed when ``beta > 0``.
+        beta: weight of the k3 KL estimator ``exp(ref - logp) - (ref - logp) - 1``, added per token.
+        epsilon_low, epsilon_high: the weight is clipped to [1 - epsilon_low, 1 + epsilon_high]
+            (``epsilon_high=None``: epsilon_low).
+        loss_type: the reduction. ``"grpo"``: each sequence's mean over its tokens, then the mean over sequences;
+            ``"bnpo"``: the mean over the micro-batch's tokens; ``"dr_grpo"``: the sum over tokens divided by N x
+            ``max_completion_length`` (None: L); ``"dapo"``: the sum divided by ``num_items_in_batch``, the
+            active tokens of the whole accumulated batch (None: ``mask.sum()``).
+        importance_sampling_level: ``"token"`` (one weight per token) or ``"sequence"`` (GSPO: the exponential
+            of the mean log-ratio over the sequence's mask).
+
+    Over several micro-batches of one optimizer step, TRL divides the grpo, bnpo and dr_grpo losses by the
+    number of micro-batches; dapo's ``num_items_in_batch`` already spans them. Masked positions of the inputs may
+    hold anything: they are replaced by 0 before any exponential, and get no gradient.
+    """
+    checks.tensor("logp", logp, dtypes=checks.FLOAT_DTYPES)
+    if logp.dim() != 2:
+        raise ValueError(f"logp: expected [N, L], got {tuple(logp.shape)}")
+    if not torch.is_tensor(mask) or mask.dtype != torch.bool or mask.shape != logp.shape:
+        raise ValueError(f"mask: expected a bool tensor of logp's shape {tuple(logp.shape)}, got "
+                         f"{(mask.dtype, tuple(mask.shape)) if torch.is_tensor(mask) else type(mask).__name__}")
+    checks.tensor("advantages", advantages, dtypes=checks.FLOAT_DTYPES)
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"advantages: expected [{logp.shape[0]}] (one per completion), got "
+                         f"{tuple(advantages.shape)}")
+    _check_like("old_logp", old_logp, logp.shape)
+    _check_like("ref_logp", ref_logp, logp.shape)
+    beta = checks.number("beta", beta)
+    if beta < 0:
+        raise ValueError(f"beta: expected >= 0, got {beta}")
+    if beta > 0 and ref_logp is None:
+        raise ValueError("ref_logp: needed with beta > 0 (the KL term is against the reference policy)")
+    epsilon_low = checks.number("epsilon_low", epsilon_low)
+    epsilon_high = epsilon_low if epsilon_high is None else checks.number("epsilon_high", epsilon_high)
+    if not 0 <= epsilon_low < 1:
+        raise ValueError(f"epsilon_low: expected 0 <= epsilon_low < 1, got {epsilon_low}")
+    if epsilon_high < 0:
+        raise ValueError(f"epsilon_high: expected >= 0, got {epsilon_high}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type: expected one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"importance_sampling_level: expected one of {', '.join(IMPORTANCE_SAMPLING_LEVELS)}, got "
+                         f"{importance_sampling_level!r}")
+    if max_completion_length is not None and (isinstance(max_completion_length, bool)
+                                              or not isinstance(max_completion_length, int)
+                                              or max_completion_length < 1):
+        raise ValueError(f"max_completion_length: expected a positive int, got {max_completion_length!r}")
+
+    weights = mask.to(logp.dtype)
+    zero = logp.new_zeros(())
+    logp = torch.where(mask, logp, zero)
+    old = logp.detach() if old_logp is None else torch.where(mask, old_logp.to(logp.dtype), zero)
+    log_ratio = logp - old
+    if importance_sampling_level == "token":
+        log_weight = log_ratio
+    else:
+        log_weight = ((log_ratio * weights).sum(-1) / weights.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_weight)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+    adv = advantages.to(logp.dtype).unsqueeze(1)
+    per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+    kl = None
+    if ref_logp is not None:
+        ref = torch.where(mask, ref_logp.to(logp.dtype), zero)
+        per_token_kl = torch.exp(ref - logp) - (ref - logp) - 1
+        if beta > 0:
+            per_token = per_token + beta * per_token_kl
+        kl = ((per_token_kl * weights).sum() / weights.sum().clamp(min=1.0)).detach().float()
+    n, length = logp.shape
+    if loss_type == "grpo":
+        loss = ((per_token * weights).sum(-1) / weights.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token * weights).sum() / weights.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        loss = (per_token * weights).sum() / (n * (max_completion_length or length))
+    else:
+        items = weights.sum() if num_items_in_batch is None else num_items_in_batch
+        if not torch.is_tensor(items):
+            if isinstance(items, bool) or not isinstance(items, (int, float)) or items <= 0:
+                raise ValueError(f"num_items_in_batch: expected a positive count, got {num_items_in_batch!r}")
+            items = torch.tensor(float(items), device=logp.device)
+        loss = (per_token * weights).sum() / items.to(logp.device, logp.dtype).clamp(min=1.0)
+    with torch.no_grad():
+        clipped = (((coef_1 < 1 - epsilon_low) & (adv < 0)) | ((coef_1 > 1 + epsilon_high) & (adv > 0))).to(logp.dtype)
+        if importance_sampling_level == "sequence":
+            clip_ratio = clipped.sum() / n
+        else:
+            clip_ratio = (clipped * weights).sum() / weights.sum().clamp(min=1.0)
+    return GRPOLossOutput(loss=loss.float(), clip_ratio=clip_ratio.float(), kl=kl)
+
+
+# ------------------------------------------------------------------------------------------ log-probabilities
+
+def completion_log_probs(model: nn.Module, batch: Dict[str, Any], *, temperature: float = 1.0
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The policy's per-token log-probs of the completions, from one forward over prompt + completion.
+
+    Args:
+        model: a :class:`~mmlatent.models.ModalMixedCoT`, or a transformers causal LM / VLM (Qwen2-VL,
+            Qwen2.5-VL, ...) or a PEFT model of one, as a plain policy.
+        batch: ``input_ids`` [N, S + L] (prompts left-padded to S, completions right-padded to L),
+            ``attention_mask`` [N, S + L], ``completion_mask`` [N, L] bool (True on the completion tokens that
+            carry a log-prob: the sampled text tokens), the prompt images (``pixel_values``, ``image_grid_thw``)
+            and, for a Modal-mixed model, ``latents`` [N_seg, K, D]: the rollout's sketches in the order of their
+            placeholders (row by row), fed back verbatim as the placeholders' input embeddings.
+        temperature: the logits are divided by it, as the rollout sampled them.
+
+    Returns:
+        (logp [N, L] float32, 0 where the mask is False; mask [N, L] bool, ``completion_mask``). Only the masked
+        rows' log-probs are computed, through :func:`~mmlatent.kernels.linear_log_probs` (never the [N, L, V]
+        logits); they are differentiable in the model's parameters. A Modal-mixed model's text distribution
+        excludes its ``unwritable_token_ids`` (the placeholder, END, image and video ids), as its generation does.
+    """
+    from mmlatent.models import ModalMixedCoT
+    from mmlatent.models.lm_head import LinearCrossEntropyHead, head_for
+    for key in ("input_ids", "attention_mask", "completion_mask"):
+        if key not in batch:
+            raise ValueError(f"batch: missing {key!r} (expected input_ids, attention_mask, completion_mask)")
+    input_ids, attention_mask, mask = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    checks.tensor("batch['input_ids']", input_ids, dtypes=(torch.int64, torch.int32))
+    if input_ids.dim() != 2:
+        raise ValueError(f"batch['input_ids']: expected [N, S + L], got {tuple(input_ids.shape)}")
+    if not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"batch['attention_mask']: expected input_ids' shape {tuple(input_ids.shape)}")
+    if (not torch.is_tensor(mask) or mask.dtype != torch.bool or mask.dim() != 2
+            or mask.shape[0] != input_ids.shape[0] or not 0 < mask.shape[1] < input_ids.shape[1]):
+        raise ValueError(f"batch['completion_mask']: expected a bool [N, L] with N = {input_ids.shape[0]} and "
+                         f"0 < L < {input_ids.shape[1]} (the completion's length), got "
+                         f"{(mask.dtype, tuple(mask.shape)) if torch.is_tensor(mask) else type(mask).__name__}")
+    temperature = checks.number("temperature", temperature, positive=True)
+    length = mask.shape[1]
+    completion = input_ids[:, -length:]
+    if bool((mask & ~attention_mask[:, -length:].bool()).any()):
+        raise ValueError("batch['completion_mask']: True on a padding position of the completion")
+    if isinstance(model, ModalMixedCoT):
+        if bool((mask & (completion == model.latent_token_id)).any()):
+            raise ValueError("batch['completion_mask']: True on a latent placeholder (a sketch carries no "
+                             "log-prob)")
+        latents = batch.get("latents")
+        if latents is None:
+            raise ValueError("batch: missing 'latents' (a Modal-mixed completion's sketches, replayed at its "
+                             "placeholders)")
+        hidden = model.hidden_states(input_ids, attention_mask, latents=latents,
+                                     pixel_values=batch.get("pixel_values"),
+                                     image_grid_thw=batch.get("image_grid_thw"))
+        base = model.text_head()
+        suppressed = sorted(set(base.suppressed_token_ids or ()) | set(model.unwritable_token_ids))
+        head = LinearCrossEntropyHead(model.backbone.lm_head, suppressed_token_ids=suppressed)
+    else:
+        extra = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if batch.get(k) is not None}
+        hidden = _backbone_hidden(model, input_ids, attention_mask, extra)
+        head = head_for(model)
+    before = hidden[:, -length - 1:-1]  # position i scores token i + 1
+    rows = before[mask]
+    logp = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    if rows.shape[0]:
+        logp = logp.index_put((mask.nonzero(as_tuple=True)), head.log_probs(rows, completion[mask],
+                                                                              temperature=temperature))
+    return logp, mask
+
+
+def rollout_batch(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generation: Any, *,
+                  pad_token_id: int, pixel_values: Optional[torch.Tensor] = None,
+                  image_grid_thw: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+    """The batch :func:`completion_log_probs` reads, from left-padded prompts [N, S] and what
+    :meth:`~mmlatent.models.ModalMixedCoT.generate` returned for them (``sequences``, ``latents``,
+    ``log_probs``, ``sampled``, ``lengths``).
+
+    A completion keeps the positions its row wrote before finishing (eos included); a sketch that
+    ``max_new_tokens`` cut short is dropped from its START on (its latents were never returned, and the
+    sketch cannot be replayed without them), so its START's log-prob leaves the mask too. ``completion_mask``
+    marks the sampled text tokens (text, START, eos), never the latents, the forced END or the padding.
+    Returns ``input_ids``, ``attention_mask``, ``completion_mask``, ``latents`` [N_seg, K, D], ``old_logp`` [N, L]
+    (the rollout's own log-probs, 0 off the mask) and the prompt images."""
+    from mmlatent.models import ModalMixedCoT
+    sequences, lengths = generation.sequences, generation.lengths
+    if lengths is None or generation.sampled is None or generation.log_probs is None:
+        raise ValueError("generation: expected the log_probs, sampled and lengths a rollout records")
+    if prompt_ids.shape[0] != sequences.shape[0] or prompt_mask.shape != prompt_ids.shape:
+        raise ValueError(f"prompt_ids, prompt_mask: expected [{sequences.shape[0]}, S] (one prompt per "
+                         f"completion), got {tuple(prompt_ids.shape)} and {tuple(prompt_mask.shape)}")
+    n, length = sequences.shape
+    keep = torch.arange(length, device=sequences.device)[None] < lengths[:, None]
+    replayed = []
+    if isinstance(model, ModalMixedCoT):
+        tokens, K = model.tokens, model.num_latents
+        for b, row in enumerate(sequences.tolist()):  # host: the cut of an unfinished sketch
+            end = int(lengths[b])
+            opened = [i for i, t in enumerate(row[:end]) if t == tokens.start]
+            if opened and (opened[-1] + K + 1 >= end or row[opened[-1] + K + 1] != tokens.end):
+                keep[b, opened[-1]:] = False  # its K latents may all be there, but END is not
+                opened.pop()
+            replayed.append(generation.latents[b][:len(opened)])
+    completion = torch.where(keep, sequences, torch.full_like(sequences, pad_token_id))
+    mask = generation.sampled & keep
+    batch = dict(input_ids=torch.cat([prompt_ids, completion], dim=1),
+                 attention_mask=torch.cat([prompt_mask.to(torch.long), keep.to(torch.long)], dim=1),
+                 completion_mask=mask, old_logp=torch.where(mask, generation.log_probs.float(),
+                                                            torch.zeros((), device=sequences.device)))
+    if isinstance(model, ModalMixedCoT):
+        batch["latents"] = torch.cat(replayed).float()
+    if pixel_values is not None:
+        batch.update(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+    return batch
+
+
+def _backbone_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     extra: Dict[str, Any]) -> torch.Tensor:
+    """The last hidden state [N, S, H] (after the final norm) of a transformers model's backbone."""
+    from mmlatent.models.unwrap import unwrap_peft
+    inner = unwrap_peft(model)
+    backbone = getattr(inner, "base_model", None)
+    if not isinstance(backbone, nn.Module) or backbone is inner:
+        raise TypeError(f"model: expected a ModalMixedCoT or a transformers causal LM / VLM with a backbone, got "
+                        f"{type(model).__name__}")
+    outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, **extra)
+    return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+
+
+
+
+# ---------------------------------------------------------------------------------------------- the GRPO run
+# ``mmlatent train`` with ``method: grpo``: RL on the text of a finished Modal-mixed SFT run (its final/ folder).
+
+METHOD = "grpo"
+REWARDS: Dict[str, Any] = {}
+
+
+def register_reward(name: str, fn: Any) -> None:
+    """Makes ``reward: name`` in a GRPO config call ``fn(completions: List[str], records: list) -> List[float]``
+    (one reward per completion; the records are the questions, repeated once per completion)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name: expected a non-empty string, got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"fn: expected a callable fn(completions, records), got {type(fn).__name__}")
+    REWARDS[name] = fn
+
+
+def strict_answer_reward(completions: List[str], records: list) -> List[float]:
+    """1 for a completion whose first "the answer is X" is the gold answer (the evaluation's strict parse), else
+    0."""
+    from .modal_mixed import answer_correct
+    return [1.0 if answer_correct(text, record) else 0.0 for text, record in zip(completions, records)]
+
+
+def format_reward(completions: List[str], records: list) -> List[float]:
+    """1 for a completion the strict parse can read an answer from (right or wrong), else 0."""
+    from .modal_mixed import answer_given
+    return [1.0 if answer_given(text, record) else 0.0 for text, record in zip(completions, records)]
+
+
+register_reward("strict_answer", strict_answer_reward)
+register_reward("format", format_reward)
+
+
+@dataclass
+class GRPOConfig:
+    """One GRPO run (YAML keys are these fields; ``train`` holds :class:`~mmlatent.train.TrainConfig` fields
+    but ``grad_accum``, which is the rollout's micro-batch count).
+
+    ``init_from``: a finished Modal-mixed run's ``final/`` folder (its model, tokenizer, data and sampler are the
+    defaults here). Each optimizer step's rollout draws ``prompts_per_step`` training questions and
+    ``group_size`` completions of each (text drawn at ``text_temperature``, the sketches by the head from noise
+    scaled by ``latent_temperature``), in micro-batches of ``micro_batch_size`` completions (whole groups);
+    ``num_iterations`` optimizer steps reuse one rollout. ``reward`` names a registered reward
+    (:func:`register_reward`), plus ``format_weight`` times the format reward. The loss keywords are
+    :func:`grpo_loss`'s; ``scale_rewards`` is :func:`group_advantages`' ``scale``. ``lora``: LoRA adapters added
+    for RL (then the reference policy of ``beta > 0`` is the model with its adapters disabled; without them a
+    frozen copy of the VLM)."""
+
+    name: str = "grpo"
+    method: str = METHOD
+    init_from: str = ""
+    group_size: int = 8
+    prompts_per_step: int = 4
+    micro_batch_size: int = 16
+    num_iterations: int = 1
+    max_new_tokens: Optional[int] = None
+    text_temperature: float = 1.0
+    latent_temperature: float = 1.0
+    sampler: Optional[Dict] = None
+    loss_type: str = "dapo"
+    beta: float = 0.0
+    epsilon_low: float = 0.2
+    epsilon_high: Optional[float] = None
+    importance_sampling_level: str = "token"
+    scale_rewards: str = "group"
+    reward: str = "strict_answer"
+    format_weight: float = 0.0
+    lora: Optional[Dict] = None
+    eval_samples: int = 64
+    train: Dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .ivtlr import _check_lora
+        from .loop import check_int
+        from .methods import check_train_options
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name: expected a non-empty string, got {self.name!r}")
+        if self.method != METHOD:
+            raise ValueError(f"method: expected {METHOD!r} for a GRPO run, got {self.method!r}")
+        if not isinstance(self.init_from, str) or not self.init_from:
+            raise ValueError("init_from: expected the final/ folder of a finished Modal-mixed run (the SFT "
+                             "checkpoint), got none")
+        for key in ("group_size", "prompts_per_step", "micro_batch_size", "num_iterations", "eval_samples"):
+            check_int(key, getattr(self, key))
+        if self.max_new_tokens is not None:
+            check_int("max_new_tokens", self.max_new_tokens)
+        if self.group_size < 2:
+            raise ValueError(f"group_size: expected >= 2 (advantages compare a question's completions), got "
+                             f"{self.group_size}")
+        if self.micro_batch_size % self.group_size:
+            raise ValueError(f"micro_batch_size: {self.micro_batch_size} is not a multiple of group_size "
+                             f"({self.group_size}); a micro-batch holds whole groups")
+        if (self.prompts_per_step * self.group_size) % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size: {self.micro_batch_size} does not divide the "
+                             f"{self.prompts_per_step * self.group_size} completions of a step")
+        for key in ("text_temperature", "latent_temperature"):
+            value = checks.number(key, getattr(self, key))
+            if value <= 0 and key == "text_temperature" or value < 0:
+                raise ValueError(f"{key}: expected {'> 0' if key == 'text_temperature' else '>= 0'}, got {value}")
+        if self.sampler is not None and (not isinstance(self.sampler, dict)
+                                         or set(self.sampler) - {"steps", "schedule", "cfg_scale"}):
+            raise ValueError(f"sampler: expected a mapping of steps, schedule, cfg_scale, got {self.sampler!r}")
+        if self.scale_rewards not in SCALES:
+            raise ValueError(f"scale_rewards: expected one of {', '.join(SCALES)}, got {self.scale_rewards!r}")
+        if self.reward not in REWARDS:
+            raise ValueError(f"reward: expected a registered reward ({', '.join(sorted(REWARDS))}), got "
+                             f"{self.reward!r}")
+        checks.number("format_weight", self.format_weight)
+        if self.lora is not None:
+            _check_lora(self.lora)
+        # the loss keywords, checked once by the loss itself on a one-token input
+        one = torch.zeros(1, 1)
+        grpo_loss(one, torch.zeros(1), torch.ones(1, 1, dtype=torch.bool), ref_logp=one, beta=self.beta,
+                  epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, loss_type=self.loss_type,
+                  importance_sampling_level=self.importance_sampling_level)
+        check_train_options(self.train)
+        if "grad_accum" in self.train:
+            raise ValueError("train.grad_accum: set by the rollout (its completions / micro_batch_size); use "
+                             "micro_batch_size and prompts_per_step")
+        save_every = self.train.get("save_every", 0)
+        if save_every % self.num_iterations:
+            raise ValueError(f"train.save_every: {save_every} is not a multiple of num_iterations "
+                             f"({self.num_iterations}); a checkpoint is written between rollouts")
+
+    @property
+    def completions_per_step(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+    @classmethod
+    def load(cls, path: str) -> "GRPOConfig":
+        from .methods import from_mapping, read_yaml
+        return from_mapping(cls, read_yaml(path), path)
+
+
+RUN_CONFIG = GRPOConfig  # the config class of this method's runs (mmlatent.train.methods)
+
+
+class Rollouts(EpochBatches):
+    """The stream of micro-batches the Trainer reads for a GRPO run: at the first micro-batch of a step it draws
+    ``prompts_per_step`` questions, samples every completion (eval mode, no_grad), scores and packs them; the
+    next ``num_iterations`` optimizer steps read the same micro-batches. Its state (the question order's
+    position and the sampling generator) is part of every checkpoint, so a resumed run rolls out the same
+    completions."""
+
+    def __init__(self, config: GRPOConfig, sft: Any, model: Any, tokenizer: Any, image_processor: Any, records: list,
+                 reference: Optional[Any] = None) -> None:
+        from .modal_mixed import collator
+        super().__init__(records, config.prompts_per_step, lambda chosen, epoch: chosen,
+                         seed=config.train.get("seed", 0))
+        self.config, self.sft, self.model, self.tokenizer = config, sft, model, tokenizer
+        self.reference = reference
+        self.make = collator(sft, tokenizer, image_processor, prompt_only=True)
+        self.device = next(model.parameters()).device
+        self.generator = torch.Generator(self.device).manual_seed(config.train.get("seed", 0) + 1)
+        self.pending: List[Dict[str, Any]] = []
+        self.current: List[Dict[str, Any]] = []
+        self.passes_left = 0
+        self.rollout_epoch = 0
+        self.last: Dict[str, float] = {}
+        self.losses: List[GRPOLossOutput] = []
+
+    def __next__(self) -> Tuple[int, Dict[str, Any]]:
+        if not self.pending:
+            if self.passes_left == 0:
+                self.rollout_epoch, chosen = EpochBatches.__next__(self)
+                self.current = self._roll(chosen)
+                self.passes_left = self.config.num_iterations
+            self.passes_left -= 1
+            reuse = self.passes_left < self.config.num_iterations - 1
+            self.pending = [dict(b, reuse=reuse) for b in self.current]
+        return self.rollout_epoch, self.pending.pop(0)
+
+    def state_dict(self) -> dict:
+        if self.pending or self.passes_left:
+            raise RuntimeError("a GRPO checkpoint is written between rollouts (train.save_every is a multiple of "
+                               "num_iterations)")
+        return dict(EpochBatches.state_dict(self), generator=self.generator.get_state().tolist())
+
+    def load_state_dict(self, state: dict) -> None:
+        EpochBatches.load_state_dict(self, state)
+        if "generator" in state:
+            self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        self.pending, self.current, self.passes_left = [], [], 0
+
+    # ---------------------------------------------------------------------------------------------- rollout
+    @torch.no_grad()
+    def _roll(self, chosen: list) -> List[Dict[str, Any]]:
+        c, sft = self.config, self.sft
+        sampler = dict(sft.sampler, **(c.sampler or {}))
+        G = c.group_size
+        was_training = self.model.training
+        self.model.eval()
+        batches, rewards_all, lengths, sketches = [], [], [], []
+        per_micro = c.micro_batch_size // G
+        t0 = time.perf_counter()
+        try:
+            for start in range(0, len(chosen), per_micro):
+                records = [r for r in chosen[start:start + per_micro] for _ in range(G)]
+                prompts = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in self.make(records).items()}
+                gen = self.model.generate(
+                    prompts["input_ids"], prompts["attention_mask"], pixel_values=prompts.get("pixel_values"),
+                    image_grid_thw=prompts.get("image_grid_thw"), max_new_tokens=c.max_new_tokens or sft.max_new_tokens,
+                    steps=sampler.get("steps", 20), schedule=sampler.get("schedule", "ddim"),
+                    cfg_scale=float(sampler.get("cfg_scale", 1.0)), temperature=c.latent_temperature, do_sample=True,
+                    text_temperature=c.text_temperature, generator=self.generator,
+                    eos_token_id=self.tokenizer.eos_id, pad_token_id=self.tokenizer.pad_id)
+                rows = gen.sequences.tolist()
+                texts = [self.tokenizer.decode(row[:int(n)]) for row, n in zip(rows, gen.lengths.tolist())]
+                rewards = _rewards(c, texts, records)
+                batch = rollout_batch(self.model, prompts["input_ids"], prompts["attention_mask"], gen,
+                                      pad_token_id=self.tokenizer.pad_id, pixel_values=prompts.get("pixel_values"),
+                                      image_grid_thw=prompts.get("image_grid_thw"))
+                batch["advantages"] = group_advantages(rewards, G, scale=c.scale_rewards).to(self.device)
+                if c.beta > 0:
+                    batch["ref_logp"] = _reference_log_probs(self, batch)
+                batches.append(batch)
+                rewards_all.append(rewards)
+                lengths += gen.lengths.tolist()
+                sketches += [len(x) for x in gen.latents]
+        finally:
+            self.model.train(was_training)
+        items = sum(int(b["completion_mask"].sum()) for b in batches)  # the accumulated batch's active tokens
+        for b in batches:
+            b["num_items_in_batch"] = items
+        rewards = torch.cat(rewards_all)
+        grouped = rewards.view(-1, G)
+        self.last = dict(reward=float(rewards.mean()), reward_std=float(rewards.std()),
+                         zero_std_groups=float((grouped.std(dim=1) == 0).float().mean()),
+                         completion_length=sum(lengths) / len(lengths), sketches=sum(sketches) / len(sketches),
+                         rollout_seconds=time.perf_counter() - t0)
+        return batches
+
+
+def _rewards(config: GRPOConfig, texts: List[str], records: list) -> torch.Tensor:
+    """The rewards of one micro-batch's completions, checked: one finite number per completion."""
+    out = []
+    for name, weight in ((config.reward, 1.0), ("format", config.format_weight)):
+        if not weight:
+            continue
+        values = REWARDS[name](texts, records)
+        if not isinstance(values, (list, tuple)) or len(values) != len(texts):
+            got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+            raise ValueError(f"reward: {name!r} returned {got} rewards for {len(texts)} completions; expected one "
+                             f"per completion")
+        out.append(weight * torch.tensor([float(v) for v in values]))
+    return torch.stack(out).sum(dim=0)
+
+
+def _reference_log_probs(rollouts: Rollouts, batch: Dict[str, Any]) -> torch.Tensor:
+    """The reference policy's log-probs of a rollout: the same model with its LoRA adapters disabled (no second
+    copy), or the frozen copy made at the start of a full fine-tune."""
+    c = rollouts.config
+    if rollouts.reference is not None:
+        logp, _ = completion_log_probs(rollouts.reference, batch, temperature=c.text_temperature)
+        return logp
+    with rollouts.model.vlm.disable_adapter():
+        logp, _ = completion_log_probs(rollouts.model, batch, temperature=c.text_temperature)
+    return logp
+
+
+def train(config: GRPOConfig, device: Optional[Union[str, torch.device]] = None, resume: Optional[str] = None,
+          progress: bool = True, until: Optional[int] = None, allow_config_change: bool = False) -> dict:
+    """GRPO from ``config.init_from`` on the Trainer: the diffusion head and the vision tower frozen (the sketches
+    give reward but no gradient), the VLM's other parameters (or the added LoRA adapters) optimised on
+    :func:`grpo_loss` over each rollout's micro-batches. A finished run writes ``<output_dir>/final``, a
+    Modal-mixed run folder (``mmlatent eval`` reads it as such; run.json keeps this config and the per-step
+    log), and ``<output_dir>/reward.png``; one stopped by ``until`` writes ``checkpoint-<step>``."""
+    from dataclasses import asdict
+
+    from . import modal_mixed as mm
+    from .ivtlr import seed_everything
+    from .loop import TrainConfig, Trainer
+    from .methods import prepare_trainable
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if mm.run_method(config.init_from) != mm.METHOD:
+        raise ValueError(f"init_from: {config.init_from} is not a Modal-mixed run; the GRPO loop starts from a "
+                         f"Modal-mixed SFT checkpoint")
+    seed_everything(config.train.get("seed", 0))
+    model, tokenizer, sft, image_processor = mm.load_run(config.init_from, device=device)
+    _, records, eval_records = mm.build_data(sft)
+    model.head.requires_grad_(False)
+    model.vlm.requires_grad_(True)
+    model.vlm = prepare_trainable(model.vlm, freeze_vision=True, lora=config.lora)
+    reference = None
+    if config.beta > 0 and not config.lora:
+        import copy
+        reference = copy.deepcopy(model).requires_grad_(False).eval()
+    rollouts = Rollouts(config, sft, model, tokenizer, image_processor, records, reference)
+    options = dict(config.train, grad_accum=config.completions_per_step // config.micro_batch_size)
+    options.setdefault("max_steps", 100)
+    train_config = TrainConfig(**options)
+    train_config.progress = progress and train_config.progress
+    max_length = config.max_new_tokens or sft.max_new_tokens
+
+    def loss_fn(m, micro):
+        logp, mask = completion_log_probs(model, micro, temperature=config.text_temperature)
+        out = grpo_loss(logp, micro["advantages"], mask, old_logp=micro["old_logp"] if micro["reuse"] else None,
+                        ref_logp=micro.get("ref_logp"), beta=config.beta, epsilon_low=config.epsilon_low,
+                        epsilon_high=config.epsilon_high, loss_type=config.loss_type,
+                        importance_sampling_level=config.importance_sampling_level,
+                        max_completion_length=max_length, num_items_in_batch=micro["num_items_in_batch"])
+        rollouts.losses.append(out)
+        # the Trainer divides each micro-batch's loss by grad_accum, as TRL does for grpo / bnpo / dr_grpo; dapo's
+        # num_items_in_batch already spans the accumulated batch
+        return out.loss * train_config.grad_accum if config.loss_type == "dapo" else out.loss
+
+    def step_log():
+        losses, rollouts.losses = rollouts.losses, []
+        record = dict(rollouts.last, clip_ratio=float(torch.stack([o.clip_ratio for o in losses]).mean()))
+        if losses and losses[0].kl is not None:
+            record["kl"] = float(torch.stack([o.kl for o in losses]).mean())
+        return record
+
+    def eval_fn(_model):
+        metrics = mm.evaluate(model, tokenizer, image_processor, sft, eval_records[:config.eval_samples],
+                              ablation=False)
+        return {k: metrics[k] for k in ("accuracy", "accuracy_stderr", "n")}
+
+    run_config = dict(asdict(config), train=asdict(train_config))
+    trainer = Trainer(model, loss_fn, rollouts, train_config, describe=config.name, eval_fn=eval_fn,
+                      run_config=run_config, count_tokens=lambda b: int(b["completion_mask"].sum()),
+                      step_log=step_log)
+    if resume:
+        trainer.resume(resume, allow_config_change=allow_config_change)
+    t0 = time.perf_counter()
+    history = trainer.fit(until=until)
+    seconds = time.perf_counter() - t0
+    steps = history["train"]
+    result = dict(name=config.name, method=METHOD, mode=sft.mode, train_seconds=seconds, device=str(device),
+                  peak_memory_bytes=max((r["peak_memory_bytes"] for r in steps), default=0),
+                  median_step_seconds=float(np.median([r["seconds"] for r in steps])) if steps else None,
+                  completed=trainer.finished, steps=trainer.step, history=history, grpo=asdict(config))
+    if train_config.output_dir:
+        os.makedirs(train_config.output_dir, exist_ok=True)
+        if trainer.finished:
+            result["checkpoint"] = mm.save_run(os.path.join(train_config.output_dir, "final"), model, tokenizer,
+                                               sft, result, image_processor=image_processor)
+            plot_rewards(history, os.path.join(train_config.output_dir, "reward.png"), config.name)
+        else:
+            result["checkpoint"] = trainer.save(os.path.join(train_config.output_dir, f"checkpoint-{trainer.step}"))
+    return dict(result, model=model, tokenizer=tokenizer, image_processor=image_processor, eval_records=eval_records,
+                sft_config=sft)
+
+
+def evaluate_result(result: dict, config: GRPOConfig, progress: bool = False) -> dict:
+    """The Modal-mixed evaluation (:func:`mmlatent.train.modal_mixed.evaluate`) of the trained policy on the SFT
+    run's held-out records."""
+    from . import modal_mixed as mm
+    metrics = mm.evaluate(result["model"], result["tokenizer"], result["image_processor"], result["sft_config"],
+                          result["eval_records"], progress=progress)
+    return dict(metrics, name=config.name)
+
+
+def summary_lines(metrics: dict, train_seconds: Optional[float] = None) -> List[str]:
+    from . import modal_mixed as mm
+    return mm.summary_lines(metrics, train_seconds)
+
+
+def plot_rewards(history: dict, path: str, title: str) -> None:
+    """The reward curve (mean ± std of each step's rollout) and the periodic held-out accuracy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = [r["step"] for r in history["train"]]
+    mean = np.array([r.get("reward", np.nan) for r in history["train"]])
+    std = np.array([r.get("reward_std", np.nan) for r in history["train"]])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, mean, label="rollout reward (mean)")
+    ax.fill_between(steps, mean - std, mean + std, alpha=0.2, label="± std")
+    evals = history.get("eval", [])
+    if evals:
+        ax.errorbar([e["step"] for e in evals], [e["accuracy"] for e in evals],
+                    yerr=[e["accuracy_stderr"] for e in evals], fmt="o-", label="held-out accuracy")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward / accuracy")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["group_advantages", "grpo_loss", "GRPOLossOutput", "completion_log_probs", "rollout_batch", "SCALES",
+           "LOSS_TYPES", "IMPORTANCE_SAMPLING_LEVELS", "GRPOConfig", "RUN_CONFIG", "Rollouts", "train",
+           "evaluate_result", "summary_lines", "plot_rewards", "register_reward", "strict_answer_reward",
+           "format_reward", "REWARDS", "METHOD"]
