@@ -20,7 +20,7 @@ def test_bench_tiny_writes_json_markdown_png(tmp_path):
                    "linear_log_probs", "ivtlr training step", "ivtlr training step, grad checkpointing",
                    "ivtlr inference (+32 tokens)", "layer_norm_modulate", "diffusion_mse",
                    "diffusion head sample", "apply_fused_loss training step", "modal-mixed SFT step",
-                   "modal-mixed generate"}
+                   "modal-mixed generate", "grpo loss + backward"}
     baselines = [r for r in result["rows"] if r["impl"] != "mmlatent"]
     assert baselines and all(r["speedup_of_mmlatent"] > 0 for r in baselines)
     assert "eager+output_attentions" in table and "sdpa" in table and "torch topk" in table
@@ -104,6 +104,21 @@ def test_modal_mixed_cases_agree_with_their_baselines():
         assert a.shape == (modal_mixed.SKETCHES, K, args["model"].hidden_size) and a.abs().max() > 0
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
     assert generate.baselines[modal_mixed.FLOOR](args).shape[0] == args["prompts"]["input_ids"].shape[0]
+
+
+def test_grpo_case_agrees_with_the_trl_style_step():
+    """Log-probs through linear_log_probs and TRL's logits + selective_log_softmax give the same loss and
+    gradients."""
+    from mmlatent.bench.cases import grpo
+    case, = [case for case in bench.cases_for("tiny") if case.op == "grpo loss + backward"]
+    args = case.make(torch.device("cpu"), torch.float32)
+    (loss, grads), (naive_loss, naive_grads) = case.ours(args), case.baselines[grpo.NAIVE](args)
+    assert torch.allclose(loss, naive_loss, rtol=1e-5, atol=1e-7)
+    assert len(grads) == len(naive_grads) > 0 and all(g is not None for g in grads)
+    for a, b in zip(grads, naive_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        grpo.cases("gpu")[0].make(torch.device("cpu"), torch.bfloat16)
 
 
 def test_modal_mixed_gpu_cases_build_nothing_on_a_cpu():

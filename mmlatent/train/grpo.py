@@ -457,6 +457,9 @@ class GRPOConfig:
         return from_mapping(cls, read_yaml(path), path)
 
 
+# what run.json keeps of each step (the rollout's and the loss's numbers; the Trainer's are in train_loss)
+STEP_LOG_KEYS = ("step", "loss", "reward", "reward_std", "zero_std_groups", "kl", "clip_ratio", "completion_length",
+                 "sketches", "rollout_seconds", "tokens_per_s", "peak_memory_bytes")
 RUN_CONFIG = GRPOConfig  # the config class of this method's runs (mmlatent.train.methods)
 
 
@@ -654,7 +657,8 @@ def train(config: GRPOConfig, device: Optional[Union[str, torch.device]] = None,
     result = dict(name=config.name, method=METHOD, mode=sft.mode, train_seconds=seconds, device=str(device),
                   peak_memory_bytes=max((r["peak_memory_bytes"] for r in steps), default=0),
                   median_step_seconds=float(np.median([r["seconds"] for r in steps])) if steps else None,
-                  completed=trainer.finished, steps=trainer.step, history=history, grpo=asdict(config))
+                  completed=trainer.finished, steps=trainer.step, history=history, grpo=asdict(config),
+                  step_log=[{k: r[k] for k in STEP_LOG_KEYS if k in r} for r in steps])
     if train_config.output_dir:
         os.makedirs(train_config.output_dir, exist_ok=True)
         if trainer.finished:
