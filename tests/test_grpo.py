@@ -342,17 +342,19 @@ def _grpo(init_from, out, **changes):
 
 def test_grpo_run_logs_every_step_and_writes_a_modal_mixed_folder(sft_run, tmp_path):
     from mmlatent.train import modal_mixed as mm
-    config = _grpo(sft_run, tmp_path, beta=0.04, format_weight=0.5)
+    config = _grpo(sft_run, tmp_path, beta=0.04, format_weight=0.5, eval_samples=4, train={"eval_every": 2})
     result = grpo.train(config, progress=False)
     steps = result["history"]["train"]
     assert len(steps) == 4
+    assert [e["step"] for e in result["history"]["eval"]] == [0, 2, 4]  # the SFT policy's accuracy first
     for key in ("reward", "reward_std", "zero_std_groups", "kl", "clip_ratio", "completion_length", "sketches",
                 "tokens_per_s", "peak_memory_bytes"):
         assert all(key in s for s in steps), key
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as its reference
     assert any(s["kl"] > 0 for s in steps[1:])
     model, _, sft, _ = mm.load_run(result["checkpoint"])
-    assert sft.name == "sft" and (tmp_path / "reward.png").read_bytes()[:4] == b"\x89PNG"
+    assert sft.name == "g" and sft.num_latents == 9  # the SFT run's config, under the GRPO run's name
+    assert (tmp_path / "reward.png").read_bytes()[:4] == b"\x89PNG"
     # the head and the vision tower did not move; the language model did
     before, _, _, _ = mm.load_run(sft_run)
     assert all(torch.equal(a, b) for a, b in zip(model.head.state_dict().values(),
@@ -410,3 +412,13 @@ def test_cli_trains_grpo_from_a_config(sft_run, tmp_path, capsys):
     assert "cli-grpo: accuracy" in out
     assert (tmp_path / "r" / "final" / "eval.json").is_file() and (tmp_path / "r" / "reward.png").is_file()
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "r" / "final"), "--n", "2"]) == 0
+
+
+def test_the_shipped_grpo_config_loads():
+    import os
+
+    from mmlatent.train.methods import load_config
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = load_config(os.path.join(root, "configs", "synthetic-grpo.yaml"))
+    assert isinstance(config, grpo.GRPOConfig) and config.loss_type == "dapo" and config.beta == 0.0
+    assert config.completions_per_step == 64 and config.init_from == "checkpoints/synthetic-modal-mixed/final"

@@ -593,7 +593,7 @@ def train(config: GRPOConfig, device: Optional[Union[str, torch.device]] = None,
     :func:`grpo_loss` over each rollout's micro-batches. A finished run writes ``<output_dir>/final``, a
     Modal-mixed run folder (``mmlatent eval`` reads it as such; run.json keeps this config and the per-step
     log), and ``<output_dir>/reward.png``; one stopped by ``until`` writes ``checkpoint-<step>``."""
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     from . import modal_mixed as mm
     from .ivtlr import seed_everything
@@ -650,6 +650,8 @@ def train(config: GRPOConfig, device: Optional[Union[str, torch.device]] = None,
                       step_log=step_log)
     if resume:
         trainer.resume(resume, allow_config_change=allow_config_change)
+    elif train_config.eval_every:
+        trainer.evaluate()  # step 0: the SFT policy, the curve's starting point
     t0 = time.perf_counter()
     history = trainer.fit(until=until)
     seconds = time.perf_counter() - t0
@@ -662,8 +664,10 @@ def train(config: GRPOConfig, device: Optional[Union[str, torch.device]] = None,
     if train_config.output_dir:
         os.makedirs(train_config.output_dir, exist_ok=True)
         if trainer.finished:
+            # a Modal-mixed folder of the SFT run's config under this run's name (the name changes no weight)
             result["checkpoint"] = mm.save_run(os.path.join(train_config.output_dir, "final"), model, tokenizer,
-                                               sft, result, image_processor=image_processor)
+                                               replace(sft, name=config.name), result,
+                                               image_processor=image_processor)
             plot_rewards(history, os.path.join(train_config.output_dir, "reward.png"), config.name)
         else:
             result["checkpoint"] = trainer.save(os.path.join(train_config.output_dir, f"checkpoint-{trainer.step}"))
@@ -686,16 +690,19 @@ def summary_lines(metrics: dict, train_seconds: Optional[float] = None) -> List[
 
 
 def plot_rewards(history: dict, path: str, title: str) -> None:
-    """The reward curve (mean ± std of each step's rollout) and the periodic held-out accuracy."""
+    """The reward curve (each step's rollout mean, and its 20-step moving average) and the periodic held-out
+    accuracy with its standard error."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     steps = [r["step"] for r in history["train"]]
     mean = np.array([r.get("reward", np.nan) for r in history["train"]])
-    std = np.array([r.get("reward_std", np.nan) for r in history["train"]])
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, mean, label="rollout reward (mean)")
-    ax.fill_between(steps, mean - std, mean + std, alpha=0.2, label="± std")
+    ax.plot(steps, mean, lw=0.6, alpha=0.5, label="rollout reward (step mean)")
+    window = min(20, len(mean))
+    if window:
+        smooth = np.convolve(mean, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, lw=2, label=f"rollout reward ({window}-step average)")
     evals = history.get("eval", [])
     if evals:
         ax.errorbar([e["step"] for e in evals], [e["accuracy"] for e in evals],
