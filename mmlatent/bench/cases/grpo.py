@@ -6,7 +6,7 @@ installed, else the same gather of a float32 log-softmax), then the same loss. B
 policy; the rollout (generation) is not part of the row. Sizes: "tiny" (the smoke test), "default" (CPU,
 float32: hidden 256, 4 layers, vocabulary 32000; 2 prompts x G = 8 completions of 256 tokens after a ~300-token
 prompt with one image), "gpu" (Qwen2.5-VL-7B shapes, bf16, LoRA r = 64, G = 8, 1024 completion tokens; built on a
-CUDA device only)."""
+CUDA device only); the CPU set has the step with and without activation checkpointing (TRL's GRPO default)."""
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
@@ -22,11 +22,14 @@ TEMPERATURE = 0.9
 
 
 def _inputs(build: Build, image_hw: Sequence[int], prompt_length: int, prompts: int, group: int, length: int,
-            lora_rank: Optional[int]) -> Make:
+            lora_rank: Optional[int], checkpointing: bool) -> Make:
     """model: the policy (trainable as ``_trainable`` sets), batch: prompt + completion ids, masks and the prompt
     images, advantages [N], items: the active tokens, params: the trainable parameters."""
     def make(device: torch.device, dtype: torch.dtype) -> Inputs:
         vlm = _trainable(build(device=device, dtype=dtype), lora_rank).train()
+        if checkpointing:  # both sides run the same model, so both recompute its layers in the backward
+            from mmlatent.models.compat import enable_activation_checkpointing
+            enable_activation_checkpointing(vlm, use_reentrant=False)
         vocab = vlm.get_output_embeddings().weight.shape[0]
         n = prompts * group
         # one prompt row per completion (each group's rows could share a prompt; the work is the same)
@@ -87,22 +90,28 @@ def _naive(a: Inputs) -> Tuple[torch.Tensor, List[torch.Tensor]]:
 
 
 def loss_case(build: Build, shape: str, image_hw: Sequence[int], prompt_length: int, prompts: int, group: int,
-              length: int, lora_rank: Optional[int] = None, repeats: Optional[int] = None) -> Case:
+              length: int, lora_rank: Optional[int] = None, checkpointing: bool = False,
+              repeats: Optional[int] = None) -> Case:
+    """``checkpointing``: the policy's layers under activation checkpointing, as TRL's GRPOConfig sets by default
+    (``gradient_checkpointing=True``)."""
     label = (f"{shape} {prompts} prompts x G{group}, {length} completion tokens after ~{prompt_length} prompt "
-             f"tokens + 1 image" + (f", LoRA r{lora_rank}" if lora_rank else ""))
+             f"tokens + 1 image" + (f", LoRA r{lora_rank}" if lora_rank else "")
+             + (", grad checkpointing" if checkpointing else ""))
     return Case("grpo loss + backward", label,
-                _inputs(build, image_hw, prompt_length, prompts, group, length, lora_rank), _ours, {NAIVE: _naive},
-                repeats=repeats)
+                _inputs(build, image_hw, prompt_length, prompts, group, length, lora_rank, checkpointing), _ours,
+                {NAIVE: _naive}, repeats=repeats)
 
 
 def cases(sizes: str) -> List[Case]:
     if sizes == "tiny":
-        return [loss_case(_tiny_model, "tiny Qwen2.5-VL h32 L2 V500", (32, 32), 8, 2, 2, 12)]
+        return [loss_case(_tiny_model, "tiny Qwen2.5-VL h32 L2 V500", (32, 32), 8, 2, 2, 12, checkpointing=True)]
     if sizes == "gpu":
         return [loss_case(_gpu_model, "Qwen2.5-VL-7B shapes bf16", (448, 448), 44, 1, 8, 1024, lora_rank=64,
-                          repeats=5)]
+                          checkpointing=True, repeats=5)]
     # 64 image tokens (64 x 64 pixels at patch 4, merge 2) + ~240 text tokens: a ~300-token prompt
-    return [loss_case(_cpu_model, "Qwen2.5-VL h256 L4 H4 KV2 V32000", (64, 64), 240, 2, 8, 256, repeats=3)]
+    shape = "Qwen2.5-VL h256 L4 H4 KV2 V32000"
+    return [loss_case(_cpu_model, shape, (64, 64), 240, 2, 8, 256, repeats=3),
+            loss_case(_cpu_model, shape, (64, 64), 240, 2, 8, 256, checkpointing=True, repeats=3)]
 
 
 __all__ = ["loss_case", "cases", "NAIVE"]
