@@ -547,7 +547,11 @@ class Rollouts(EpochBatches):
                 sketches += [len(x) for x in gen.latents]
         finally:
             self.model.train(was_training)
-        items = sum(int(b["completion_mask"].sum()) for b in batches)  # the accumulated batch's active tokens
+        # read once here, on the host, with the rollout's other host reads: the tokens/s count and dapo's
+        # normaliser (the accumulated batch's active tokens) need no sync in the training step
+        for b in batches:
+            b["tokens"] = int(b["completion_mask"].sum())
+        items = sum(b["tokens"] for b in batches)
         for b in batches:
             b["num_items_in_batch"] = items
         rewards = torch.cat(rewards_all)
@@ -646,7 +650,7 @@ def train(config: GRPOConfig, device: Optional[Union[str, torch.device]] = None,
 
     run_config = dict(asdict(config), train=asdict(train_config))
     trainer = Trainer(model, loss_fn, rollouts, train_config, describe=config.name, eval_fn=eval_fn,
-                      run_config=run_config, count_tokens=lambda b: int(b["completion_mask"].sum()),
+                      run_config=run_config, count_tokens=lambda b: b["tokens"],
                       step_log=step_log)
     if resume:
         trainer.resume(resume, allow_config_change=allow_config_change)
