@@ -274,8 +274,18 @@ def test_a_sketch_cut_short_is_dropped_from_its_start():
     assert not m[gen.sequences == START].any()
 
 
-def test_completion_log_probs_of_a_plain_causal_lm_equal_log_softmax():
-    model = tiny.tiny_qwen2_vl().eval()
+def _causal_lm():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=128)).eval()
+
+
+@pytest.mark.parametrize("kind", ["vlm", "causal_lm"])
+def test_completion_log_probs_of_a_plain_policy_equal_log_softmax(kind):
+    """A plain VLM's distribution excludes its image and video placeholders (it never writes them); a text-only
+    causal LM's is its whole softmax."""
+    model = tiny.tiny_qwen2_vl().eval() if kind == "vlm" else _causal_lm()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 60, (2, 9), generator=g)
     attention = torch.ones_like(ids)
@@ -286,9 +296,19 @@ def test_completion_log_probs_of_a_plain_causal_lm_equal_log_softmax():
                                                     completion_mask=completion_mask), temperature=1.3)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=attention).logits.double() / 1.3
+    unwritable = grpo.plain_unwritable_token_ids(model)
+    assert (len(unwritable) == 2) == (kind == "vlm")
+    logits[..., list(unwritable)] = -float("inf")
     expected = torch.log_softmax(logits[:, -5:-1], -1).gather(2, ids[:, -4:, None])[..., 0]
     torch.testing.assert_close(logp[m].double(), expected[m], rtol=0, atol=1e-5)
     assert (logp[~m] == 0).all()
+    # its rollout scores what it sampled, never an unwritable id
+    batch = grpo.plain_rollout(model, ids, attention, max_new_tokens=16, eos_token_id=EOS, pad_token_id=0,
+                               generator=torch.Generator().manual_seed(1))
+    completion = batch["input_ids"][:, ids.shape[1]:]
+    assert not torch.isin(completion, torch.tensor(unwritable or [-1])).any()
+    again, _ = grpo.completion_log_probs(model, batch)
+    torch.testing.assert_close(again, batch["old_logp"], rtol=0, atol=1e-6)
 
 
 def test_completion_log_probs_bad_batches():
@@ -377,6 +397,45 @@ def test_grpo_resume_is_bit_exact_rollouts_included(sft_run, tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.fixture(scope="module")
+def cot_run(tmp_path_factory):
+    """The text-CoT variant of the SFT run (4 steps: only its mode matters here)."""
+    from mmlatent.train import modal_mixed as mm
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MMLATENT_BACKEND", "torch")
+        out = tmp_path_factory.mktemp("cot")
+        config = mm.ModalMixedConfig(name="cot", mode="cot", train={"lr": 0.02, "seed": 0, "progress": False,
+                                                                    "output_dir": str(out)}, **dict(SFT, epochs=1))
+        mm.train(config, progress=False)
+        yield str(out / "final")
+
+
+def test_a_plain_policy_trains_the_vlm_alone_and_resumes_bit_exact(sft_run, cot_run, tmp_path):
+    from mmlatent.train import modal_mixed as mm
+    config = _grpo(cot_run, tmp_path / "a", beta=0.04, train={"max_steps": 4})  # a full fine-tune: a frozen copy
+    assert config.policy is None
+    whole = grpo.train(config, progress=False)
+    assert whole["grpo"]["policy"] == "plain"  # the text-CoT run's default
+    steps = whole["history"]["train"]
+    assert all(s["sketches"] == 0 for s in steps) and steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    model, _, sft, _ = mm.load_run(whole["checkpoint"])
+    assert sft.mode == "cot"
+    stopped = grpo.train(_grpo(cot_run, tmp_path / "b", beta=0.04, train={"max_steps": 4}), progress=False, until=2)
+    resumed = grpo.train(_grpo(cot_run, tmp_path / "b", beta=0.04, train={"max_steps": 4}), progress=False,
+                         resume=stopped["checkpoint"])
+    assert [s["loss"] for s in resumed["history"]["train"]] == [s["loss"] for s in steps]
+    for a, b in zip(resumed["model"].vlm.state_dict().values(), whole["model"].vlm.state_dict().values()):
+        assert torch.equal(a, b)
+    # a sketching run rolled out as a plain policy: text only, its head untouched
+    result = grpo.train(_grpo(sft_run, tmp_path / "c", policy="plain", lora={"r": 4}, beta=0.04), progress=False)
+    assert all(s["sketches"] == 0 for s in result["history"]["train"])
+    before, _, _, _ = mm.load_run(sft_run)
+    assert all(torch.equal(a, b) for a, b in zip(result["model"].head.state_dict().values(),
+                                                 before.head.state_dict().values()))
+    with pytest.raises(ValueError, match="policy: modal_mixed needs a Modal-mixed SFT run"):
+        grpo.train(_grpo(cot_run, tmp_path / "d", policy="modal_mixed"), progress=False)
+
+
 def test_a_reward_of_the_wrong_length_is_refused(sft_run, tmp_path):
     grpo.register_reward("one_short", lambda completions, records: [1.0] * (len(completions) - 1))
     try:
@@ -392,6 +451,7 @@ def test_grpo_config_errors_name_the_key(sft_run):
                             ({"reward": "bleu"}, "reward: expected a registered reward"),
                             ({"loss_type": "ppo"}, "loss_type"),
                             ({"train": {"grad_accum": 2}}, "train.grad_accum: set by the rollout"),
+                            ({"policy": "hf"}, "policy: expected one of modal_mixed, plain or null"),
                             ({"num_iterations": 2, "train": {"save_every": 3}}, "train.save_every: 3"),
                             ({"init_from": ""}, "init_from: expected the final/ folder")):
         init_from = changes.pop("init_from", sft_run)

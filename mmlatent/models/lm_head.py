@@ -169,12 +169,13 @@ def _suppressed_token_ids(model: nn.Module) -> Optional[List[int]]:
     return VLMBackbone(model).suppressed_token_ids()
 
 
-def head_for(model: nn.Module, *, ignore_index: int = -100, chunk_rows: Optional[int] = None
-             ) -> LinearCrossEntropyHead:
+def head_for(model: nn.Module, *, ignore_index: int = -100, chunk_rows: Optional[int] = None,
+             also_suppressed: Sequence[int] = ()) -> LinearCrossEntropyHead:
     """A :class:`LinearCrossEntropyHead` over ``model.get_output_embeddings()`` (``model`` a transformers causal LM
     or VLM, or a PEFT model around one) that computes the loss the model's own forward computes: with its final
     logit soft-capping (``config.final_logit_softcapping``, as in Gemma 2) and the ids its forward suppresses
-    (Chameleon's image codes)."""
+    (Chameleon's image codes), plus ``also_suppressed`` (ids a generation never writes, such as a VLM's image
+    placeholder)."""
     model = unwrap_peft(model)
     lm_head = model.get_output_embeddings()
     if not isinstance(lm_head, (nn.Linear, LinearCrossEntropyHead)):
@@ -184,9 +185,12 @@ def head_for(model: nn.Module, *, ignore_index: int = -100, chunk_rows: Optional
     if scale not in (None, 1, 1.0):
         raise ValueError(f"model: its logits are scaled by config.logit_scale = {scale}, which this head does not "
                          f"apply")
+    suppressed = _suppressed_token_ids(model)
+    if also_suppressed:
+        suppressed = sorted(set(suppressed or ()) | {int(i) for i in also_suppressed})
     return LinearCrossEntropyHead(lm_head, ignore_index=ignore_index, chunk_rows=chunk_rows,
                                   logit_softcap=getattr(text_config, "final_logit_softcapping", None),
-                                  suppressed_token_ids=_suppressed_token_ids(model))
+                                  suppressed_token_ids=suppressed)
 
 
 def causal_lm_loss(model: nn.Module, labels: Optional[torch.Tensor] = None, *,

@@ -212,7 +212,9 @@ def completion_log_probs(model: nn.Module, batch: Dict[str, Any], *, temperature
         (logp [N, L] float32, 0 where the mask is False; mask [N, L] bool, ``completion_mask``). Only the masked
         rows' log-probs are computed, through :func:`~mmlatent.kernels.linear_log_probs` (never the [N, L, V]
         logits); they are differentiable in the model's parameters. A Modal-mixed model's text distribution
-        excludes its ``unwritable_token_ids`` (the placeholder, END, image and video ids), as its generation does.
+        excludes its ``unwritable_token_ids`` (the placeholder, END, image and video ids), as its generation does;
+        a plain VLM's excludes its image and video ids (:func:`plain_unwritable_token_ids`), as :func:`plain_rollout`
+        does.
     """
     from mmlatent.models import ModalMixedCoT
     from mmlatent.models.lm_head import LinearCrossEntropyHead, head_for
@@ -252,7 +254,7 @@ def completion_log_probs(model: nn.Module, batch: Dict[str, Any], *, temperature
     else:
         extra = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if batch.get(k) is not None}
         hidden = _backbone_hidden(model, input_ids, attention_mask, extra)
-        head = head_for(model)
+        head = head_for(model, also_suppressed=plain_unwritable_token_ids(model))
     before = hidden[:, -length - 1:-1]  # position i scores token i + 1
     rows = before[mask]
     logp = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
@@ -307,6 +309,76 @@ def rollout_batch(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch
     return batch
 
 
+@torch.no_grad()
+def plain_rollout(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
+                  eos_token_id: int, pad_token_id: int, temperature: float = 1.0,
+                  generator: Optional[torch.Generator] = None, pixel_values: Optional[torch.Tensor] = None,
+                  image_grid_thw: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+    """A plain policy's rollout: transformers' own ``generate`` samples the completions of left-padded prompts
+    [N, S] from softmax(logits / ``temperature``) over the vocabulary but :func:`plain_unwritable_token_ids` (a
+    fresh generation config: no top-k, top-p or repetition penalty from the checkpoint's
+    ``generation_config.json``, so the distribution sampled is the one :func:`completion_log_probs` scores), then
+    one forward scores them for ``old_logp``.
+
+    ``generator`` seeds the draw (transformers samples from the global generator, which is forked and seeded from
+    it, so a saved generator state replays the rollout). Returns the batch :func:`rollout_batch` returns
+    (``old_logp`` from the forward, no ``latents``) plus ``lengths`` [N] (the positions each row wrote, eos
+    included)."""
+    from transformers import GenerationConfig
+    temperature = checks.number("temperature", temperature, positive=True)
+    if prompt_mask.shape != prompt_ids.shape:
+        raise ValueError(f"prompt_mask: expected prompt_ids' shape {tuple(prompt_ids.shape)}, got "
+                         f"{tuple(prompt_mask.shape)}")
+    device = prompt_ids.device
+    seed = int(torch.randint(2 ** 62, (1,), generator=generator, device=generator.device if generator else "cpu"))
+    unwritable = plain_unwritable_token_ids(model)
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                              max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                              suppress_tokens=list(unwritable) or None)
+    images = {k: v for k, v in (("pixel_values", pixel_values), ("image_grid_thw", image_grid_thw)) if v is not None}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                                   **images, **_multimodal_types(model, prompt_ids, images))
+    completion = sequences[:, prompt_ids.shape[1]:]
+    length = completion.shape[1]
+    is_eos = completion == eos_token_id
+    lengths = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, torch.full_like(is_eos[:, 0], length,
+                                                                                               dtype=torch.long))
+    keep = torch.arange(length, device=device)[None] < lengths[:, None]
+    completion = torch.where(keep, completion, torch.full_like(completion, pad_token_id))
+    batch = dict(input_ids=torch.cat([prompt_ids, completion], dim=1),
+                 attention_mask=torch.cat([prompt_mask.to(torch.long), keep.to(torch.long)], dim=1),
+                 completion_mask=keep, **images)
+    batch["old_logp"], _ = completion_log_probs(model, batch, temperature=temperature)
+    batch["lengths"] = lengths
+    return batch
+
+
+def plain_unwritable_token_ids(model: nn.Module) -> Tuple[int, ...]:
+    """The ids a plain VLM policy never writes: its image and video placeholders (one written as text would ask
+    the forward for an image feature that does not exist); none for a text-only model."""
+    from mmlatent.models.unwrap import unwrap_peft
+    config = unwrap_peft(model).config
+    return tuple(sorted({int(i) for i in (getattr(config, "image_token_id", None),
+                                          getattr(config, "video_token_id", None)) if i is not None}))
+
+
+def _multimodal_types(model: nn.Module, input_ids: torch.Tensor, images: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """``mm_token_type_ids`` (0 text, 1 image, 2 video) of a Qwen-VL input with images, which its M-RoPE positions
+    need (the processor would return it); nothing for a model without image tokens or an input without images."""
+    from mmlatent.models.unwrap import unwrap_peft
+    config = unwrap_peft(model).config
+    image_id = getattr(config, "image_token_id", None)
+    if image_id is None or "image_grid_thw" not in images:
+        return {}
+    types = (input_ids == image_id).int()
+    video_id = getattr(config, "video_token_id", None)
+    if video_id is not None:
+        types = types + 2 * (input_ids == video_id).int()
+    return {"mm_token_type_ids": types}
+
+
 def _backbone_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      extra: Dict[str, Any]) -> torch.Tensor:
     """The last hidden state [N, S, H] (after the final norm) of a transformers model's backbone."""
@@ -316,7 +388,8 @@ def _backbone_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     if not isinstance(backbone, nn.Module) or backbone is inner:
         raise TypeError(f"model: expected a ModalMixedCoT or a transformers causal LM / VLM with a backbone, got "
                         f"{type(model).__name__}")
-    outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, **extra)
+    outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, **extra,
+                       **_multimodal_types(model, input_ids, extra))
     return outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
 
 
@@ -326,6 +399,7 @@ def _backbone_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
 # ``mmlatent train`` with ``method: grpo``: RL on the text of a finished Modal-mixed SFT run (its final/ folder).
 
 METHOD = "grpo"
+POLICIES = ("modal_mixed", "plain")
 REWARDS: Dict[str, Any] = {}
 
 
@@ -362,9 +436,12 @@ class GRPOConfig:
     but ``grad_accum``, which is the rollout's micro-batch count).
 
     ``init_from``: a finished Modal-mixed run's ``final/`` folder (its model, tokenizer, data and sampler are the
-    defaults here). Each optimizer step's rollout draws ``prompts_per_step`` training questions and
-    ``group_size`` completions of each (text drawn at ``text_temperature``, the sketches by the head from noise
-    scaled by ``latent_temperature``), in micro-batches of ``micro_batch_size`` completions (whole groups);
+    defaults here). ``policy``: ``modal_mixed`` (the model writes text and sketches; the sketches are replayed in
+    the loss) or ``plain`` (its VLM alone, a transformers model rolled out by its own ``generate``: text only);
+    by default ``modal_mixed`` for a Modal-mixed SFT run and ``plain`` for its text-CoT and no-CoT variants.
+    Each optimizer step's rollout draws ``prompts_per_step`` training questions and ``group_size`` completions of
+    each (text drawn at ``text_temperature``, the sketches by the head from noise scaled by
+    ``latent_temperature``), in micro-batches of ``micro_batch_size`` completions (whole groups);
     ``num_iterations`` optimizer steps reuse one rollout. ``reward`` names a registered reward
     (:func:`register_reward`), plus ``format_weight`` times the format reward. The loss keywords are
     :func:`grpo_loss`'s; ``scale_rewards`` is :func:`group_advantages`' ``scale``. ``lora``: LoRA adapters added
@@ -374,6 +451,7 @@ class GRPOConfig:
     name: str = "grpo"
     method: str = METHOD
     init_from: str = ""
+    policy: Optional[str] = None
     group_size: int = 8
     prompts_per_step: int = 4
     micro_batch_size: int = 16
@@ -405,6 +483,9 @@ class GRPOConfig:
         if not isinstance(self.init_from, str) or not self.init_from:
             raise ValueError("init_from: expected the final/ folder of a finished Modal-mixed run (the SFT "
                              "checkpoint), got none")
+        if self.policy is not None and self.policy not in POLICIES:
+            raise ValueError(f"policy: expected one of {', '.join(POLICIES)} or null (from the SFT run's mode), got "
+                             f"{self.policy!r}")
         for key in ("group_size", "prompts_per_step", "micro_batch_size", "num_iterations", "eval_samples"):
             check_int(key, getattr(self, key))
         if self.max_new_tokens is not None:
@@ -476,6 +557,8 @@ class Rollouts(EpochBatches):
         super().__init__(records, config.prompts_per_step, lambda chosen, epoch: chosen,
                          seed=config.train.get("seed", 0))
         self.config, self.sft, self.model, self.tokenizer = config, sft, model, tokenizer
+        # what writes the completions and scores them: the Modal-mixed model, or its VLM as a plain policy
+        self.policy = model if config.policy == "modal_mixed" else model.vlm
         self.reference = reference
         self.make = collator(sft, tokenizer, image_processor, prompt_only=True)
         self.device = next(model.parameters()).device
@@ -525,26 +608,27 @@ class Rollouts(EpochBatches):
             for start in range(0, len(chosen), per_micro):
                 records = [r for r in chosen[start:start + per_micro] for _ in range(G)]
                 prompts = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in self.make(records).items()}
-                gen = self.model.generate(
-                    prompts["input_ids"], prompts["attention_mask"], pixel_values=prompts.get("pixel_values"),
-                    image_grid_thw=prompts.get("image_grid_thw"), max_new_tokens=c.max_new_tokens or sft.max_new_tokens,
-                    steps=sampler.get("steps", 20), schedule=sampler.get("schedule", "ddim"),
-                    cfg_scale=float(sampler.get("cfg_scale", 1.0)), temperature=c.latent_temperature, do_sample=True,
-                    text_temperature=c.text_temperature, generator=self.generator,
-                    eos_token_id=self.tokenizer.eos_id, pad_token_id=self.tokenizer.pad_id)
-                rows = gen.sequences.tolist()
-                texts = [self.tokenizer.decode(row[:int(n)]) for row, n in zip(rows, gen.lengths.tolist())]
-                rewards = _rewards(c, texts, records)
-                batch = rollout_batch(self.model, prompts["input_ids"], prompts["attention_mask"], gen,
-                                      pad_token_id=self.tokenizer.pad_id, pixel_values=prompts.get("pixel_values"),
-                                      image_grid_thw=prompts.get("image_grid_thw"))
+                if self.policy is not self.model:
+                    batch = plain_rollout(
+                        self.policy, prompts["input_ids"], prompts["attention_mask"],
+                        max_new_tokens=c.max_new_tokens or sft.max_new_tokens, temperature=c.text_temperature,
+                        generator=self.generator, eos_token_id=self.tokenizer.eos_id,
+                        pad_token_id=self.tokenizer.pad_id, pixel_values=prompts.get("pixel_values"),
+                        image_grid_thw=prompts.get("image_grid_thw"))
+                    row_lengths = batch.pop("lengths").tolist()
+                    completions = batch["input_ids"][:, prompts["input_ids"].shape[1]:].tolist()
+                    texts = [self.tokenizer.decode(row[:n]) for row, n in zip(completions, row_lengths)]
+                    rewards = _rewards(c, texts, records)
+                    sketches += [0] * len(records)
+                else:
+                    batch, rewards, row_lengths = self._roll_modal_mixed(prompts, records, sampler)
+                    sketches += [len(x) for x in batch.pop("sketches")]
                 batch["advantages"] = group_advantages(rewards, G, scale=c.scale_rewards).to(self.device)
                 if c.beta > 0:
                     batch["ref_logp"] = _reference_log_probs(self, batch)
                 batches.append(batch)
                 rewards_all.append(rewards)
-                lengths += gen.lengths.tolist()
-                sketches += [len(x) for x in gen.latents]
+                lengths += row_lengths
         finally:
             self.model.train(was_training)
         # read once here, on the host, with the rollout's other host reads: the tokens/s count and dapo's
@@ -561,6 +645,26 @@ class Rollouts(EpochBatches):
                          completion_length=sum(lengths) / len(lengths), sketches=sum(sketches) / len(sketches),
                          rollout_seconds=time.perf_counter() - t0)
         return batches
+
+    def _roll_modal_mixed(self, prompts: Dict[str, Any], records: list, sampler: Dict[str, Any]
+                          ) -> Tuple[Dict[str, Any], torch.Tensor, List[int]]:
+        """One micro-batch written by the Modal-mixed model: (its batch, with ``sketches`` the per-row latents to
+        count; the rewards; the positions each row wrote)."""
+        c = self.config
+        gen = self.model.generate(
+            prompts["input_ids"], prompts["attention_mask"], pixel_values=prompts.get("pixel_values"),
+            image_grid_thw=prompts.get("image_grid_thw"), max_new_tokens=c.max_new_tokens or self.sft.max_new_tokens,
+            steps=sampler.get("steps", 20), schedule=sampler.get("schedule", "ddim"),
+            cfg_scale=float(sampler.get("cfg_scale", 1.0)), temperature=c.latent_temperature, do_sample=True,
+            text_temperature=c.text_temperature, generator=self.generator,
+            eos_token_id=self.tokenizer.eos_id, pad_token_id=self.tokenizer.pad_id)
+        rows, row_lengths = gen.sequences.tolist(), gen.lengths.tolist()
+        texts = [self.tokenizer.decode(row[:n]) for row, n in zip(rows, row_lengths)]
+        rewards = _rewards(c, texts, records)
+        batch = rollout_batch(self.model, prompts["input_ids"], prompts["attention_mask"], gen,
+                              pad_token_id=self.tokenizer.pad_id, pixel_values=prompts.get("pixel_values"),
+                              image_grid_thw=prompts.get("image_grid_thw"))
+        return dict(batch, sketches=gen.latents), rewards, row_lengths
 
 
 def _rewards(config: GRPOConfig, texts: List[str], records: list) -> torch.Tensor:
@@ -586,7 +690,7 @@ def _reference_log_probs(rollouts: Rollouts, batch: Dict[str, Any]) -> torch.Ten
         logp, _ = completion_log_probs(rollouts.reference, batch, temperature=c.text_temperature)
         return logp
     with rollouts.model.vlm.disable_adapter():
-        logp, _ = completion_log_probs(rollouts.model, batch, temperature=c.text_temperature)
+        logp, _ = completion_log_probs(rollouts.policy, batch, temperature=c.text_temperature)
     return logp
 
 
@@ -609,6 +713,11 @@ def train(config: GRPOConfig, device: Optional[Union[str, torch.device]] = None,
                          f"Modal-mixed SFT checkpoint")
     seed_everything(config.train.get("seed", 0))
     model, tokenizer, sft, image_processor = mm.load_run(config.init_from, device=device)
+    if config.policy is None:
+        config = replace(config, policy="modal_mixed" if sft.mode == mm.METHOD else "plain")
+    elif config.policy == "modal_mixed" and sft.mode != mm.METHOD:
+        raise ValueError(f"policy: modal_mixed needs a Modal-mixed SFT run; {config.init_from} is its {sft.mode} "
+                         f"variant, whose head never learned to sketch (use policy: plain)")
     _, records, eval_records = mm.build_data(sft)
     model.head.requires_grad_(False)
     model.vlm.requires_grad_(True)
@@ -616,7 +725,8 @@ def train(config: GRPOConfig, device: Optional[Union[str, torch.device]] = None,
     reference = None
     if config.beta > 0 and not config.lora:
         import copy
-        reference = copy.deepcopy(model).requires_grad_(False).eval()
+        reference = copy.deepcopy(model if config.policy == "modal_mixed" else model.vlm)
+        reference.requires_grad_(False).eval()
     rollouts = Rollouts(config, sft, model, tokenizer, image_processor, records, reference)
     options = dict(config.train, grad_accum=config.completions_per_step // config.micro_batch_size)
     options.setdefault("max_steps", 100)
@@ -625,7 +735,7 @@ def train(config: GRPOConfig, device: Optional[Union[str, torch.device]] = None,
     max_length = config.max_new_tokens or sft.max_new_tokens
 
     def loss_fn(m, micro):
-        logp, mask = completion_log_probs(model, micro, temperature=config.text_temperature)
+        logp, mask = completion_log_probs(rollouts.policy, micro, temperature=config.text_temperature)
         out = grpo_loss(logp, micro["advantages"], mask, old_logp=micro["old_logp"] if micro["reuse"] else None,
                         ref_logp=micro.get("ref_logp"), beta=config.beta, epsilon_low=config.epsilon_low,
                         epsilon_high=config.epsilon_high, loss_type=config.loss_type,
@@ -720,7 +830,7 @@ def plot_rewards(history: dict, path: str, title: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["group_advantages", "grpo_loss", "GRPOLossOutput", "completion_log_probs", "rollout_batch", "SCALES",
-           "LOSS_TYPES", "IMPORTANCE_SAMPLING_LEVELS", "GRPOConfig", "RUN_CONFIG", "Rollouts", "train",
-           "evaluate_result", "summary_lines", "plot_rewards", "register_reward", "strict_answer_reward",
-           "format_reward", "REWARDS", "METHOD"]
+__all__ = ["group_advantages", "grpo_loss", "GRPOLossOutput", "completion_log_probs", "rollout_batch",
+           "plain_rollout", "plain_unwritable_token_ids", "SCALES", "LOSS_TYPES", "IMPORTANCE_SAMPLING_LEVELS",
+           "POLICIES", "GRPOConfig", "RUN_CONFIG", "Rollouts", "train", "evaluate_result", "summary_lines", "plot_rewards", "register_reward",
+           "strict_answer_reward", "format_reward", "REWARDS", "METHOD"]
