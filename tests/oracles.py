@@ -119,3 +119,20 @@ def plain_diffusion_mse(pred, x0, noise, goal_x0, goal_noise, coef):
     autograd: the error budget the fused loss is held to."""
     goal = goal_x0[:, None] * x0.to(torch.float32) + goal_noise[:, None] * noise.to(torch.float32)
     return (coef * (pred.to(torch.float32) - goal).square().mean(dim=1)).sum()
+
+
+def gated_mix64(text, attended, weight, bias):
+    """MM-CoT's gate (JointEncoder, model.py L293-295) in float64: sigmoid(Linear(2d, d)(cat[H, H_attn])) mixes
+    the text states and the attended image features."""
+    text, attended, weight = text.double(), attended.double(), weight.double()
+    logits = torch.cat([text, attended], dim=-1) @ weight.T
+    if bias is not None:
+        logits = logits + bias.double()
+    gate = torch.sigmoid(logits)
+    return (1 - gate) * text + gate * attended
+
+
+def plain_gated_mix(text, attended, weight, bias):
+    """The unfused torch expression of the same gate in the inputs' dtype (concat, Linear, sigmoid, mix)."""
+    gate = torch.sigmoid(torch.nn.functional.linear(torch.cat([text, attended], dim=-1), weight, bias))
+    return (1 - gate) * text + gate * attended

@@ -1,5 +1,5 @@
-"""Fused operators of mmlatent, grouped by family (``attention/``, ``selection/``, ``losses/``, ``diffusion/``);
-each family holds its public ops (op.py), its torch backend (torch_impl.py) and its Triton kernels
+"""Fused operators of mmlatent, grouped by family (``attention/``, ``selection/``, ``losses/``, ``diffusion/``,
+``fusion/``); each family holds its public ops (op.py), its torch backend (torch_impl.py) and its Triton kernels
 (triton_kernels.py); dispatch.py chooses a backend once per call (docs/design.md, "Operators: backends and
 dispatch").
 
@@ -11,6 +11,7 @@ dispatch").
     denoise_step_           one DDPM / DDIM / flow-Euler step for every row (ragged steps, CFG), in place
     layer_norm_modulate     adaLN: LayerNorm (no affine) * (1 + scale) + shift, one pass forward and backward
     diffusion_mse           the denoiser's training MSE, target formed on the fly, gradient in the same pass
+    gated_mix               MM-CoT's fusion gate: two summed GEMMs, sigmoid and mix in one pass, forward and backward
 """
 from . import checks  # noqa: F401
 from .dispatch import BACKENDS, BackendUnavailableError, native_module, requested_backend  # noqa: F401
@@ -24,11 +25,12 @@ from .selection import SELECT_TOPK_TOKENS, register_native_fake, select_topk_tok
 from .losses import LINEAR_CROSS_ENTROPY, LINEAR_LOG_PROBS, linear_cross_entropy, linear_log_probs  # noqa: E402
 from .diffusion import (DENOISE_STEP, DIFFUSION_MSE, LAYER_NORM_MODULATE, SamplerSchedule,  # noqa: E402
                         denoise_step_, diffusion_mse, layer_norm_modulate)
+from .fusion import GATED_MIX, gated_mix  # noqa: E402
 
 register_native_fake()
 
 OPS = {op.name: op for op in (ROW_ATTENTION_MASS, ATTENTION_WITH_SCORES, SELECT_TOPK_TOKENS, LINEAR_CROSS_ENTROPY,
-                              LINEAR_LOG_PROBS, DENOISE_STEP, LAYER_NORM_MODULATE, DIFFUSION_MSE)}
+                              LINEAR_LOG_PROBS, DENOISE_STEP, LAYER_NORM_MODULATE, DIFFUSION_MSE, GATED_MIX)}
 
 
 def backend_report(op: str, **inputs) -> dict:
@@ -39,6 +41,6 @@ def backend_report(op: str, **inputs) -> dict:
 
 
 __all__ = ["row_attention_mass", "attention_with_scores", "select_topk_tokens", "linear_cross_entropy",
-           "linear_log_probs", "denoise_step_", "layer_norm_modulate", "diffusion_mse",
+           "linear_log_probs", "denoise_step_", "layer_norm_modulate", "diffusion_mse", "gated_mix",
            "SamplerSchedule", "BACKENDS",
            "BackendUnavailableError", "requested_backend", "backend_report", "OPS"]

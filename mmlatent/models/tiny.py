@@ -168,3 +168,44 @@ def synthetic_batch(vlm: nn.Module, *, images: Sequence[Sequence[Sequence[int]]]
 __all__ = ["tiny_qwen2_vl", "tiny_qwen2_5_vl", "tiny_chameleon", "qwen2_vl_7b_shapes", "synthetic_batch",
            "image_tokens_per_image",
            "LATENT_ID", "PAD_ID", "BOS_ID", "EOS_ID"]
+
+
+def tiny_t5(vocab: int = 256, d_model: int = 64, layers: int = 2, heads: int = 4, d_ff: int = 128, seed: int = 0,
+            device: Device = None, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """A random-weight ``T5ForConditionalGeneration`` (encoder and decoder of ``layers`` blocks each, flan-T5's
+    gated-GELU feed-forward, untied embeddings as in flan-T5; pad 0, eos 2, the decoder starting from pad)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    config = T5Config(vocab_size=vocab, d_model=d_model, d_kv=d_model // heads, d_ff=d_ff, num_layers=layers,
+                      num_decoder_layers=layers, num_heads=heads, feed_forward_proj="gated-gelu",
+                      tie_word_embeddings=False, pad_token_id=PAD_ID, eos_token_id=EOS_ID,
+                      decoder_start_token_id=PAD_ID, dropout_rate=0.0)
+    return _build(T5ForConditionalGeneration, config, seed, device, dtype, "eager")
+
+
+def tiny_vae(block_out_channels: Sequence[int] = (32, 64), latent_channels: int = 4, seed: int = 0,
+             device: Device = None) -> nn.Module:
+    """A random-weight diffusers ``AutoencoderKL`` (downsampling 2 ** (len(block_out_channels) - 1); Stable
+    Diffusion 1.x's is (128, 256, 512, 512), 8x)."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(seed)
+    n = len(block_out_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                         up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(block_out_channels),
+                         latent_channels=latent_channels, norm_num_groups=min(32, block_out_channels[0]),
+                         layers_per_block=1).to(device or "cpu").eval()
+
+
+def tiny_unet(cross_attention_dim: int = 64, block_out_channels: Sequence[int] = (32, 64), in_channels: int = 4,
+              attention_head_dim: int = 8, seed: int = 0, device: Device = None) -> nn.Module:
+    """A random-weight diffusers ``UNet2DConditionModel`` with cross-attention in its first down and last up
+    block and its mid block (Stable Diffusion 1.x's layout, shrunk: SD has widths (320, 640, 1280, 1280))."""
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(seed)
+    n = len(block_out_channels)
+    down = ("CrossAttnDownBlock2D",) + ("DownBlock2D",) * (n - 1)
+    up = ("UpBlock2D",) * (n - 1) + ("CrossAttnUpBlock2D",)
+    return UNet2DConditionModel(sample_size=16, in_channels=in_channels, out_channels=in_channels,
+                                down_block_types=down, up_block_types=up, block_out_channels=tuple(block_out_channels),
+                                layers_per_block=1, cross_attention_dim=cross_attention_dim,
+                                attention_head_dim=attention_head_dim,
+                                norm_num_groups=min(32, block_out_channels[0])).to(device or "cpu").eval()
