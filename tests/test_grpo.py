@@ -482,3 +482,7 @@ def test_the_shipped_grpo_config_loads():
     config = load_config(os.path.join(root, "configs", "synthetic-grpo.yaml"))
     assert isinstance(config, grpo.GRPOConfig) and config.loss_type == "dapo" and config.beta == 0.0
     assert config.completions_per_step == 64 and config.init_from == "checkpoints/synthetic-modal-mixed/final"
+    plain = load_config(os.path.join(root, "configs", "synthetic-grpo-cot.yaml"))
+    assert plain.policy is None and plain.init_from == "checkpoints/synthetic-modal-mixed-cot/final"
+    from mmlatent.train import modal_mixed as mm
+    assert mm.run_method(os.path.join(root, plain.init_from)) == mm.METHOD
