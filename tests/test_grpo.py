@@ -311,6 +311,54 @@ def test_completion_log_probs_of_a_plain_policy_equal_log_softmax(kind):
     torch.testing.assert_close(again, batch["old_logp"], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_a_shared_prompt_gives_the_full_forwards_log_probs_and_gradients(kind):
+    """group_size runs each group's prompt once and shares its keys and values: the log-probs of a Modal-mixed
+    rollout (sketches replayed) and of a plain policy's, and the gradients, equal the full forward's."""
+    model = _model(kind)
+    ids, mask, pixels = _prompts(model)  # three prompts, each twice: groups of 2
+    pixel_values = torch.cat([pixels["pixel_values"]] * 2)
+    grid = torch.cat([pixels["image_grid_thw"]] * 2)
+    gen = model.generate(ids, mask, pixel_values=pixel_values, image_grid_thw=grid, max_new_tokens=24, steps=3,
+                         do_sample=True, generator=torch.Generator().manual_seed(3), eos_token_id=EOS, pad_token_id=0)
+    mixed = grpo.rollout_batch(model, ids, mask, gen, pad_token_id=0, pixel_values=pixel_values, image_grid_thw=grid)
+    assert mixed["latents"].shape[0] >= 2
+    plain = grpo.plain_rollout(model.vlm, ids, mask, max_new_tokens=12, eos_token_id=EOS, pad_token_id=0,
+                               generator=torch.Generator().manual_seed(1), pixel_values=pixel_values,
+                               image_grid_thw=grid)
+    for policy, batch in ((model, mixed), (model.vlm, plain)):
+        results = []
+        for group_size in (None, 2):
+            policy.zero_grad(set_to_none=True)
+            logp, m = grpo.completion_log_probs(policy, dict(batch, group_size=group_size), temperature=0.8)
+            (logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum().backward()
+            results.append((logp.detach(), [p.grad.clone() for p in policy.parameters() if p.grad is not None]))
+        (full, full_grads), (shared, shared_grads) = results
+        torch.testing.assert_close(shared, full, rtol=0, atol=2e-6)
+        assert len(shared_grads) == len(full_grads) > 0
+        for a, b in zip(shared_grads, full_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_group_size_whose_rows_do_not_share_a_prompt_is_refused():
+    model = _model("qwen2_vl")
+    ids, mask, _ = _prompts(model)
+    batch = dict(input_ids=torch.cat([ids, ids[:, -3:]], 1), attention_mask=torch.cat([mask, mask[:, -3:]], 1),
+                 completion_mask=torch.ones(6, 3, dtype=torch.bool), latents=torch.zeros(0, K, D))
+    batch["input_ids"][:, -3:] = 10
+    with pytest.raises(ValueError, match=r"batch\['group_size'\]: rows 0..2 \(group 0\) do not share one prompt"):
+        grpo.completion_log_probs(model, dict(batch, group_size=3))
+    with pytest.raises(ValueError, match=r"batch\['group_size'\]: expected a positive int dividing the 6 rows"):
+        grpo.completion_log_probs(model, dict(batch, group_size=4))
+    # a family without a known KV-cache path (a text-only causal LM) takes the full forward
+    lm = _causal_lm()
+    prompt = torch.randint(10, 60, (1, 5)).repeat(2, 1)
+    rows = dict(input_ids=torch.cat([prompt, torch.randint(10, 60, (2, 3))], 1),
+                attention_mask=torch.ones(2, 8, dtype=torch.long), completion_mask=torch.ones(2, 3, dtype=torch.bool))
+    torch.testing.assert_close(grpo.completion_log_probs(lm, dict(rows, group_size=2))[0],
+                               grpo.completion_log_probs(lm, rows)[0], rtol=0, atol=0)
+
+
 def test_completion_log_probs_bad_batches():
     model = _model("qwen2_vl")
     ids = torch.randint(10, 60, (2, 9))

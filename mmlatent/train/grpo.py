@@ -205,7 +205,10 @@ def completion_log_probs(model: nn.Module, batch: Dict[str, Any], *, temperature
             ``attention_mask`` [N, S + L], ``completion_mask`` [N, L] bool (True on the completion tokens that
             carry a log-prob: the sampled text tokens), the prompt images (``pixel_values``, ``image_grid_thw``)
             and, for a Modal-mixed model, ``latents`` [N_seg, K, D]: the rollout's sketches in the order of their
-            placeholders (row by row), fed back verbatim as the placeholders' input embeddings.
+            placeholders (row by row), fed back verbatim as the placeholders' input embeddings. Optional
+            ``group_size`` G: every G consecutive rows share one prompt (a GRPO group; checked), so the prompt
+            runs once per group and its keys and values are shared by the group's completions
+            (:func:`shared_prompt_hidden`).
         temperature: the logits are divided by it, as the rollout sampled them.
 
     Returns:
@@ -237,6 +240,7 @@ def completion_log_probs(model: nn.Module, batch: Dict[str, Any], *, temperature
     completion = input_ids[:, -length:]
     if bool((mask & ~attention_mask[:, -length:].bool()).any()):
         raise ValueError("batch['completion_mask']: True on a padding position of the completion")
+    group_size = _prompt_group_size(batch, length)
     if isinstance(model, ModalMixedCoT):
         if bool((mask & (completion == model.latent_token_id)).any()):
             raise ValueError("batch['completion_mask']: True on a latent placeholder (a sketch carries no "
@@ -245,19 +249,25 @@ def completion_log_probs(model: nn.Module, batch: Dict[str, Any], *, temperature
         if latents is None:
             raise ValueError("batch: missing 'latents' (a Modal-mixed completion's sketches, replayed at its "
                              "placeholders)")
-        hidden = model.hidden_states(input_ids, attention_mask, latents=latents,
-                                     pixel_values=batch.get("pixel_values"),
-                                     image_grid_thw=batch.get("image_grid_thw"))
+        if group_size and _prompt_sharing_applies(model.vlm):
+            before = shared_prompt_hidden(model, batch, length, group_size)
+        else:
+            hidden = model.hidden_states(input_ids, attention_mask, latents=latents,
+                                         pixel_values=batch.get("pixel_values"),
+                                         image_grid_thw=batch.get("image_grid_thw"))
+            before = hidden[:, -length - 1:-1]  # position i scores token i + 1
         base = model.text_head()
         suppressed = sorted(set(base.suppressed_token_ids or ()) | set(model.unwritable_token_ids))
         head = LinearCrossEntropyHead(model.backbone.lm_head, suppressed_token_ids=suppressed)
     else:
-        extra = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if batch.get(k) is not None}
-        hidden = _backbone_hidden(model, input_ids, attention_mask, extra)
+        if group_size and _prompt_sharing_applies(model):
+            before = shared_prompt_hidden(model, batch, length, group_size)
+        else:
+            extra = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if batch.get(k) is not None}
+            before = _backbone_hidden(model, input_ids, attention_mask, extra)[:, -length - 1:-1]
         head = head_for(model, also_suppressed=plain_unwritable_token_ids(model))
-    before = hidden[:, -length - 1:-1]  # position i scores token i + 1
     rows = before[mask]
-    logp = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    logp = torch.zeros(mask.shape, dtype=torch.float32, device=before.device)
     if rows.shape[0]:
         logp = logp.index_put((mask.nonzero(as_tuple=True)), head.log_probs(rows, completion[mask],
                                                                               temperature=temperature))
@@ -353,6 +363,126 @@ def plain_rollout(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch
     batch["old_logp"], _ = completion_log_probs(model, batch, temperature=temperature)
     batch["lengths"] = lengths
     return batch
+
+
+def _prompt_group_size(batch: Dict[str, Any], length: int) -> Optional[int]:
+    """``batch['group_size']`` checked: an int G > 1 dividing N whose groups of rows share their prompt (ids and
+    mask); None without one (or G = 1)."""
+    G = batch.get("group_size")
+    if G is None or G == 1:
+        return None
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    N = input_ids.shape[0]
+    if isinstance(G, bool) or not isinstance(G, int) or G < 1 or N % G:
+        raise ValueError(f"batch['group_size']: expected a positive int dividing the {N} rows, got {G!r}")
+    S = input_ids.shape[1] - length
+    ids = input_ids[:, :S].reshape(N // G, G, S)
+    masks = attention_mask[:, :S].reshape(N // G, G, S)
+    differs = (ids != ids[:, :1]).any(dim=(1, 2)) | (masks != masks[:, :1]).any(dim=(1, 2))
+    if bool(differs.any()):  # one host read: a wrong group size would pair completions with other prompts
+        group = int(differs.nonzero()[0, 0])
+        raise ValueError(f"batch['group_size']: rows {group * G}..{group * G + G - 1} (group {group}) do not share "
+                         f"one prompt")
+    return G
+
+
+def _prompt_sharing_applies(vlm: nn.Module) -> bool:
+    """Whether :func:`shared_prompt_hidden` can run ``vlm``: a model family mmlatent knows (its language model
+    takes a KV cache and input embeddings) whose layers are not under activation checkpointing (transformers turns
+    the cache off there; the full forward is taken)."""
+    from mmlatent.models.backbones.base import supported_model_classes
+    from mmlatent.models.unwrap import unwrap_peft
+    base = unwrap_peft(vlm)
+    if type(base).__name__ not in supported_model_classes():
+        return False
+    return not any(getattr(m, "gradient_checkpointing", False) for m in base.modules())
+
+
+def _leader_images(backbone: Any, prompt_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
+                   image_grid_thw: Optional[torch.Tensor], G: int
+                   ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The images of every G-th row (each group's first), from the images of all rows in row order: Qwen-VL's
+    patch rows by their grids; other families' images one [3, H, W] each."""
+    if pixel_values is None:
+        return None, None
+    rows = prompt_ids.shape[0]
+    per_row = (prompt_ids == backbone.image_token_id).sum(dim=1).tolist()  # host: the images' row bookkeeping
+    if image_grid_thw is None:  # one image per fixed token count
+        per_image = backbone.tokens_per_image(pixel_values.shape[-2:])
+        counts = [n // per_image for n in per_row]
+        starts = np.cumsum([0] + counts)
+        keep = [i for r in range(0, rows, G) for i in range(starts[r], starts[r] + counts[r])]
+        return pixel_values[keep], None
+    merge = backbone.config.vision_config.spatial_merge_size
+    patches = image_grid_thw.prod(dim=1).tolist()
+    tokens = [p // merge ** 2 for p in patches]
+    image, patch, images, patch_rows = 0, 0, [], []
+    for r in range(rows):
+        left = per_row[r]
+        while left > 0:
+            if r % G == 0:
+                images.append(image)
+                patch_rows.append((patch, patch + patches[image]))
+            left -= tokens[image]
+            patch += patches[image]
+            image += 1
+    index = torch.cat([torch.arange(a, b) for a, b in patch_rows]).to(pixel_values.device)
+    return pixel_values.index_select(0, index), image_grid_thw[images]
+
+
+def shared_prompt_hidden(model: nn.Module, batch: Dict[str, Any], length: int, group_size: int) -> torch.Tensor:
+    """The hidden states [N, L, D] that score the L completion tokens (position i scores token i + 1), with each
+    group's prompt run once: the prompt forward of the N / G distinct prompts fills a KV cache (with gradients),
+    the cache is repeated G times along the batch, and the completions run on it with the positions the full
+    sequence has. Equal to the full forward's to rounding; a prompt of S tokens costs N / G instead of N rows of
+    layer activations and compute. ``model``: a :class:`~mmlatent.models.ModalMixedCoT` (its sketches replayed
+    at their placeholders) or a VLM of a family :class:`~mmlatent.models.VLMBackbone` knows."""
+    from transformers import DynamicCache
+
+    from mmlatent.models import ModalMixedCoT, VLMBackbone
+    from mmlatent.models.compat import cache_kwargs
+    from mmlatent.models.modal_mixed.model import mrope_positions
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    G, S = group_size, input_ids.shape[1] - length
+    modal_mixed = isinstance(model, ModalMixedCoT)
+    vlm = model.vlm if modal_mixed else model
+    backbone = VLMBackbone(vlm)
+    pixel_values, grid = batch.get("pixel_values"), batch.get("image_grid_thw")
+    if modal_mixed:
+        positions, _ = mrope_positions(vlm, input_ids, attention_mask, grid)
+    else:  # the positions the model's own forward gives the whole sequence
+        positions = backbone.position_ids(backbone.model_positions(input_ids, attention_mask, grid))
+    prompt_ids = input_ids[::G, :S]
+    leader_pixels, leader_grid = _leader_images(backbone, input_ids[:, :S], pixel_values, grid, G)
+    backbone.check_images(prompt_ids, leader_pixels, leader_grid)
+    prompt_embeds = backbone.input_embeddings(prompt_ids, leader_pixels, leader_grid)
+    lm = backbone.language_model
+    cache = DynamicCache(config=backbone.text_config)
+    mask = attention_mask.to(torch.long)
+    last_prompt = lm(inputs_embeds=prompt_embeds, attention_mask=mask[::G, :S], position_ids=positions[..., ::G, :S],
+                     use_cache=True, **cache_kwargs(lm, cache)).last_hidden_state[:, -1:]
+    cache.batch_repeat_interleave(G)
+    completion_embeds = backbone.embed_tokens(input_ids[:, S:])
+    if modal_mixed:
+        layout = model.sketch_layout(input_ids, attention_mask)
+        latents = batch["latents"]
+        expected = (layout.num_segments, model.num_latents, model.hidden_size)
+        if not torch.is_tensor(latents) or tuple(latents.shape) != expected:
+            raise ValueError(f"latents: expected [{', '.join(map(str, expected))}] (the sketches input_ids hold, "
+                             f"num_latents, hidden size), got "
+                             f"{tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__}")
+        if layout.num_segments:
+            if bool((layout.cols < S).any()):
+                raise ValueError("batch['input_ids']: a sketch placeholder inside the prompt; a shared prompt holds "
+                                 "none")
+            completion_embeds = completion_embeds.index_put(
+                (layout.rows, layout.cols - S), latents.reshape(-1, model.hidden_size).to(completion_embeds.dtype))
+    first = last_prompt.repeat_interleave(G, dim=0)
+    if length == 1:  # the prompt's last position scores the only completion token
+        return first
+    completion = lm(inputs_embeds=completion_embeds[:, :-1], attention_mask=mask[:, :-1],
+                    position_ids=positions[..., :, S:-1], use_cache=True, **cache_kwargs(lm, cache)).last_hidden_state
+    return torch.cat([first, completion], dim=1)
 
 
 def plain_unwritable_token_ids(model: nn.Module) -> Tuple[int, ...]:
@@ -624,6 +754,7 @@ class Rollouts(EpochBatches):
                     batch, rewards, row_lengths = self._roll_modal_mixed(prompts, records, sampler)
                     sketches += [len(x) for x in batch.pop("sketches")]
                 batch["advantages"] = group_advantages(rewards, G, scale=c.scale_rewards).to(self.device)
+                batch["group_size"] = G  # each group's prompt runs once in the loss's forward
                 if c.beta > 0:
                     batch["ref_logp"] = _reference_log_probs(self, batch)
                 batches.append(batch)
@@ -831,6 +962,7 @@ def plot_rewards(history: dict, path: str, title: str) -> None:
 
 
 __all__ = ["group_advantages", "grpo_loss", "GRPOLossOutput", "completion_log_probs", "rollout_batch",
-           "plain_rollout", "plain_unwritable_token_ids", "SCALES", "LOSS_TYPES", "IMPORTANCE_SAMPLING_LEVELS",
-           "POLICIES", "GRPOConfig", "RUN_CONFIG", "Rollouts", "train", "evaluate_result", "summary_lines", "plot_rewards", "register_reward",
-           "strict_answer_reward", "format_reward", "REWARDS", "METHOD"]
+           "plain_rollout", "plain_unwritable_token_ids", "shared_prompt_hidden", "SCALES", "LOSS_TYPES",
+           "IMPORTANCE_SAMPLING_LEVELS", "POLICIES", "GRPOConfig", "RUN_CONFIG", "Rollouts", "train",
+           "evaluate_result", "summary_lines", "plot_rewards", "register_reward", "strict_answer_reward",
+           "format_reward", "REWARDS", "METHOD"]

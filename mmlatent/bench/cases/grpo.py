@@ -2,7 +2,8 @@
 hidden states, then ``linear_log_probs`` over the completion tokens only) and :func:`grpo_loss`, against the step
 TRL's GRPOTrainer takes: the model's forward with ``logits_to_keep`` (the [N, L + 1, V] logits of the completion
 positions), the logits divided by the temperature, TRL's ``selective_log_softmax`` (its own function when TRL is
-installed, else the same gather of a float32 log-softmax), then the same loss. Both sides backpropagate into the
+installed, else the same gather of a float32 log-softmax), then the same loss. Each group's G rows share one
+prompt, as a rollout's do: mmlatent's side runs it once per group (``group_size``), TRL's runs every row in full. Both sides backpropagate into the
 policy; the rollout (generation) is not part of the row. Sizes: "tiny" (the smoke test), "default" (CPU,
 float32: hidden 256, 4 layers, vocabulary 32000; 2 prompts x G = 8 completions of 256 tokens after a ~300-token
 prompt with one image), "gpu" (Qwen2.5-VL-7B shapes, bf16, LoRA r = 64, G = 8, 1024 completion tokens; built on a
@@ -32,8 +33,13 @@ def _inputs(build: Build, image_hw: Sequence[int], prompt_length: int, prompts: 
             enable_activation_checkpointing(vlm, use_reentrant=False)
         vocab = vlm.get_output_embeddings().weight.shape[0]
         n = prompts * group
-        # one prompt row per completion (each group's rows could share a prompt; the work is the same)
-        prompt = prompt_batch(vlm, image_hw=image_hw, prompt_lengths=[prompt_length] * n)
+        # each group's G rows share one prompt, as a rollout's do; TRL's step runs every row in full
+        one = prompt_batch(vlm, image_hw=image_hw, prompt_lengths=[prompt_length] * prompts)
+        pixels = one["pixel_values"].view(prompts, -1, *one["pixel_values"].shape[1:])
+        prompt = dict(input_ids=one["input_ids"].repeat_interleave(group, 0),
+                      attention_mask=one["attention_mask"].repeat_interleave(group, 0),
+                      pixel_values=pixels.repeat_interleave(group, 0).flatten(0, 1),
+                      image_grid_thw=one["image_grid_thw"].repeat_interleave(group, 0))
         g = cpu_generator(2)
         completion = torch.randint(6, vocab - 4, (n, length), generator=g)
         lengths = torch.randint(length // 2, length + 1, (n,), generator=g)
@@ -42,7 +48,7 @@ def _inputs(build: Build, image_hw: Sequence[int], prompt_length: int, prompts: 
         batch = dict(input_ids=torch.cat([prompt["input_ids"], completion], 1),
                      attention_mask=torch.cat([prompt["attention_mask"], keep.long()], 1), completion_mask=keep,
                      pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"])
-        batch = _to(batch, device, dtype)
+        batch = dict(_to(batch, device, dtype), group_size=group)
         advantages = torch.randn(n, generator=g).to(device)
         return dict(model=vlm, batch=batch, advantages=advantages, items=int(keep.sum()),
                     params=[p for p in vlm.parameters() if p.requires_grad])
@@ -75,14 +81,19 @@ def _selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.T
 
 def _naive(a: Inputs) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """TRL's _get_per_token_logps_and_entropies for one batch: logits of the completion positions (plus the one
-    before them), the last dropped, divided by the temperature, then selective_log_softmax."""
+    before them), the last dropped, divided by the temperature, then selective_log_softmax; the placeholder ids
+    a plain policy never writes are set to -inf first, in place, so both sides score one distribution."""
+    from mmlatent.train.grpo import plain_unwritable_token_ids
     model, batch = a["model"], a["batch"]
     model.zero_grad(set_to_none=True)
     length = batch["completion_mask"].shape[1]
     ids = batch["input_ids"]
     logits = model(input_ids=ids, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
-                   image_grid_thw=batch["image_grid_thw"], logits_to_keep=length + 1).logits
+                   image_grid_thw=batch["image_grid_thw"], logits_to_keep=length + 1,
+                   mm_token_type_ids=(ids == model.config.image_token_id).int()).logits
     logits = logits[:, :-1, :] / TEMPERATURE
+    # the same distribution as the policy's: its image and video placeholders never written (in place: no copy)
+    logits[..., list(plain_unwritable_token_ids(model))] = float("-inf")
     logp = _selective_log_softmax(logits, ids[:, -length:])
     loss = _loss(logp, a)
     loss.backward()
