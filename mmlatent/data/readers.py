@@ -263,35 +263,46 @@ def _check_skip_bad(skip_bad: object) -> None:
         raise TypeError(f"skip_bad: expected True or False, got {_kind(skip_bad)}")
 
 
-def read_scienceqa(root: str, split: str, *, skip_bad: bool = False) -> Tuple[List[Record], list]:
+def read_scienceqa(root: str, split: str, *, skip_bad: bool = False,
+                   with_imageless: bool = False) -> Tuple[List[Record], list]:
     """(records, skipped) of one split of ScienceQA in its official layout (``problems.json`` in ``root``) or the
     Hugging Face parquet layout (``root/data/<split>-*.parquet``). ``answer`` is an int index or a letter;
-    ``skipped`` lists (record id, message) of the bad records left out with ``skip_bad=True``."""
+    ``skipped`` lists (record id, message) of the bad records left out with ``skip_bad=True``. The questions
+    without an image are left out unless ``with_imageless`` (then their ``image`` is None). Each record's
+    ``meta`` holds ``subject``, ``grade``, ``hint``, ``image`` (the file name, or None), ``question`` (without the
+    hint) and ``solution``: what MM-CoT's prompts and its official breakdown
+    (:func:`mmlatent.data.scienceqa_breakdown`) read."""
     if not isinstance(root, (str, os.PathLike)):
         raise TypeError(f"root: expected a folder path, got {_kind(root)}")
     if not isinstance(split, str):
         raise TypeError(f"split: expected a split name, got {_kind(split)}")
     _check_skip_bad(skip_bad)
+    if not isinstance(with_imageless, bool):
+        raise TypeError(f"with_imageless: expected True or False, got {_kind(with_imageless)}")
     root = os.fspath(root)
     if os.path.exists(os.path.join(root, "problems.json")):
-        return _scienceqa_official(root, split, skip_bad)
+        return _scienceqa_official(root, split, skip_bad, with_imageless)
     if glob.glob(os.path.join(root, "data", f"{split}-*.parquet")):
-        return _scienceqa_parquet(root, split, skip_bad)
+        return _scienceqa_parquet(root, split, skip_bad, with_imageless)
     raise FileNotFoundError(f"root: {root} has neither problems.json (official layout) nor "
                             f"data/{split}-*.parquet (Hugging Face layout)")
 
 
-def _scienceqa_record(fields: _Fields, record_id: str, image, meta: dict) -> Record:
+def _scienceqa_record(fields: _Fields, record_id: str, image, image_name: Optional[str]) -> Record:
     question = fields.text("question")
     hint = fields.optional_text("hint")
     choices = fields.choices()
     answer = fields.answer(choices, by_text=False)
-    rationale = fields.optional_text("solution") or fields.optional_text("lecture")
+    solution = fields.optional_text("solution")
+    rationale = solution or fields.optional_text("lecture")
+    row = fields.row
+    meta = {"subject": row.get("subject"), "grade": row.get("grade"), "hint": hint.strip(), "image": image_name,
+            "question": question.strip(), "solution": solution.strip()}
     return Record(id=record_id, question=_question(question, hint), options=choices, answer=answer,
                   rationale=rationale, image=image, meta=meta)
 
 
-def _scienceqa_official(root: str, split: str, skip_bad: bool) -> Tuple[List[Record], list]:
+def _scienceqa_official(root: str, split: str, skip_bad: bool, with_imageless: bool) -> Tuple[List[Record], list]:
     problems_path, splits_path = os.path.join(root, "problems.json"), os.path.join(root, "pid_splits.json")
     problems = _read_json(problems_path, dict, "an object of pid -> problem")
     splits = _read_json(splits_path, dict, "an object of split -> pids")
@@ -314,12 +325,12 @@ def _scienceqa_official(root: str, split: str, skip_bad: bool) -> Tuple[List[Rec
                 raise RecordError(splits_path, key, None, f"listed more than once under {split!r}")
             fields = _Fields(problems[key], problems_path, key)
             field, image = fields.image_name("image")
-            if image is None:
+            if image is None and not with_imageless:
                 return None
-            problem = fields.row
-            record = _scienceqa_record(fields, key, os.path.join(root, "images", split, key, image),
-                                       {"subject": problem.get("subject"), "grade": problem.get("grade")})
-            fields.check_image_file(field, record.image)
+            path = os.path.join(root, "images", split, key, image) if image is not None else None
+            record = _scienceqa_record(fields, key, path, image)
+            if path is not None:
+                fields.check_image_file(field, path)
             seen.add(key)
             return record
         _collect(build, skip_bad, skipped, records)
@@ -340,7 +351,7 @@ def _parquet_rows(path: str) -> list:
         raise ValueError(f"{path}: not a readable parquet file ({type(err).__name__}: {err})") from None
 
 
-def _scienceqa_parquet(root: str, split: str, skip_bad: bool) -> Tuple[List[Record], list]:
+def _scienceqa_parquet(root: str, split: str, skip_bad: bool, with_imageless: bool) -> Tuple[List[Record], list]:
     records, skipped = [], []
     for path in sorted(glob.glob(os.path.join(root, "data", f"{split}-*.parquet"))):
         for i, row in enumerate(_parquet_rows(path)):
@@ -352,17 +363,18 @@ def _scienceqa_parquet(root: str, split: str, skip_bad: bool) -> Tuple[List[Reco
                 if isinstance(image, dict):
                     data = image.get("bytes")
                     if data is None and image.get("path") is None:  # how the datasets library writes "no image"
-                        return None
-                    if data is None:
+                        data = None
+                    elif data is None:
                         raise fields.error("image", f"no bytes embedded (path {image.get('path')!r})")
-                elif image is None:
-                    return None
+                    name = image.get("path") or "image"
                 else:
-                    data = image
+                    data, name = image, "image"
+                if data is None:
+                    return _scienceqa_record(fields, record_id, None, None) if with_imageless else None
                 if not isinstance(data, bytes):
                     raise fields.error("image", f"expected encoded image bytes, a {{bytes, path}} struct or null, "
                                                 f"got {_kind(data)}")
-                record = _scienceqa_record(fields, record_id, None, {"subject": row.get("subject")})
+                record = _scienceqa_record(fields, record_id, None, name)
                 record.image = fields.decode_image("image", data)
                 return record
             _collect(build, skip_bad, skipped, records)
