@@ -20,7 +20,8 @@ def test_bench_tiny_writes_json_markdown_png(tmp_path):
                    "linear_log_probs", "ivtlr training step", "ivtlr training step, grad checkpointing",
                    "ivtlr inference (+32 tokens)", "layer_norm_modulate", "diffusion_mse",
                    "diffusion head sample", "apply_fused_loss training step", "modal-mixed SFT step",
-                   "modal-mixed generate", "grpo loss + backward"}
+                   "modal-mixed generate", "grpo loss + backward", "dpmm training step", "dpmm generation features",
+                   "gated_mix"}
     baselines = [r for r in result["rows"] if r["impl"] != "mmlatent"]
     assert baselines and all(r["speedup_of_mmlatent"] > 0 for r in baselines)
     assert "eager+output_attentions" in table and "sdpa" in table and "torch topk" in table
@@ -119,6 +120,33 @@ def test_grpo_case_agrees_with_the_trl_style_step():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     with pytest.raises(RuntimeError, match="CUDA"):
         grpo.cases("gpu")[0].make(torch.device("cpu"), torch.bfloat16)
+
+
+def test_dpmm_cases_agree_with_their_baselines():
+    """The DPMM-CoT training step (cached latents, fused gate, loss without logits) and the naive step give the
+    same loss and gradients; one batched UNet call gives the per-timestep loop's features; gated_mix gives the
+    unfused gate's gradients; the Base-shape rows refuse a CPU."""
+    from mmlatent.bench.cases import dpmm
+    cases = {case.op: case for case in bench.cases_for("tiny") if case.op in ("dpmm training step",
+                                                                            "dpmm generation features", "gated_mix")}
+    step = cases["dpmm training step"]
+    (loss, grads), (naive_loss, naive_grads) = (step.ours(step.make(torch.device("cpu"), torch.float32)),
+                                                step.baselines[dpmm.NAIVE_STEP](step.make(torch.device("cpu"),
+                                                                                          torch.float32)))
+    assert torch.allclose(loss, naive_loss, rtol=1e-5, atol=1e-6)
+    assert len(grads) == len(naive_grads) > 0
+    for a, b in zip(grads, naive_grads):
+        assert a is not None and b is not None and torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    features = cases["dpmm generation features"]
+    args = features.make(torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(features.ours(args), features.baselines[dpmm.PER_TIMESTEP](args), rtol=1e-5,
+                               atol=1e-5)
+    gate = cases["gated_mix"]
+    for a, b in zip(gate.ours(gate.make(torch.device("cpu"), torch.float32)),
+                    gate.baselines[dpmm.UNFUSED_GATE](gate.make(torch.device("cpu"), torch.float32))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        dpmm.cases("gpu")[0].make(torch.device("cpu"), torch.bfloat16)
 
 
 def test_modal_mixed_gpu_cases_build_nothing_on_a_cpu():

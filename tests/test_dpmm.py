@@ -175,3 +175,28 @@ def test_cache_latents_refuses_bad_images(tmp_path):
         cache_latents(vae, {"b": torch.zeros(8, 8)}, path, progress=False)
     import os
     assert not os.path.exists(path)  # nothing half-written
+
+
+def test_the_fixed_feature_and_text_only_controls_equal_plain_compositions(use_backend):
+    """FusedT5: MM-CoT's T5 with fixed features (here the VAE latents as tokens), and plain T5 without."""
+    from mmlatent.models import FusedT5, latent_tokens
+    use_backend("torch")
+    ids, mask, labels, pixels, *_ = batch()
+    t5, vae = tiny.tiny_t5().double(), tiny.tiny_vae().double()
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.mean * 0.18215
+    features = latent_tokens(latents)
+    assert features.shape == (3, 16 * 16, 4)
+    fused_t5 = FusedT5(t5, feature_dim=4).double()
+    out = fused_t5(ids, mask, labels, features=features)
+    states = t5.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    fused = joint_encoder_fusion(fused_t5.fusion, states, features)
+    text = t5(encoder_outputs=BaseModelOutput(last_hidden_state=fused), attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(out.loss.double(), text, rtol=1e-6, atol=1e-7)
+    plain = FusedT5(t5)
+    torch.testing.assert_close(plain(ids, mask, labels).loss.double(),
+                               t5(input_ids=ids, attention_mask=mask, labels=labels).loss, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="features: this model is text-only"):
+        plain(ids, mask, labels, features=features)
+    with pytest.raises(ValueError, match="features: required"):
+        fused_t5(ids, mask, labels)

@@ -299,5 +299,82 @@ def interleaved_vocabulary() -> List[str]:
     return base + sorted(words - set(base))
 
 
-__all__ = ["generate", "generate_interleaved", "render", "vocabulary", "interleaved_vocabulary", "KINDS",
-           "INTERMEDIATE_KINDS", "COLOURS", "IMAGE_SIZE", "MOVES"]
+# ------------------------------------------------------------------------------ ScienceQA-shaped records (DPMM-CoT)
+
+CONTEXTS = ("image", "text", "none")
+# which ScienceQA subject each context stands for in the official breakdown: a fixed labelling (the synthetic
+# task has no subjects), so that every column of the breakdown is filled
+CONTEXT_SUBJECTS = {"image": "natural science", "text": "social science", "none": "language science"}
+
+
+def generate_scienceqa(n: int, *, seed: int = 0, split: str = "train", kinds: Sequence[str] = KINDS,
+                       contexts: Sequence[str] = CONTEXTS, weights: Optional[Sequence[float]] = None) -> List[Record]:
+    """``n`` :func:`generate` questions shaped as ScienceQA's, for MM-CoT's two stages and its breakdown: each
+    record's context is drawn from ``contexts`` (uniform, or by ``weights``):
+
+    - ``image``: the grid as the image, no hint (IMG);
+    - ``text``: no image, the grid described in the hint, one sentence per object (TXT; an image-less question
+      whose features are zeros);
+    - ``none``: no image and no hint, the description opening the question itself (NO).
+
+    ``meta`` holds ScienceQA's fields: ``subject`` (by context, :data:`CONTEXT_SUBJECTS`), ``grade`` (``grade2``
+    for the two-step kinds, ``grade8`` for the three-step ones), ``hint``, ``image`` (``"image.png"`` or None),
+    ``question``, ``solution`` (the rationale), and ``kind`` and ``context``. Deterministic for its arguments."""
+    for context in contexts:
+        if context not in CONTEXTS:
+            raise ValueError(f"contexts: unknown context {context!r}; expected some of {', '.join(CONTEXTS)}")
+    if not contexts:
+        raise ValueError("contexts: expected at least one context")
+    if weights is not None and (len(weights) != len(contexts) or not sum(weights) > 0):
+        raise ValueError(f"weights: expected {len(contexts)} non-negative numbers with a positive sum, got {weights!r}")
+    base = generate(n, seed=seed, kinds=kinds, split=f"scienceqa-{split}")
+    rng = np.random.default_rng([seed, 7, {"train": 0, "val": 1, "test": 2}.get(split, 3)])
+    probabilities = None if weights is None else np.asarray(weights, dtype=float) / np.sum(weights)
+    out = []
+    for i, record in enumerate(base):
+        context = contexts[int(rng.choice(len(contexts), p=probabilities))]
+        objects = _objects_of(record.image)
+        description = " ".join(_state_sentences(objects))
+        question = record.question if context != "none" else f"{description} {record.question}"
+        hint = description if context == "text" else ""
+        image = record.image if context == "image" else None
+        meta = dict(record.meta, subject=CONTEXT_SUBJECTS[context], grade="grade2" if record.meta["steps"] == 2
+                    else "grade8", hint=hint, image="image.png" if image is not None else None, question=question,
+                    solution=record.rationale, context=context)
+        out.append(Record(id=f"{split}-{seed}-{i}", question=f"{question} Context: {hint}" if hint else question,
+                          options=record.options, answer=record.answer, rationale=record.rationale, image=image,
+                          meta=meta))
+    return out
+
+
+def _objects_of(image: np.ndarray) -> Dict[tuple, str]:
+    """The grid a :func:`render` image shows: {cell: colour}."""
+    colours = {rgb: name for name, rgb in RGB.items()}
+    objects = {}
+    for r in range(GRID):
+        for c in range(GRID):
+            pixel = tuple(int(v) for v in image[r * CELL + CELL // 2, c * CELL + CELL // 2])
+            if pixel in colours:
+                objects[(r, c)] = colours[pixel]
+    return objects
+
+
+def scienceqa_vocabulary() -> List[str]:
+    """Every word (case kept) of :func:`generate_scienceqa`'s records under MM-CoT's two prompts and targets,
+    for a cased :class:`~mmlatent.data.WordTokenizer`."""
+    import re
+
+    from .scienceqa import answer_prompt, answer_target, rationale_prompt
+    words = set()
+    for record in generate_scienceqa(600, seed=12345, split="vocabulary"):
+        for text in (answer_prompt(record, record.rationale), rationale_prompt(record), answer_target(record)):
+            words.update(re.findall(r"\w+|[^\w\s]", text))
+    for name in ROW_NAMES + COL_NAMES + COLOURS + list(DIRECTIONS) + list(LETTERS[:4]):
+        for word in re.findall(r"\w+|[^\w\s]", name):
+            words.update({word, word.capitalize()})
+    return sorted(words)
+
+
+__all__ = ["generate", "generate_interleaved", "generate_scienceqa", "render", "vocabulary", "interleaved_vocabulary",
+           "scienceqa_vocabulary", "KINDS", "INTERMEDIATE_KINDS", "CONTEXTS", "CONTEXT_SUBJECTS", "COLOURS",
+           "IMAGE_SIZE", "MOVES"]

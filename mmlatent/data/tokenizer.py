@@ -4,6 +4,7 @@ words, then the image pad, video pad, vision start and vision end tokens at the 
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING, Any, Iterable, List, Optional
 
 if TYPE_CHECKING:
@@ -21,9 +22,14 @@ LEGACY_WORD_TOKENIZER_FILE = "tokenizer.json"
 
 
 class WordTokenizer:
-    """Lower-cased words and punctuation marks; ``encode`` gives ids, ``decode`` joins words with spaces."""
+    """Lower-cased words and punctuation marks; ``encode`` gives ids, ``decode`` joins words with spaces. With
+    ``cased``, the case is kept and ``decode`` writes punctuation as text does (no space before ``. , ; : ! ? )``
+    or after ``(``), so a decoded answer reads "The answer is (A)." as the text it was trained on."""
 
-    def __init__(self, words: Iterable[str], size: Optional[int] = None) -> None:
+    def __init__(self, words: Iterable[str], size: Optional[int] = None, cased: bool = False) -> None:
+        if not isinstance(cased, bool):
+            raise TypeError(f"cased: expected True or False, got {type(cased).__name__}")
+        self.cased = cased
         words = [w for w in dict.fromkeys(words) if w not in SPECIALS + VISION]
         if size is not None:  # pad with unused tokens to a model's vocabulary size (e.g. Qwen2-VL-7B's 152064)
             if size < len(SPECIALS) + len(words) + len(VISION):
@@ -33,7 +39,8 @@ class WordTokenizer:
         self.tokens: List[str] = SPECIALS + words + VISION
         vocab = {token: i for i, token in enumerate(self.tokens)}
         self._tokenizer = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-        self._tokenizer.normalizer = normalizers.Lowercase()
+        if not cased:
+            self._tokenizer.normalizer = normalizers.Lowercase()
         # words, and every punctuation mark on its own ("]:{" is three tokens), as synthetic.vocabulary splits
         self._tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
                                                                  pre_tokenizers.Punctuation(),
@@ -51,12 +58,18 @@ class WordTokenizer:
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         hidden = set(range(7)) | {self.image_id, self.video_id, self.vision_start_id, self.vision_end_id}
-        return " ".join(self.tokens[i] for i in ids if not (skip_special and i in hidden) and 0 <= i < len(self))
+        text = " ".join(self.tokens[i] for i in ids if not (skip_special and i in hidden) and 0 <= i < len(self))
+        if self.cased:
+            text = re.sub(r"\s+([.,;:!?)])", r"\1", re.sub(r"\(\s+", "(", text))
+        return text
 
     def state(self) -> dict:
         """What :meth:`load` reads back: the words (without the fixed special and vision tokens) and the size."""
         words = [w for w in self.tokens[len(SPECIALS):-len(VISION)] if not w.startswith("<unused")]
-        return {"words": words, "size": len(self.tokens)}
+        state = {"words": words, "size": len(self.tokens)}
+        if self.cased:
+            state["cased"] = True
+        return state
 
     def save(self, path: str) -> None:
         """Writes :meth:`state` as JSON. In a checkpoint it is written into the folder that
@@ -72,7 +85,7 @@ class WordTokenizer:
             saved = json.load(f)
         if not is_word_tokenizer_state(saved):
             raise ValueError(f"{path}: not a word tokenizer (expected an object with a list of words)")
-        return cls(saved["words"], size=saved.get("size"))
+        return cls(saved["words"], size=saved.get("size"), cased=saved.get("cased", False))
 
     def to_hf(self) -> "PreTrainedTokenizerFast":
         """The same vocabulary as a ``transformers.PreTrainedTokenizerFast`` (special tokens marked, words decoded
@@ -90,7 +103,8 @@ def is_word_tokenizer_state(saved: Any) -> bool:
     tokenizer.json, which has ``model`` and ``added_tokens`` instead)."""
     return (isinstance(saved, dict) and isinstance(saved.get("words"), list)
             and all(isinstance(w, str) for w in saved["words"])
-            and (saved.get("size") is None or (isinstance(saved["size"], int) and not isinstance(saved["size"], bool))))
+            and (saved.get("size") is None or (isinstance(saved["size"], int) and not isinstance(saved["size"], bool)))
+            and isinstance(saved.get("cased", False), bool))
 
 
 def is_word_tokenizer_file(path: str) -> bool:

@@ -5,7 +5,7 @@ attention function (:mod:`mmlatent.models.attention`), and the transformers API 
 from .backbones import VLMBackbone
 from .compat import cache_kwargs, cache_keyword, enable_activation_checkpointing
 from .diffusion_head import LatentDiffusionHead
-from .dpmm import DPMMCoT, DPMMOutput, GatedFusion, cache_latents, load_latents
+from .dpmm import DPMMCoT, DPMMOutput, FusedT5, GatedFusion, cache_latents, latent_tokens, load_latents
 from .ivtlr import IVTLR, IVTLROutput, IVTLRReference, ivtlr_reference
 from .fused_loss import apply_fused_loss, is_fused_loss_applied, unpatch
 from .modal_mixed import (ModalMixedCoT, ModalMixedGeneration, ModalMixedOutput,
@@ -13,7 +13,7 @@ from .modal_mixed import (ModalMixedCoT, ModalMixedGeneration, ModalMixedOutput,
 from .lm_head import CausalLMLoss, LinearCrossEntropyHead, causal_lm_loss, head_for, next_token_labels
 from .unwrap import unwrap_peft
 
-__all__ = ["VLMBackbone", "LatentDiffusionHead", "GatedFusion", "DPMMCoT", "DPMMOutput", "cache_latents",
+__all__ = ["VLMBackbone", "LatentDiffusionHead", "GatedFusion", "DPMMCoT", "DPMMOutput", "FusedT5", "latent_tokens", "cache_latents",
            "load_latents", "IVTLR", "IVTLROutput", "IVTLRReference", "ivtlr_reference",
            "LinearCrossEntropyHead", "causal_lm_loss", "apply_fused_loss", "unpatch", "is_fused_loss_applied",
            "unwrap_peft", "ModalMixedCoT", "ModalMixedOutput", "ModalMixedGeneration",

@@ -182,8 +182,8 @@ def tiny_t5(vocab: int = 256, d_model: int = 64, layers: int = 2, heads: int = 4
     return _build(T5ForConditionalGeneration, config, seed, device, dtype, "eager")
 
 
-def tiny_vae(block_out_channels: Sequence[int] = (32, 64), latent_channels: int = 4, seed: int = 0,
-             device: Device = None) -> nn.Module:
+def tiny_vae(block_out_channels: Sequence[int] = (32, 64), latent_channels: int = 4, layers_per_block: int = 1,
+             seed: int = 0, device: Device = None) -> nn.Module:
     """A random-weight diffusers ``AutoencoderKL`` (downsampling 2 ** (len(block_out_channels) - 1); Stable
     Diffusion 1.x's is (128, 256, 512, 512), 8x)."""
     from diffusers import AutoencoderKL
@@ -192,11 +192,12 @@ def tiny_vae(block_out_channels: Sequence[int] = (32, 64), latent_channels: int 
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
                          up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(block_out_channels),
                          latent_channels=latent_channels, norm_num_groups=min(32, block_out_channels[0]),
-                         layers_per_block=1).to(device or "cpu").eval()
+                         layers_per_block=layers_per_block).to(device or "cpu").eval()
 
 
 def tiny_unet(cross_attention_dim: int = 64, block_out_channels: Sequence[int] = (32, 64), in_channels: int = 4,
-              attention_head_dim: int = 8, seed: int = 0, device: Device = None) -> nn.Module:
+              attention_head_dim: int = 8, layers_per_block: int = 1, seed: int = 0, device: Device = None
+              ) -> nn.Module:
     """A random-weight diffusers ``UNet2DConditionModel`` with cross-attention in its first down and last up
     block and its mid block (Stable Diffusion 1.x's layout, shrunk: SD has widths (320, 640, 1280, 1280))."""
     from diffusers import UNet2DConditionModel
@@ -206,6 +207,6 @@ def tiny_unet(cross_attention_dim: int = 64, block_out_channels: Sequence[int] =
     up = ("UpBlock2D",) * (n - 1) + ("CrossAttnUpBlock2D",)
     return UNet2DConditionModel(sample_size=16, in_channels=in_channels, out_channels=in_channels,
                                 down_block_types=down, up_block_types=up, block_out_channels=tuple(block_out_channels),
-                                layers_per_block=1, cross_attention_dim=cross_attention_dim,
+                                layers_per_block=layers_per_block, cross_attention_dim=cross_attention_dim,
                                 attention_head_dim=attention_head_dim,
                                 norm_num_groups=min(32, block_out_channels[0])).to(device or "cpu").eval()

@@ -411,12 +411,16 @@ def _saved_tokenizer(path: str, files, kind: Optional[str]):
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{os.path.join(path, name)}: not a word tokenizer this version reads ({err})") \
                 from None
-    if kind != "hf":
-        raise CheckpointError(f"{os.path.join(path, 'run.json')}: tokenizer: expected 'word' or 'hf', got {kind!r}")
+    if kind not in ("hf", "hf-text"):
+        raise CheckpointError(f"{os.path.join(path, 'run.json')}: tokenizer: expected 'word', 'hf' or 'hf-text', got "
+                              f"{kind!r}")
     from transformers import AutoTokenizer
     if not any(n in files for n in ("tokenizer.json", "tokenizer_config.json")):
         read_manifest(path, required=("tokenizer_config.json",))
     try:
+        if kind == "hf-text":  # a seq2seq model's own tokenizer, without the latent tokens
+            from .dpmm import TextTokenizer
+            return TextTokenizer(AutoTokenizer.from_pretrained(path))
         return HFTokenizer(AutoTokenizer.from_pretrained(path))
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: the saved Hugging Face tokenizer does not load ({type(err).__name__}: "

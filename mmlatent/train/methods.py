@@ -187,10 +187,10 @@ def prepare_trainable(model: Any, *, freeze_vision: bool, lora: Optional[dict],
 
 
 def method_module(name: str) -> ModuleType:
-    """The module of the method ``name`` (``"ivtlr"``, ``"modal_mixed"`` or ``"grpo"``); another name is a
-    ValueError."""
-    from . import grpo, ivtlr, modal_mixed
-    modules = {"ivtlr": ivtlr, modal_mixed.METHOD: modal_mixed, grpo.METHOD: grpo}
+    """The module of the method ``name`` (``"ivtlr"``, ``"modal_mixed"``, ``"grpo"`` or ``"dpmm"``); another name is
+    a ValueError."""
+    from . import dpmm, grpo, ivtlr, modal_mixed
+    modules = {"ivtlr": ivtlr, modal_mixed.METHOD: modal_mixed, grpo.METHOD: grpo, dpmm.METHOD: dpmm}
     if name not in modules:
         raise ValueError(f"method: expected one of {', '.join(modules)}, got {name!r}")
     return modules[name]
@@ -199,7 +199,8 @@ def method_module(name: str) -> ModuleType:
 def load_config(path: str) -> Any:
     """The run config of a YAML file, by its ``method`` key: absent or ``ivtlr``, an IVT-LR
     :class:`~mmlatent.train.ivtlr.RunConfig`; ``modal_mixed``, a
-    :class:`~mmlatent.train.modal_mixed.ModalMixedConfig`; ``grpo``, a :class:`~mmlatent.train.grpo.GRPOConfig`.
+    :class:`~mmlatent.train.modal_mixed.ModalMixedConfig`; ``grpo``, a :class:`~mmlatent.train.grpo.GRPOConfig`;
+    ``dpmm``, a :class:`~mmlatent.train.dpmm.DPMMConfig`.
     Another method is a ValueError naming the file."""
     raw = read_yaml(path)
     try:

@@ -1,5 +1,5 @@
 """The benchmark's cases, one module per op family (attention, selection, losses, diffusion), per method
-(diffusion_head, ivtlr, modal_mixed, grpo) and per Hugging Face integration (causal_lm). Each module has
+(diffusion_head, ivtlr, modal_mixed, grpo, dpmm) and per Hugging Face integration (causal_lm). Each module has
 ``cases(sizes) -> List[Case]`` for every shape set of ``SIZES`` but "demo"; adding a case is a constructor call in
 its module's ``cases``, and a new module is one entry of ``FAMILIES``."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Dict, List, Tuple
 
 from ..case import Case
-from . import attention, causal_lm, diffusion, diffusion_head, grpo, ivtlr, losses, modal_mixed, selection
+from . import attention, causal_lm, diffusion, diffusion_head, dpmm, grpo, ivtlr, losses, modal_mixed, selection
 
 # default: the CPU set (what `make bench` runs); gpu: real sizes; tiny: every op and baseline in seconds on a CPU
 # (the smoke test); demo: the rows of the CPU set that `make demo` shows (DEMO_ROWS).
@@ -15,7 +15,7 @@ SIZES = ("default", "tiny", "gpu", "demo")
 
 # Table order: the ops from the lowest level up, then the methods built on them (the default set's rows keep the
 # order of the committed CPU results; later families come last, so earlier rows keep their indices).
-FAMILIES = (attention, selection, losses, diffusion, ivtlr, diffusion_head, causal_lm, modal_mixed, grpo)
+FAMILIES = (attention, selection, losses, diffusion, ivtlr, diffusion_head, causal_lm, modal_mixed, grpo, dpmm)
 
 # The CPU-size rows where the implementation decides the outcome, and what each shows. At the tiny sizes fixed
 # per-call overhead dominates and every fused op looks slower than its baseline, so the demo shows these instead.

@@ -23,6 +23,30 @@ BLOCK_NAME = re.compile(r"^(mid|down\.\d+|up\.\d+)$")
 PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v_prediction", "sample": "sample"}
 
 
+def t5_text_loss(t5: nn.Module, encoder_states: torch.Tensor, attention_mask: torch.Tensor,
+                 labels: torch.Tensor) -> torch.Tensor:
+    """``t5(encoder_outputs=encoder_states, attention_mask=..., labels=labels).loss`` (mean over the labels that
+    are not -100) without the [B, L, V] logits: the decoder's last hidden state (scaled as T5 scales it before a
+    tied output layer) into :func:`~mmlatent.kernels.linear_cross_entropy`."""
+    t5 = unwrap_peft(t5)
+    config = t5.config
+    hidden = t5.decoder(input_ids=t5._shift_right(labels), encoder_hidden_states=encoder_states,
+                        encoder_attention_mask=attention_mask).last_hidden_state
+    if getattr(config, "scale_decoder_outputs", config.tie_word_embeddings):
+        hidden = hidden * (config.d_model ** -0.5)
+    head = t5.get_output_embeddings()
+    return linear_cross_entropy(hidden.flatten(0, 1), head.weight, labels.flatten().long(),
+                                bias=getattr(head, "bias", None))
+
+
+def t5_generate(t5: nn.Module, encoder_states: torch.Tensor, attention_mask: torch.Tensor,
+                generation_kwargs: Dict[str, Any]) -> torch.Tensor:
+    """T5's own ``generate`` from given encoder states (``encoder_outputs``); returns the decoder's ids."""
+    from transformers.modeling_outputs import BaseModelOutput
+    return t5.generate(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states),
+                       attention_mask=attention_mask, **generation_kwargs)
+
+
 @dataclass
 class DPMMOutput:
     """``loss = text_loss + diffusion_weight * diffusion_loss`` (float32 scalars); ``diffusion_loss`` is 0 for a
@@ -73,7 +97,6 @@ class DPMMCoT(nn.Module):
         self.num_train_timesteps = int(self.noise_scheduler.config.num_train_timesteps)
         config = unwrap_peft(t5).config
         self.d_model = int(config.d_model)
-        self.scale_decoder_outputs = bool(getattr(config, "scale_decoder_outputs", config.tie_word_embeddings))
         if isinstance(feature_blocks, str) or not feature_blocks:
             raise ValueError(f"feature_blocks: expected a non-empty list of block names, got {feature_blocks!r}")
         self.feature_blocks = tuple(feature_blocks)
@@ -260,16 +283,8 @@ class DPMMCoT(nn.Module):
 
     def text_loss(self, fused: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The T5 decoder's mean cross-entropy on ``labels`` (-100 ignored) reading the fused encoder states,
-        without the [B, L, V] logits."""
-        t5 = unwrap_peft(self.t5)
-        decoder_input_ids = t5._shift_right(labels)
-        hidden = t5.decoder(input_ids=decoder_input_ids, encoder_hidden_states=fused,
-                            encoder_attention_mask=attention_mask).last_hidden_state
-        if self.scale_decoder_outputs:
-            hidden = hidden * (self.d_model ** -0.5)
-        head = t5.get_output_embeddings()
-        return linear_cross_entropy(hidden.flatten(0, 1), head.weight, labels.flatten().long(),
-                                    bias=getattr(head, "bias", None))
+        without the [B, L, V] logits (:func:`t5_text_loss`)."""
+        return t5_text_loss(self.t5, fused, attention_mask, labels)
 
     # ------------------------------------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -284,15 +299,21 @@ class DPMMCoT(nn.Module):
         rows, z0 = self._image_rows(B, input_ids.device, pixel_values, has_image, latents)
         features = None
         if z0 is not None:
-            S = len(self.feature_timesteps)
-            timesteps = torch.tensor(self.feature_timesteps, device=z0.device).repeat(z0.shape[0])  # image-major
-            repeated = z0.repeat_interleave(S, dim=0)
-            noisy = self.noise_scheduler.add_noise(repeated, torch.zeros_like(repeated), timesteps)
-            conditions = self.conditions(states.index_select(0, rows)).repeat_interleave(S, dim=0)
-            mask = attention_mask.index_select(0, rows).repeat_interleave(S, dim=0)
-            _, tokens = self.unet_features(noisy, timesteps, conditions, mask)
-            features = tokens.view(z0.shape[0], S, *tokens.shape[1:]).mean(dim=1)
+            features = self.timestep_features(z0, self.conditions(states.index_select(0, rows)),
+                                              attention_mask.index_select(0, rows))
         return self.fusion(states, self._scatter(B, rows, features, states))
+
+    def timestep_features(self, z0: torch.Tensor, conditions: torch.Tensor, condition_mask: torch.Tensor
+                          ) -> torch.Tensor:
+        """[n, N, feature_dim]: each image's features averaged over ``feature_timesteps``, from ONE UNet call
+        over every (image, timestep) pair (image-major), the latents noised without noise."""
+        S = len(self.feature_timesteps)
+        timesteps = torch.tensor(self.feature_timesteps, device=z0.device).repeat(z0.shape[0])
+        repeated = z0.repeat_interleave(S, dim=0)
+        noisy = self.noise_scheduler.add_noise(repeated, torch.zeros_like(repeated), timesteps)
+        _, tokens = self.unet_features(noisy, timesteps, conditions.repeat_interleave(S, dim=0),
+                                       condition_mask.repeat_interleave(S, dim=0))
+        return tokens.view(z0.shape[0], S, *tokens.shape[1:]).mean(dim=1)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
@@ -300,11 +321,9 @@ class DPMMCoT(nn.Module):
                  latents: Optional[torch.Tensor] = None, **generation_kwargs: Any) -> torch.Tensor:
         """T5's ``generate`` on :meth:`fused_states` (features fused once, before decoding); ``generation_kwargs``
         are ``generate``'s own (max_new_tokens, num_beams, ...). Returns the decoder's ids [B, L]."""
-        from transformers.modeling_outputs import BaseModelOutput
         fused = self.fused_states(input_ids, attention_mask, pixel_values=pixel_values, has_image=has_image,
                                   latents=latents)
-        return self.t5.generate(encoder_outputs=BaseModelOutput(last_hidden_state=fused),
-                                attention_mask=attention_mask, **generation_kwargs)
+        return t5_generate(self.t5, fused, attention_mask, generation_kwargs)
 
     def extra_repr(self) -> str:
         return (f"feature_blocks={list(self.feature_blocks)}, feature_timesteps={list(self.feature_timesteps)}, "
@@ -312,4 +331,59 @@ class DPMMCoT(nn.Module):
                 f"latent_scale={self.latent_scale}, prediction={self.prediction}")
 
 
-__all__ = ["DPMMCoT", "DPMMOutput", "sd_noise_scheduler"]
+class FusedT5(nn.Module):
+    """T5 with MM-CoT's fusion of FIXED image features (its ``T5ForMultimodalGeneration``: the features given,
+    not learned), or with ``feature_dim=None`` plain T5: DPMM-CoT's two controls.
+
+    Args:
+        t5: a ``T5ForConditionalGeneration`` (or a PEFT model of one).
+        feature_dim: the features' width (a :class:`GatedFusion` fuses them after the encoder), or None (text
+            only).
+    """
+
+    def __init__(self, t5: nn.Module, feature_dim: Optional[int] = None) -> None:
+        super().__init__()
+        self.t5 = t5
+        self.d_model = int(unwrap_peft(t5).config.d_model)
+        self.feature_dim = feature_dim
+        self.fusion = GatedFusion(self.d_model, feature_dim) if feature_dim is not None else None
+
+    def fused_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, T, d_model]: the encoder's states, fused with ``features`` [B, N, feature_dim] when the model has a
+        fusion (zeros for image-less samples are the caller's, as MM-CoT gives them)."""
+        states = unwrap_peft(self.t5).get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
+        states = states.last_hidden_state
+        if self.fusion is None:
+            if features is not None:
+                raise ValueError("features: this model is text-only (feature_dim None)")
+            return states
+        if features is None:
+            raise ValueError(f"features: required, [B, N, {self.feature_dim}] (zeros for a sample without image)")
+        return self.fusion(states, features.to(states.dtype))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
+                features: Optional[torch.Tensor] = None) -> DPMMOutput:
+        """:class:`DPMMOutput` with ``diffusion_loss`` 0: the decoder's cross-entropy without logits."""
+        text_loss = t5_text_loss(self.t5, self.fused_states(input_ids, attention_mask, features), attention_mask,
+                                 labels)
+        return DPMMOutput(loss=text_loss, text_loss=text_loss, diffusion_loss=torch.zeros_like(text_loss))
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                 features: Optional[torch.Tensor] = None, **generation_kwargs: Any) -> torch.Tensor:
+        """T5's ``generate`` on :meth:`fused_states`; ``generation_kwargs`` are ``generate``'s own."""
+        return t5_generate(self.t5, self.fused_states(input_ids, attention_mask, features), attention_mask,
+                           generation_kwargs)
+
+    def extra_repr(self) -> str:
+        return f"feature_dim={self.feature_dim}"
+
+
+def latent_tokens(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] VAE latents as [B, h * w, C] feature tokens (MM-CoT-style fixed features)."""
+    return latents.flatten(2).transpose(1, 2)
+
+
+__all__ = ["DPMMCoT", "DPMMOutput", "FusedT5", "sd_noise_scheduler", "t5_text_loss", "t5_generate",
+           "latent_tokens"]
