@@ -42,8 +42,22 @@ def plain_features(m, z_t, t, states, mask):
     finally:
         for h in hooks:
             h.remove()
-    tokens = torch.cat([captured["mid"].flatten(2).transpose(1, 2), captured["up.0"].flatten(2).transpose(1, 2)], 1)
-    return pred, tokens
+    tokens = [torch.cat([captured[name].flatten(2).transpose(1, 2),  # each map's positions' codes appended
+                         codes(*captured[name].shape[2:], m.feature_positions).expand(z_t.shape[0], -1, -1)], dim=2)
+              for name in ("mid", "up.0")]
+    return pred, torch.cat(tokens, dim=1)
+
+
+def codes(h, w, channels):
+    """MAE's 2-D sine-cosine position codes from their formula, float64: row then column, sin then cos."""
+    k = torch.arange(channels // 4, dtype=torch.float64)
+    omega = 1.0 / 10000 ** (k / (channels // 4))
+    out = torch.zeros(h * w, channels, dtype=torch.float64)
+    for i in range(h):
+        for j in range(w):
+            out[i * w + j] = torch.cat([torch.sin(i * omega), torch.cos(i * omega), torch.sin(j * omega),
+                                        torch.cos(j * omega)])
+    return out
 
 
 def test_the_loss_equals_a_plain_composition_of_the_modules(model):
@@ -152,7 +166,7 @@ def test_bad_input_names_the_argument(model):
         m(ids, mask, labels, pixel_values=pixels, noise=noise, timesteps=torch.tensor([0, 1, 1000]))
     with pytest.raises(ValueError, match="noise: expected"):
         m(ids, mask, labels, pixel_values=pixels, noise=noise[:, :2])
-    with pytest.raises(ValueError, match="features: expected \\[B = 3, N, feature_dim = 64\\]"):
+    with pytest.raises(ValueError, match="features: expected \\[B = 3, N, feature_dim = 80\\]"):
         m.fusion(torch.zeros(3, 4, 64, dtype=torch.float64), torch.zeros(3, 2, 32, dtype=torch.float64))
     unet, t5, vae = m.unet, m.t5, m.vae
     with pytest.raises(ValueError, match="feature_blocks: \\['mid', 'up.1'\\] have different channel widths"):
@@ -200,3 +214,15 @@ def test_the_fixed_feature_and_text_only_controls_equal_plain_compositions(use_b
         plain(ids, mask, labels, features=features)
     with pytest.raises(ValueError, match="features: required"):
         fused_t5(ids, mask, labels)
+
+
+def test_position_codes_follow_the_formula_and_are_appended_to_the_features():
+    from mmlatent.models.dpmm.model import sincos_positions, with_positions
+    torch.testing.assert_close(sincos_positions(3, 5, 8, dtype=torch.float64), codes(3, 5, 8), rtol=0, atol=1e-12)
+    maps = torch.randn(2, 6, 3, 5)
+    tokens = with_positions(maps, 8)
+    assert tokens.shape == (2, 15, 14)
+    assert torch.equal(tokens[..., :6], maps.flatten(2).transpose(1, 2))
+    assert torch.equal(with_positions(maps, 0), maps.flatten(2).transpose(1, 2))
+    with pytest.raises(ValueError, match="feature_positions: expected a multiple of 4"):
+        DPMMCoT(tiny.tiny_t5(), tiny.tiny_vae(), tiny.tiny_unet(), feature_positions=6)

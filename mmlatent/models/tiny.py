@@ -179,7 +179,7 @@ def tiny_t5(vocab: int = 256, d_model: int = 64, layers: int = 2, heads: int = 4
                       num_decoder_layers=layers, num_heads=heads, feed_forward_proj="gated-gelu",
                       tie_word_embeddings=False, pad_token_id=PAD_ID, eos_token_id=EOS_ID,
                       decoder_start_token_id=PAD_ID, dropout_rate=0.0)
-    return _build(T5ForConditionalGeneration, config, seed, device, dtype, "eager")
+    return _build(T5ForConditionalGeneration, config, seed, device, dtype, "sdpa")
 
 
 def tiny_vae(block_out_channels: Sequence[int] = (32, 64), latent_channels: int = 4, layers_per_block: int = 1,

@@ -60,8 +60,9 @@ class DPMMConfig:
     ``multi30k``. ``rationales``: an answer run's file of the rationale run's generated rationales for the eval
     records (None: the gold ones, labelled so in the results). ``image_size``: every image is resized to it.
     ``cache_latents``: the VAE frozen and its latents computed once (else the VAE trains with the model, as the
-    paper's ablation favours). ``feature_blocks``, ``feature_timesteps``, ``diffusion_weight``, ``latent_scale``:
-    :class:`~mmlatent.models.DPMMCoT`'s."""
+    paper's ablation favours). ``feature_blocks``, ``feature_timesteps``, ``feature_positions``,
+    ``diffusion_weight``, ``latent_scale``: :class:`~mmlatent.models.DPMMCoT`'s (the fixed-feature control appends
+    the same position codes to its latent tokens)."""
 
     name: str = "dpmm-cot"
     method: str = METHOD
@@ -74,6 +75,7 @@ class DPMMConfig:
     image_size: int = 32
     feature_blocks: List[str] = field(default_factory=lambda: ["mid"])
     feature_timesteps: List[int] = field(default_factory=lambda: [0])
+    feature_positions: int = 16
     diffusion_weight: float = 1.0
     latent_scale: float = 0.18215
     cache_latents: bool = True
@@ -93,6 +95,9 @@ class DPMMConfig:
         for key, allowed in (("task", TASKS), ("stage", sqa.STAGES), ("variant", VARIANTS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}: expected one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if isinstance(self.feature_positions, bool) or not isinstance(self.feature_positions, int) \
+                or self.feature_positions < 0 or self.feature_positions % 4:
+            raise ValueError(f"feature_positions: expected a multiple of 4 >= 0, got {self.feature_positions!r}")
         for key in ("image_size", "max_input_tokens", "max_target_tokens", "max_new_tokens", "epochs", "batch_size",
                     "eval_samples"):
             check_int(key, getattr(self, key))
@@ -245,11 +250,18 @@ def build_model(config: DPMMConfig, tokenizer: Any, device: torch.device) -> nn.
         unet.train()
         return DPMMCoT(t5, vae, unet, feature_blocks=tuple(config.feature_blocks),
                        feature_timesteps=tuple(config.feature_timesteps),
-                       diffusion_weight=float(config.diffusion_weight),
-                       latent_scale=float(config.latent_scale)).to(device)
-    model = FusedT5(t5, vae.config.latent_channels if vae is not None else None).to(device)
-    model.vae = vae  # the fixed features' encoder (frozen): saved with the run, never trained
-    model.latent_scale_for_features = float(config.latent_scale)
+                       diffusion_weight=float(config.diffusion_weight), latent_scale=float(config.latent_scale),
+                       feature_positions=config.feature_positions).to(device)
+    width = vae.config.latent_channels + config.feature_positions if vae is not None else None
+    return _fixed_features(FusedT5(t5, width).to(device), vae, config.latent_scale, config.feature_positions)
+
+
+def _fixed_features(model: nn.Module, vae: Optional[nn.Module], latent_scale: float, positions: int) -> nn.Module:
+    """A control model with what its features need: the frozen VAE (saved with the run, never trained), the
+    latents' scale and the position channels appended to its latent tokens."""
+    model.vae = vae
+    model.latent_scale_for_features = float(latent_scale)
+    model.feature_positions = positions
     return model
 
 
@@ -348,10 +360,10 @@ def features_of(model: nn.Module, batch: Dict[str, Any]) -> Optional[torch.Tenso
         with torch.no_grad():
             latents = model.vae.encode(batch["pixel_values"]).latent_dist.mean * model.latent_scale_for_features
         latents = latents * batch["has_image"][:, None, None, None]
-    return latent_tokens(latents)
+    return latent_tokens(latents, model.feature_positions)
 
 
-def run_loss(model: nn.Module, batch: Dict[str, Any]):
+def run_loss(model: nn.Module, batch: Dict[str, Any]) -> Any:
     """The :class:`~mmlatent.models.dpmm.model.DPMMOutput` of one training batch, for any variant."""
     from mmlatent.models import DPMMCoT
     if isinstance(model, DPMMCoT):
@@ -633,10 +645,11 @@ def write_model(model: nn.Module, folder: str) -> dict:
         settings["dpmm"] = dict(feature_blocks=list(model.feature_blocks),
                                 feature_timesteps=list(model.feature_timesteps),
                                 diffusion_weight=model.diffusion_weight, latent_scale=model.latent_scale,
-                                cross_attention_proj=model.cross_attention_proj is not None)
+                                cross_attention_proj=model.cross_attention_proj is not None,
+                                feature_positions=model.feature_positions)
     else:
-        settings["fused_t5"] = dict(feature_dim=model.feature_dim,
-                                    latent_scale=getattr(model, "latent_scale_for_features", None))
+        settings["fused_t5"] = dict(feature_dim=model.feature_dim, latent_scale=model.latent_scale_for_features,
+                                    feature_positions=model.feature_positions)
     save_file(_extra_state(model) or {"none": torch.zeros(0)}, os.path.join(folder, WEIGHTS_FILE))
     write_json(os.path.join(folder, SETTINGS_FILE), settings)
     return settings
@@ -669,13 +682,11 @@ def load_run(directory: str, device: Optional[Union[str, torch.device]] = None) 
             model = DPMMCoT(t5, vae, unet, feature_blocks=tuple(options["feature_blocks"]),
                             feature_timesteps=tuple(options["feature_timesteps"]),
                             diffusion_weight=options["diffusion_weight"], latent_scale=options["latent_scale"],
-                            cross_attention_proj=proj).to(device)
+                            cross_attention_proj=proj, feature_positions=options["feature_positions"]).to(device)
         else:
             options = settings["fused_t5"]
-            model = FusedT5(t5, options["feature_dim"]).to(device)
-            model.vae = vae
-            if options.get("latent_scale") is not None:
-                model.latent_scale_for_features = float(options["latent_scale"])
+            model = _fixed_features(FusedT5(t5, options["feature_dim"]).to(device), vae, options["latent_scale"],
+                                    options["feature_positions"])
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{where}: not settings this version reads ({err})") from None
     extra = {k: v for k, v in load_tensors(path, WEIGHTS_FILE, device=str(device)).items() if k != "none"}

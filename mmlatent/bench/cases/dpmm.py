@@ -75,6 +75,8 @@ def _ours_step(a: Inputs) -> Tuple[torch.Tensor, List[torch.Tensor]]:
 
 def _naive_step(a: Inputs) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     from transformers.modeling_outputs import BaseModelOutput
+
+    from mmlatent.models.dpmm.model import sincos_positions
     model = a["model"]
     model.zero_grad(set_to_none=True)
     t5, unet, fusion = model.t5, model.unet, model.fusion
@@ -90,7 +92,9 @@ def _naive_step(a: Inputs) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     finally:
         handle.remove()
     diffusion = F.mse_loss(pred.float(), a["noise"].float())
-    image = fusion.image_dense(captured["mid"].flatten(2).transpose(1, 2))
+    mid = captured["mid"]  # the map's tokens, each with its position code appended
+    codes = sincos_positions(*mid.shape[2:], model.feature_positions, device=mid.device, dtype=mid.dtype)
+    image = fusion.image_dense(torch.cat([mid.flatten(2).transpose(1, 2), codes.expand(mid.shape[0], -1, -1)], 2))
     attended, _ = fusion.mha_layer(states, image, image)
     gate = torch.sigmoid(fusion.gate_dense(torch.cat([states, attended], dim=-1)))
     fused = (1 - gate) * states + gate * attended

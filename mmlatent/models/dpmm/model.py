@@ -23,6 +23,34 @@ BLOCK_NAME = re.compile(r"^(mid|down\.\d+|up\.\d+)$")
 PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v_prediction", "sample": "sample"}
 
 
+def sincos_positions(height: int, width: int, channels: int, *, device: Any = None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[height * width, channels] fixed 2-D sine-cosine codes (MAE's): the first half codes the row, the second
+    the column, each as sin and cos at ``channels / 4`` frequencies 1 / 10000 ** (k / (channels / 4))."""
+    if channels % 4:
+        raise ValueError(f"channels: expected a multiple of 4, got {channels}")
+    quarter = channels // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1))
+    rows, cols = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
+                                indexing="ij")
+    parts = []
+    for axis in (rows.flatten(), cols.flatten()):
+        angles = axis[:, None] * frequencies[None]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).to(device=device, dtype=dtype)
+
+
+def with_positions(feature_map: torch.Tensor, channels: int) -> torch.Tensor:
+    """[n, C, h, w] feature maps as [n, h * w, C + channels] tokens: each map position's C values, then its
+    :func:`sincos_positions` code (``channels`` 0: the plain tokens)."""
+    n, _, h, w = feature_map.shape
+    tokens = feature_map.flatten(2).transpose(1, 2)
+    if not channels:
+        return tokens
+    codes = sincos_positions(h, w, channels, device=feature_map.device, dtype=feature_map.dtype)
+    return torch.cat([tokens, codes.expand(n, -1, -1)], dim=2)
+
+
 def t5_text_loss(t5: nn.Module, encoder_states: torch.Tensor, attention_mask: torch.Tensor,
                  labels: torch.Tensor) -> torch.Tensor:
     """``t5(encoder_outputs=encoder_states, attention_mask=..., labels=labels).loss`` (mean over the labels that
@@ -79,6 +107,9 @@ class DPMMCoT(nn.Module):
         latent_scale: the VAE latents' scale (Stable Diffusion's 0.18215).
         cross_attention_proj: maps the encoder states [B, T, d_model] to the UNet's ``cross_attention_dim``; None:
             none when the widths agree, else a new ``nn.Linear(d_model, cross_attention_dim)``.
+        feature_positions: channels of a fixed 2-D sine-cosine code of each token's (row, column) in its feature
+            map, concatenated to the features (:func:`with_positions`; 0: none). A flattened UNet map has no
+            position of its own, where the ViT / DETR features MM-CoT fuses carry their position embeddings.
         noise_scheduler: a diffusers scheduler with ``add_noise`` and ``alphas_cumprod`` (None: Stable Diffusion
             1.x's, :func:`sd_noise_scheduler`); its ``prediction_type`` is the UNet's target.
     """
@@ -86,7 +117,7 @@ class DPMMCoT(nn.Module):
     def __init__(self, t5: nn.Module, vae: nn.Module, unet: nn.Module, *, feature_blocks: Sequence[str] = ("mid",),
                  feature_timesteps: Sequence[int] = (0,), diffusion_weight: float = 1.0,
                  latent_scale: float = 0.18215, cross_attention_proj: Optional[nn.Module] = None,
-                 noise_scheduler: Any = None) -> None:
+                 noise_scheduler: Any = None, feature_positions: int = 16) -> None:
         super().__init__()
         self.t5, self.vae, self.unet = t5, vae, unet
         self.noise_scheduler = noise_scheduler if noise_scheduler is not None else sd_noise_scheduler()
@@ -104,7 +135,11 @@ class DPMMCoT(nn.Module):
         if len(widths) != 1:
             raise ValueError(f"feature_blocks: {list(self.feature_blocks)} have different channel widths "
                              f"{sorted(widths)}; their tokens are concatenated, so they need one")
-        self.feature_dim = widths.pop()
+        if isinstance(feature_positions, bool) or not isinstance(feature_positions, int) or feature_positions < 0 \
+                or feature_positions % 4:
+            raise ValueError(f"feature_positions: expected a multiple of 4 >= 0, got {feature_positions!r}")
+        self.feature_positions = feature_positions
+        self.feature_dim = widths.pop() + feature_positions
         if isinstance(feature_timesteps, (str, int)) or not feature_timesteps:
             raise ValueError(f"feature_timesteps: expected a non-empty list of timesteps, got {feature_timesteps!r}")
         for t in feature_timesteps:
@@ -144,7 +179,7 @@ class DPMMCoT(nn.Module):
         for name in self.feature_blocks:
             def hook(_module, _args, output, name=name):
                 hidden = output[0] if isinstance(output, tuple) else output
-                captured[name] = hidden.flatten(2).transpose(1, 2)
+                captured[name] = with_positions(hidden, self.feature_positions)
             handles.append(self._block(name)[0].register_forward_hook(hook))
         try:
             yield captured
@@ -327,7 +362,8 @@ class DPMMCoT(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"feature_blocks={list(self.feature_blocks)}, feature_timesteps={list(self.feature_timesteps)}, "
-                f"feature_dim={self.feature_dim}, diffusion_weight={self.diffusion_weight}, "
+                f"feature_dim={self.feature_dim}, feature_positions={self.feature_positions}, "
+                f"diffusion_weight={self.diffusion_weight}, "
                 f"latent_scale={self.latent_scale}, prediction={self.prediction}")
 
 
@@ -380,10 +416,11 @@ class FusedT5(nn.Module):
         return f"feature_dim={self.feature_dim}"
 
 
-def latent_tokens(latents: torch.Tensor) -> torch.Tensor:
-    """[B, C, h, w] VAE latents as [B, h * w, C] feature tokens (MM-CoT-style fixed features)."""
-    return latents.flatten(2).transpose(1, 2)
+def latent_tokens(latents: torch.Tensor, positions: int = 0) -> torch.Tensor:
+    """[B, C, h, w] VAE latents as [B, h * w, C + positions] feature tokens (MM-CoT-style fixed features; with
+    ``positions``, each token's :func:`sincos_positions` code appended, as :class:`DPMMCoT` appends it)."""
+    return with_positions(latents, positions)
 
 
 __all__ = ["DPMMCoT", "DPMMOutput", "FusedT5", "sd_noise_scheduler", "t5_text_loss", "t5_generate",
-           "latent_tokens"]
+           "latent_tokens", "with_positions", "sincos_positions"]
