@@ -10,7 +10,10 @@
    (``checkpoints/synthetic-modal-mixed/final`` and its no-CoT baseline): accuracy per kind, the held-out
    sketches' reconstruction error and the dummy-latent ablation (generated latents replaced by zeros, or noise of
    their norm); the table goes to ``out/demo-modal-mixed.md`` and ``.json``.
-5. Runs the CPU-size benchmark rows where the implementation matters (``--sizes demo``) and prints their table,
+5. DPMM-CoT: evaluates the shipped answer runs of DPMM-CoT and its two controls (MM-CoT-style fixed features,
+   text-only T5; ``checkpoints/synthetic-dpmm-cot*/answer/final``) on the rationales their rationale runs
+   generated, with ScienceQA's official breakdown; the table goes to ``out/demo-dpmm.md`` and ``.json``.
+6. Runs the CPU-size benchmark rows where the implementation matters (``--sizes demo``) and prints their table,
    each baseline read in one line, and a plot labelled with the ratios.
 """
 from __future__ import annotations
@@ -36,6 +39,8 @@ EVAL_N = 400
 # `mmlatent eval --checkpoint checkpoints/synthetic-modal-mixed-cot/final`), on MODAL_MIXED_EVAL_N questions
 SHIPPED_MODAL_MIXED = ["synthetic-modal-mixed-no-cot", "synthetic-modal-mixed"]
 MODAL_MIXED_EVAL_N = 200
+SHIPPED_DPMM = ["synthetic-dpmm-cot-text-only", "synthetic-dpmm-cot-fixed-features", "synthetic-dpmm-cot"]
+DPMM_EVAL_N = 200
 MODAL_MIXED_BRIEF_EVAL_N = 100  # the brief run's held-out questions (it is there to show the loop, not a result)
 # the brief Modal-mixed run's own settings; its model, data size, epochs and optimiser come from BRIEF
 MODAL_MIXED = dict(num_latents=9, pool_grid=[3, 3], diffusion_weight=1.0, batch_mul=4, cache_targets=True,
@@ -131,8 +136,7 @@ def _modal_mixed_part(out: str, checkpoints: str) -> List[dict]:
         metrics = mm.evaluate(model, tokenizer, image_processor, loaded, records[:min(EVAL_N, MODAL_MIXED_EVAL_N)],
                               progress=True)
         print("\n".join(mm.summary_lines(metrics)), flush=True)
-        with open(os.path.join(directory, "run.json")) as f:
-            trained = json.load(f)["result"].get("train_seconds")
+        trained = _trained_seconds(directory)
         rows.append(mm.table_row(metrics, "shipped checkpoint", trained))
     table = mm.markdown_table(rows)
     print(f"(Modal-mixed part: {time.perf_counter() - started:.0f} s)", flush=True)
@@ -143,6 +147,49 @@ def _modal_mixed_part(out: str, checkpoints: str) -> List[dict]:
     print("\n" + table)
     print(f"wrote {out}/demo-modal-mixed.md, demo-modal-mixed.json\n", flush=True)
     return rows
+
+
+def dpmm_part(out: str, checkpoints: str) -> List[dict]:
+    """Step 5: the shipped DPMM-CoT answer runs and their controls on held-out ScienceQA-shaped questions, each on
+    its own rationale run's generated rationales; prints each summary and writes the table."""
+    from dataclasses import replace
+
+    from mmlatent.train import dpmm
+    print("\nDPMM-CoT: a T5 whose image features come from a diffusion UNet that denoises the image's latents "
+          "conditioned on\nthe question, fused by MM-CoT's gated attention; rationale first, then the answer. "
+          "Beside it MM-CoT-style fixed\nfeatures and text-only T5. The context of a question is its image (IMG), a "
+          "hint describing the grid (TXT) or\nneither (NO): text alone cannot answer the IMG ones.\n", flush=True)
+    rows = []
+    started = time.perf_counter()
+    for name in SHIPPED_DPMM:
+        directory = os.path.join(checkpoints, name, "answer", "final")
+        if not os.path.exists(directory):
+            print(f"  (no shipped checkpoint at {directory}: skipped)", flush=True)
+            continue
+        with _kernels_of_a_cpu_run():
+            model, tokenizer, loaded, _ = dpmm.load_run(directory)
+            # the rationales its rationale run wrote, found beside it wherever the demo runs from
+            loaded = replace(loaded, rationales=os.path.join(checkpoints, name, "rationale", dpmm.RATIONALES_FILE))
+            _, _, records = dpmm.build_data(loaded)
+            metrics = dpmm.evaluate(model, tokenizer, None, loaded, records[:DPMM_EVAL_N], progress=True)
+        print("\n".join(dpmm.summary_lines(metrics)), flush=True)
+        trained = _trained_seconds(directory)
+        rows.append(dpmm.table_row(metrics, "shipped checkpoint", trained))
+    table = dpmm.markdown_table(rows)
+    print(f"(DPMM-CoT part: {time.perf_counter() - started:.0f} s)", flush=True)
+    with open(os.path.join(out, "demo-dpmm.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(out, "demo-dpmm.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print("\n" + table)
+    print(f"wrote {out}/demo-dpmm.md, demo-dpmm.json\n", flush=True)
+    return rows
+
+
+def _trained_seconds(directory: str) -> Optional[float]:
+    """A shipped run's training time, from its run.json."""
+    with open(os.path.join(directory, "run.json")) as f:
+        return json.load(f)["result"].get("train_seconds")
 
 
 def shipped_checkpoints() -> str:
@@ -178,8 +225,7 @@ def main(out: str = "demo-output", bench: bool = True, checkpoints: Optional[str
         wrapper, tokenizer, config, image_processor = load_run(directory)
         _, _, records = build_data(config)
         metrics = evaluate(wrapper, tokenizer, image_processor, config, records[:EVAL_N], progress=True)
-        with open(os.path.join(directory, "run.json")) as f:
-            trained = json.load(f)["result"].get("train_seconds")
+        trained = _trained_seconds(directory)
         rows.append(table_row(metrics, "shipped checkpoint", trained))
     table = markdown_table(rows)
     with open(os.path.join(out, "demo.md"), "w") as f:
@@ -190,6 +236,7 @@ def main(out: str = "demo-output", bench: bool = True, checkpoints: Optional[str
     print("\n" + table)
     print(f"wrote {out}/demo.md, demo.json, demo.png\n", flush=True)
     modal_mixed_part(out, checkpoints)
+    dpmm_part(out, checkpoints)
     if bench:
         from mmlatent import bench as bench_module
         print("Micro-benchmarks at CPU sizes, the rows where the implementation decides the outcome (at tiny sizes "

@@ -148,6 +148,8 @@ def test_demo_finds_the_shipped_checkpoints_from_any_folder(tmp_path, monkeypatc
     found = demo.shipped_checkpoints()
     assert os.path.isabs(found)
     assert all(os.path.isdir(os.path.join(found, name, "final")) for name in demo.SHIPPED)
+    assert all(os.path.isdir(os.path.join(found, name, stage, "final")) for name in demo.SHIPPED_DPMM
+               for stage in ("rationale", "answer"))
 
 
 def test_recover_finishes_an_interrupted_replacement(tmp_path):

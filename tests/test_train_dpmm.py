@@ -147,7 +147,7 @@ def test_the_cli_trains_both_stages_and_evaluates(tmp_path, capsys):
 
 def test_config_errors_name_the_key(tmp_path):
     for changes, needle in (({"variant": "clip"}, "variant: expected one of dpmm, fixed_features, text_only"),
-                            ({"stage": "both"}, "stage: expected one of rationale, answer"),
+                            ({"stage": "all"}, "stage: expected one of rationale, answer, both"),
                             ({"task": "translation"}, "data: synthetic data for task 'translation'"),
                             ({"model": {"tiny": {"clip": {}}}}, "model.tiny: expected a mapping of t5, vae, unet"),
                             ({"model": {"tiny": {"t5": {"width": 3}}}}, "model.tiny.t5: expected some of"),
@@ -181,3 +181,46 @@ def test_the_paper_sized_configs_parse_and_name_the_missing_paths(tmp_path):
                                                                                                    "unet")}}), path)
         assert parsed.feature_blocks == ["mid"] and parsed.image_size == 256 and parsed.train["lr"] == 8e-5
         assert parsed.cache_latents is False and parsed.batch_size == 8
+
+
+def test_stage_both_trains_the_rationale_run_then_the_answer_run_on_its_rationales(tmp_path):
+    run = config(tmp_path, stage="both")
+    result = dpmm.train(run, progress=False)
+    metrics = dpmm.evaluate_result(result, run)
+    first, second = dpmm.stage_configs(run)
+    assert (tmp_path / "rationale" / "final").is_dir() and (tmp_path / "answer" / "final").is_dir()
+    assert metrics["rationales_source"] == second.rationales == str(tmp_path / "rationale" / dpmm.RATIONALES_FILE)
+    assert set(metrics["rationale_scores"]) == {"rouge_l", "bleu1", "bleu4"}
+    assert any("its rationales: ROUGE-L" in line for line in dpmm.summary_lines(metrics))
+    _, _, loaded, _ = dpmm.load_run(str(tmp_path / "answer" / "final"))
+    assert loaded.stage == "answer" and loaded.name == "t-answer"
+    with pytest.raises(ValueError, match="stage: both .* needs task scienceqa and train.output_dir"):
+        config(None, stage="both", train={"output_dir": None})
+    with pytest.raises(ValueError, match="resume: a stage: both run is two runs"):
+        dpmm.train(run, progress=False, until=1)
+
+
+def test_the_demo_evaluates_the_shipped_runs_on_their_own_rationales(tmp_path, monkeypatch):
+    from mmlatent import demo
+    monkeypatch.chdir(tmp_path)  # the shipped answer runs name their rationales relative to the repository
+    monkeypatch.setattr(demo, "DPMM_EVAL_N", 4)
+    rows = demo.dpmm_part(str(tmp_path), demo.shipped_checkpoints())
+    assert [r["variant"] for r in rows] == ["text_only", "fixed_features", "dpmm"]
+    assert all(r["n"] == 4 and r["rationales_source"].endswith("rationales.json") for r in rows)
+    assert "| synthetic-dpmm-cot-answer | dpmm |" in (tmp_path / "demo-dpmm.md").read_text()
+
+
+def test_the_shipped_configs_differ_only_in_name_variant_and_output_dir():
+    from dataclasses import asdict
+
+    from mmlatent.train.methods import load_config
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    configs = {name: asdict(load_config(os.path.join(root, "configs", f"{name}.yaml")))
+               for name in ("synthetic-dpmm-cot", "synthetic-dpmm-cot-fixed-features", "synthetic-dpmm-cot-text-only")}
+    assert {c["variant"] for c in configs.values()} == set(dpmm.VARIANTS)
+    assert all(c["stage"] == "both" and c["train"]["output_dir"] == f"checkpoints/{name}" for name, c in
+               configs.items())
+    def shared(c):
+        c = dict(c, train={k: v for k, v in c["train"].items() if k != "output_dir"})
+        return repr({k: v for k, v in c.items() if k not in ("name", "variant")})
+    assert len({shared(c) for c in configs.values()}) == 1

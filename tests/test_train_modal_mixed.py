@@ -282,5 +282,5 @@ def test_cli_compare_refuses_runs_of_two_methods_before_evaluating(trained, tmp_
     err = capsys.readouterr().err
     assert f"{ivtlr_run} holds a ivtlr run" in err and "one method" in err
     assert not list(tmp_path.iterdir())
-    with pytest.raises(ValueError, match="method: expected one of ivtlr, modal_mixed, grpo, got .ppo."):
+    with pytest.raises(ValueError, match="method: expected one of ivtlr, modal_mixed, grpo, dpmm, got .ppo."):
         method_module("ppo")

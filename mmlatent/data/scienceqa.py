@@ -87,29 +87,36 @@ def scienceqa_breakdown(records: Sequence[Record], correct: Sequence[bool]) -> D
     for i, value in enumerate(correct):
         if not isinstance(value, bool):
             raise TypeError(f"correct[{i}]: expected a bool, got {type(value).__name__}")
-    groups: Dict[str, List[bool]] = {key: [] for key in BREAKDOWN_KEYS}
-    for record, ok in zip(records, correct):
+    groups = breakdown_groups(records)
+    return {key: 100.0 * sum(correct[i] for i in rows) / len(rows) for key, rows in groups.items()}
+
+
+def breakdown_groups(records: Sequence[Record]) -> Dict[str, List[int]]:
+    """{category: the indices of its records} of :func:`scienceqa_breakdown`'s categories, in its key order; a
+    category without records absent."""
+    groups: Dict[str, List[int]] = {key: [] for key in BREAKDOWN_KEYS}
+    for i, record in enumerate(records):
         if not isinstance(record, Record):
             raise TypeError(f"records: expected Record s, got {type(record).__name__}")
         subject = _meta(record, "subject")
         for key, name in SUBJECTS.items():
             if subject == name:
-                groups[key].append(ok)
+                groups[key].append(i)
         has_text = bool(_meta(record, "hint").strip())
         has_image = record.image is not None or bool(record.meta.get("image"))
         if has_text:
-            groups["TXT"].append(ok)
+            groups["TXT"].append(i)
         if has_image:
-            groups["IMG"].append(ok)
+            groups["IMG"].append(i)
         if not has_text and not has_image:
-            groups["NO"].append(ok)
+            groups["NO"].append(i)
         grade = re.fullmatch(r"grade(\d+)", _meta(record, "grade"))
         if grade and 1 <= int(grade.group(1)) <= 6:
-            groups["G1-6"].append(ok)
+            groups["G1-6"].append(i)
         elif grade and 7 <= int(grade.group(1)) <= 12:
-            groups["G7-12"].append(ok)
-        groups["Avg"].append(ok)
-    return {key: 100.0 * sum(values) / len(values) for key, values in groups.items() if values}
+            groups["G7-12"].append(i)
+        groups["Avg"].append(i)
+    return {key: rows for key, rows in groups.items() if rows}
 
 
 # --------------------------------------------------------------------------------------------- rationale scores
@@ -176,5 +183,5 @@ def rationale_scores(hypotheses: Sequence[str], references: Sequence[str]) -> Di
 
 
 __all__ = ["rationale_prompt", "rationale_target", "answer_prompt", "answer_target", "parse_answer",
-           "answer_correct", "scienceqa_breakdown", "mmcot_tokens", "sentence_bleu", "rouge_l", "rationale_scores",
+           "answer_correct", "scienceqa_breakdown", "breakdown_groups", "mmcot_tokens", "sentence_bleu", "rouge_l", "rationale_scores",
            "ANSWER_PATTERN", "BREAKDOWN_KEYS", "STAGES"]

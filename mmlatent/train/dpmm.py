@@ -29,9 +29,10 @@ from mmlatent.data import synthetic
 
 from .checkpoint import CheckpointError, load_tensors, read_json, read_settings_file, write_json, write_run_checkpoint
 from .loop import EpochBatches, TrainConfig, Trainer, check_int
-from .methods import check_data_keys, check_train_options, from_mapping, open_run, read_yaml
+from .methods import check_data_keys, check_train_options, fit_run, from_mapping, open_run, read_yaml
 
 METHOD = "dpmm"
+BOTH = "both"  # a config's stage: the rationale run, then the answer run on its generated rationales
 RUN_FORMAT = 1
 VARIANTS = ("dpmm", "fixed_features", "text_only")
 TASKS = ("scienceqa", "translation")
@@ -53,7 +54,9 @@ TINY_PARTS = {"t5": ("d_model", "layers", "heads", "d_ff", "seed"),
 class DPMMConfig:
     """One DPMM-CoT run (YAML keys are these fields; ``train`` holds :class:`TrainConfig` fields).
 
-    ``task``: ``scienceqa`` (MM-CoT's two stages; ``stage`` picks one) or ``translation`` (source text in, its
+    ``task``: ``scienceqa`` (MM-CoT's two stages; ``stage`` picks one, or ``both``: the rationale run into
+    ``<output_dir>/rationale``, then the answer run on its generated rationales into ``<output_dir>/answer``) or
+    ``translation`` (source text in, its
     translation out). ``model``: ``{tiny: {t5: {...}, vae: {...}, unet: {...}}}`` (random weights built from
     :mod:`mmlatent.models.tiny`'s configs) or ``{path: {t5: folder, vae: folder, unet: folder}}`` (local
     checkpoints). ``data``: ``synthetic`` (the embedded ScienceQA-shaped task), ``scienceqa`` (a local copy) or
@@ -92,7 +95,7 @@ class DPMMConfig:
             raise ValueError(f"name: expected a non-empty string, got {self.name!r}")
         if self.method != METHOD:
             raise ValueError(f"method: expected {METHOD!r} for a DPMM-CoT run, got {self.method!r}")
-        for key, allowed in (("task", TASKS), ("stage", sqa.STAGES), ("variant", VARIANTS)):
+        for key, allowed in (("task", TASKS), ("stage", sqa.STAGES + (BOTH,)), ("variant", VARIANTS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}: expected one of {', '.join(allowed)}, got {getattr(self, key)!r}")
         if isinstance(self.feature_positions, bool) or not isinstance(self.feature_positions, int) \
@@ -109,6 +112,9 @@ class DPMMConfig:
                     or value < 0 or (key == "latent_scale" and value == 0):
                 raise ValueError(f"{key}: expected a finite number {'> 0' if key == 'latent_scale' else '>= 0'}, "
                                  f"got {value!r}")
+        if self.stage == BOTH and (self.task != "scienceqa" or not self.train.get("output_dir")):
+            raise ValueError("stage: both (the rationale run, then the answer run on its rationales) needs task "
+                             "scienceqa and train.output_dir, under which each stage writes its run")
         if self.rationales is not None:
             if self.task != "scienceqa" or self.stage != "answer":
                 raise ValueError("rationales: only an answer run (task scienceqa, stage answer) reads rationales")
@@ -395,6 +401,8 @@ def train(config: DPMMConfig, device: Optional[Union[str, torch.device]] = None,
     import tempfile
 
     from .ivtlr import seed_everything
+    if config.stage == BOTH:
+        return _train_both(config, device, progress, resume, until)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if config.rationales is not None:  # read before training, so that a wrong path costs no run
         read_rationales(config.rationales)
@@ -429,21 +437,11 @@ def train(config: DPMMConfig, device: Optional[Union[str, torch.device]] = None,
     run_config = dict(asdict(config), train=asdict(train_config))
     trainer = Trainer(model, loss_fn, batches, train_config, describe=config.name, eval_fn=eval_fn,
                       run_config=run_config)
-    if resume:
-        trainer.resume(resume, allow_config_change=allow_config_change)
-    t0 = time.perf_counter()
-    history = trainer.fit(until=until)
-    seconds = time.perf_counter() - t0
-    steps = history["train"]
-    split = torch.stack(parts).float().cpu().numpy() if parts else np.zeros((0, 2))
-    accum = train_config.grad_accum
-    split = split[:len(split) // accum * accum].reshape(-1, accum, 2).mean(axis=1) if len(split) else split
-    result = dict(name=config.name, method=METHOD, variant=config.variant, stage=config.stage, task=config.task,
-                  train_seconds=seconds, device=str(device),
-                  peak_memory_bytes=max((r["peak_memory_bytes"] for r in steps), default=0),
-                  median_step_seconds=float(np.median([r["seconds"] for r in steps])) if steps else None,
-                  completed=trainer.finished, steps=trainer.step, history=history,
-                  text_loss=[float(v) for v in split[:, 0]], diffusion_loss=[float(v) for v in split[:, 1]],
+    summary = fit_run(trainer, parts, resume=resume, allow_config_change=allow_config_change, until=until)
+    split = summary.pop("loss_parts").reshape(-1, 2)
+    result = dict(summary, name=config.name, method=METHOD, variant=config.variant, stage=config.stage,
+                  task=config.task, device=str(device), text_loss=[float(v) for v in split[:, 0]],
+                  diffusion_loss=[float(v) for v in split[:, 1]],
                   trainable_parameters=sum(p.numel() for _, p in trainer.named_params))
     if train_config.output_dir:
         if trainer.finished:
@@ -452,6 +450,33 @@ def train(config: DPMMConfig, device: Optional[Union[str, torch.device]] = None,
         else:
             result["checkpoint"] = trainer.save(os.path.join(train_config.output_dir, f"checkpoint-{trainer.step}"))
     return dict(result, model=model, tokenizer=tokenizer, eval_records=eval_records, latents=latents)
+
+
+def stage_configs(config: DPMMConfig) -> Tuple[DPMMConfig, DPMMConfig]:
+    """The rationale and the answer run of a ``stage: both`` config: named ``<name>-rationale`` and
+    ``<name>-answer``, under ``<output_dir>/rationale`` and ``<output_dir>/answer``; the answer run reads the
+    rationale run's ``rationales.json``."""
+    from dataclasses import replace
+    out = config.train["output_dir"]
+    first = replace(config, name=f"{config.name}-rationale", stage="rationale",
+                    train=dict(config.train, output_dir=os.path.join(out, "rationale")))
+    second = replace(config, name=f"{config.name}-answer", stage="answer",
+                     rationales=os.path.join(out, "rationale", RATIONALES_FILE),
+                     train=dict(config.train, output_dir=os.path.join(out, "answer")))
+    return first, second
+
+
+def _train_both(config: DPMMConfig, device: Optional[Union[str, torch.device]], progress: bool,
+                resume: Optional[str], until: Optional[int]) -> dict:
+    if resume is not None or until is not None:
+        raise ValueError("resume: a stage: both run is two runs; resume the stage's own run (its config is "
+                         "stage_configs(config)) instead")
+    first, second = stage_configs(config)
+    rationale = train(first, device=device, progress=progress)
+    rationale_metrics = evaluate_result(rationale, first, progress=progress)
+    answer = train(second, device=device, progress=progress)
+    return dict(answer, rationale_metrics=rationale_metrics, stage_configs=(first, second),
+                train_seconds=rationale["train_seconds"] + answer["train_seconds"])
 
 
 _EVAL_KEYS = ("accuracy", "accuracy_stderr", "n", "rouge_l", "bleu1", "bleu4", "bleu")
@@ -523,21 +548,35 @@ def evaluate(model: nn.Module, tokenizer: Any, image_processor: Any, config: DPM
     correct = [sqa.answer_correct(t, r) for t, r in zip(texts, records)]
     rng = random.Random(0)
     fallback = [sqa.answer_correct(t, r, random_fallback=rng) for t, r in zip(texts, records)]
-    p = sum(correct) / max(1, len(correct))
+    accuracy, stderr = _rate(correct)
     by_kind: Dict[str, List[bool]] = {}
     for r, ok in zip(records, correct):
         by_kind.setdefault(str(r.meta.get("kind", "all")), []).append(ok)
-    return dict(out, accuracy=p, accuracy_stderr=math.sqrt(p * (1 - p) / max(1, len(correct))),
+    return dict(out, accuracy=accuracy, accuracy_stderr=stderr,
                 accuracy_random_fallback=sum(fallback) / max(1, len(fallback)),
                 answered=sum(sqa.parse_answer(t) is not None for t in texts) / max(1, len(texts)),
                 breakdown=sqa.scienceqa_breakdown(records, correct),
-                accuracy_by_kind={k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+                accuracy_by_category={k: dict(zip(("accuracy", "accuracy_stderr"),
+                                                  _rate([correct[i] for i in rows])), n=len(rows))
+                                      for k, rows in sqa.breakdown_groups(records).items()},
+                accuracy_by_kind={k: dict(zip(("accuracy", "accuracy_stderr"), _rate(v)), n=len(v))
+                                  for k, v in sorted(by_kind.items())},
                 rationales_source=config.rationales or "gold", outputs=texts[:20])
+
+
+def _rate(correct: Sequence[bool]) -> Tuple[float, float]:
+    """(accuracy, its standard error) of a list of outcomes."""
+    p = sum(correct) / max(1, len(correct))
+    return p, math.sqrt(p * (1 - p) / max(1, len(correct)))
 
 
 def evaluate_result(result: dict, config: DPMMConfig, progress: bool = False) -> dict:
     """:func:`evaluate` of a run just trained on its eval records; a rationale run also writes
     ``rationales.json`` ({record id: generated rationale}) beside its ``final/``, for the answer run."""
+    if config.stage == BOTH:
+        metrics = evaluate_result(result, result["stage_configs"][1], progress=progress)
+        return dict(metrics, rationale_scores={k: result["rationale_metrics"][k] for k in ("rouge_l", "bleu1",
+                                                                                          "bleu4")})
     metrics = evaluate(result["model"], result["tokenizer"], None, config, result["eval_records"],
                        progress=progress, latents=result.get("latents"))
     output_dir = config.train.get("output_dir")
@@ -562,13 +601,22 @@ def summary_lines(metrics: dict, train_seconds: Optional[float] = None) -> List[
              f"(n={metrics['n']}; {100 * metrics['accuracy_random_fallback']:.1f}% with MM-CoT's random fallback; "
              f"{100 * metrics['answered']:.1f}% answered; rationales: {metrics['rationales_source']}){trained}",
              "  breakdown: " + ", ".join(f"{k} {v:.1f}" for k, v in metrics["breakdown"].items())]
+    if "rationale_scores" in metrics:
+        scores = metrics["rationale_scores"]
+        lines.append(f"  its rationales: ROUGE-L {scores['rouge_l']:.1f}, BLEU-1 {scores['bleu1']:.1f}, BLEU-4 "
+                     f"{scores['bleu4']:.1f}")
     return lines
 
 
 def table_row(metrics: dict, source: str, trained_seconds: Optional[float] = None) -> dict:
-    """One row of :func:`markdown_table`."""
-    return dict(variant=metrics["variant"], name=metrics["name"], source=source, metrics=metrics,
-                trained_seconds=trained_seconds)
+    """One row of :func:`markdown_table` and of ``mmlatent compare``'s plot (``accuracy_by_kind``: an answer
+    run's accuracy per ScienceQA category, with standard errors): the metrics without the sample outputs."""
+    row = {k: v for k, v in metrics.items() if k not in ("outputs", "rationales")}
+    row.update(source=source, trained_seconds=trained_seconds)
+    if "accuracy_by_category" in metrics:
+        row["accuracy_by_kind"] = metrics["accuracy_by_category"]
+        row["accuracy_by_question_kind"] = metrics["accuracy_by_kind"]
+    return row
 
 
 def markdown_table(rows: List[dict]) -> str:
@@ -576,25 +624,23 @@ def markdown_table(rows: List[dict]) -> str:
     rationale scores, or BLEU."""
     if not rows:
         return ""
-    first = rows[0]["metrics"]
+    first = rows[0]
     if first["task"] == "translation":
         head = "| run | variant | source | n | BLEU |\n|---|---|---|---:|---:|\n"
-        return head + "".join(f"| {r['name']} | {r['variant']} | {r['source']} | {r['metrics']['n']} | "
-                              f"{r['metrics']['bleu']:.2f} |\n" for r in rows)
+        return head + "".join(f"| {r['name']} | {r['variant']} | {r['source']} | {r['n']} | {r['bleu']:.2f} |\n"
+                              for r in rows)
     if first["stage"] == "rationale":
         head = "| run | variant | source | n | ROUGE-L | BLEU-1 | BLEU-4 |\n|---|---|---|---:|---:|---:|---:|\n"
-        return head + "".join(f"| {r['name']} | {r['variant']} | {r['source']} | {r['metrics']['n']} | "
-                              f"{r['metrics']['rouge_l']:.1f} | {r['metrics']['bleu1']:.1f} | "
-                              f"{r['metrics']['bleu4']:.1f} |\n" for r in rows)
+        return head + "".join(f"| {r['name']} | {r['variant']} | {r['source']} | {r['n']} | {r['rouge_l']:.1f} | "
+                              f"{r['bleu1']:.1f} | {r['bleu4']:.1f} |\n" for r in rows)
     keys = list(sqa.BREAKDOWN_KEYS)
     head = ("| run | variant | source | n | accuracy | with random fallback | " + " | ".join(keys) + " |\n"
             + "|---|---|---|---:|---:|---:|" + "---:|" * len(keys) + "\n")
     lines = []
     for r in rows:
-        m = r["metrics"]
-        cells = [f"{m['breakdown'][k]:.1f}" if k in m["breakdown"] else "" for k in keys]
-        lines.append(f"| {r['name']} | {r['variant']} | {r['source']} | {m['n']} | {100 * m['accuracy']:.1f}% ± "
-                     f"{100 * m['accuracy_stderr']:.1f} | {100 * m['accuracy_random_fallback']:.1f}% | "
+        cells = [f"{r['breakdown'][k]:.1f}" if k in r["breakdown"] else "" for k in keys]
+        lines.append(f"| {r['name']} | {r['variant']} | {r['source']} | {r['n']} | {100 * r['accuracy']:.1f}% ± "
+                     f"{100 * r['accuracy_stderr']:.1f} | {100 * r['accuracy_random_fallback']:.1f}% | "
                      + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 
@@ -701,4 +747,4 @@ def load_run(directory: str, device: Optional[Union[str, torch.device]] = None) 
 __all__ = ["DPMMConfig", "RUN_CONFIG", "METHOD", "VARIANTS", "TASKS", "build_data", "build_model", "collate",
            "prompt_and_target", "image_tensor", "encode_latents", "run_loss", "run_generate", "train", "evaluate",
            "evaluate_result", "generate_texts", "read_rationales", "summary_lines", "table_row", "markdown_table",
-           "save_run", "write_model", "load_run", "TextTokenizer", "RATIONALES_FILE"]
+           "save_run", "write_model", "load_run", "TextTokenizer", "RATIONALES_FILE", "BOTH", "stage_configs"]

@@ -159,6 +159,31 @@ def open_run(directory: str, *, required: Sequence[str], config_class: type, run
     return path, files, stored, config, _saved_tokenizer(path, files, stored.get("tokenizer"))
 
 
+def fit_run(trainer: Any, parts: list, *, resume: Optional[str], allow_config_change: bool,
+            until: Optional[int]) -> dict:
+    """Resumes ``trainer`` when asked, fits it (to ``until``), and summarises: ``train_seconds``,
+    ``peak_memory_bytes``, ``median_step_seconds``, ``completed``, ``steps``, ``history`` and ``loss_parts``, the
+    per-micro-batch loss pieces ``parts`` collected (a list of [k] tensors, read once, after training) averaged
+    over each optimizer step's accumulation window: a [steps, k] array."""
+    import time
+
+    import numpy as np
+    import torch
+    if resume:
+        trainer.resume(resume, allow_config_change=allow_config_change)
+    t0 = time.perf_counter()
+    history = trainer.fit(until=until)
+    seconds = time.perf_counter() - t0
+    steps = history["train"]
+    split = torch.stack(parts).float().cpu().numpy() if parts else np.zeros((0, 0))
+    accum = trainer.config.grad_accum
+    if len(split):
+        split = split[:len(split) // accum * accum].reshape(-1, accum, split.shape[1]).mean(axis=1)
+    return dict(train_seconds=seconds, peak_memory_bytes=max((r["peak_memory_bytes"] for r in steps), default=0),
+                median_step_seconds=float(np.median([r["seconds"] for r in steps])) if steps else None,
+                completed=trainer.finished, steps=trainer.step, history=history, loss_parts=split)
+
+
 DEFAULT_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -211,4 +236,4 @@ def load_config(path: str) -> Any:
 
 
 __all__ = ["read_yaml", "from_mapping", "load_config", "method_module", "check_train_options", "check_model_spec",
-           "check_data_keys", "check_kind_weights", "prepare_trainable", "open_run"]
+           "check_data_keys", "check_kind_weights", "prepare_trainable", "open_run", "fit_run"]

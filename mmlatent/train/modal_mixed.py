@@ -31,8 +31,8 @@ from mmlatent.models import tiny as tiny_models
 from .checkpoint import (CheckpointError, check_shapes, load_tensors, read_json, read_manifest, read_settings_file,
                          resolve_checkpoint, write_json, write_run_checkpoint)
 from .loop import EpochBatches, TrainConfig, Trainer, check_int
-from .methods import (check_data_keys, check_kind_weights, check_model_spec, check_train_options, from_mapping,
-                      open_run, prepare_trainable, read_yaml)
+from .methods import (check_data_keys, check_kind_weights, check_model_spec, check_train_options, fit_run,
+                      from_mapping, open_run, prepare_trainable, read_yaml)
 
 METHOD = "modal_mixed"
 MODES = ("modal_mixed", "cot", "no_cot")
@@ -392,19 +392,9 @@ def train(config: ModalMixedConfig, device: Optional[Union[str, torch.device]] =
         train_config = replace(train_config, gradient_checkpointing=False)
     trainer = Trainer(model, loss_fn, batches, train_config, describe=config.name, eval_fn=eval_fn,
                       run_config=run_config)
-    if resume:
-        trainer.resume(resume, allow_config_change=allow_config_change)
-    t0 = time.perf_counter()
-    history = trainer.fit(until=until)
-    seconds = time.perf_counter() - t0
-    steps = history["train"]
-    split = torch.stack(parts).float().cpu().numpy() if parts else np.zeros((0, 2))
-    accum = train_config.grad_accum
-    split = split[:len(split) // accum * accum].reshape(-1, accum, 2).mean(axis=1) if len(split) else split
-    result = dict(name=config.name, method=METHOD, mode=config.mode, train_seconds=seconds, device=str(device),
-                  peak_memory_bytes=max((r["peak_memory_bytes"] for r in steps), default=0),
-                  median_step_seconds=float(np.median([r["seconds"] for r in steps])) if steps else None,
-                  completed=trainer.finished, steps=trainer.step, history=history,
+    summary = fit_run(trainer, parts, resume=resume, allow_config_change=allow_config_change, until=until)
+    split = summary.pop("loss_parts").reshape(-1, 2)
+    result = dict(summary, name=config.name, method=METHOD, mode=config.mode, device=str(device),
                   text_loss=[float(v) for v in split[:, 0]], latent_loss=[float(v) for v in split[:, 1]],
                   trainable_parameters=sum(p.numel() for _, p in trainer.named_params),
                   head_parameters=sum(p.numel() for p in model.head.parameters()))
