@@ -308,16 +308,10 @@ def train(config: RunConfig, device: Optional[Union[str, torch.device]] = None, 
     train_config.progress = progress and train_config.progress
     trainer = Trainer(model, loss_fn, batches, train_config, on_epoch=on_epoch, describe=config.name,
                       eval_fn=eval_fn, run_config=dict(asdict(config), train=asdict(train_config)))
-    if resume:
-        trainer.resume(resume, allow_config_change=allow_config_change)
-    t0 = time.perf_counter()
-    history = trainer.fit(until=until)
-    seconds = time.perf_counter() - t0
-    steps = history["train"]
-    result = dict(name=config.name, mode=config.mode, stage=final_stage(config), train_seconds=seconds,
-                  device=str(device), peak_memory_bytes=max((r["peak_memory_bytes"] for r in steps), default=0),
-                  median_step_seconds=float(np.median([r["seconds"] for r in steps])) if steps else None,
-                  completed=trainer.finished, steps=trainer.step, history=history)
+    from .methods import fit_run
+    summary = fit_run(trainer, [], resume=resume, allow_config_change=allow_config_change, until=until)
+    summary.pop("loss_parts")
+    result = dict(summary, name=config.name, mode=config.mode, stage=final_stage(config), device=str(device))
     if train_config.output_dir:
         if trainer.finished:
             result["checkpoint"] = save_run(os.path.join(train_config.output_dir, "final"), wrapper, tokenizer,
