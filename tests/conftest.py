@@ -10,6 +10,13 @@ except Exception:  # pragma: no cover
     _HAS_CUDA = False
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # triton.language's own @triton.jit functions (tl.sigmoid, ...) are built when triton is first imported, as
+    # interpreted functions only if TRITON_INTERPRET is set then; tests that unset it (docs/api.md's examples run
+    # as a user's CPU session) must not be the first to import it
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # pragma: no cover
+        pass
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402

@@ -136,3 +136,34 @@ def plain_gated_mix(text, attended, weight, bias):
     """The unfused torch expression of the same gate in the inputs' dtype (concat, Linear, sigmoid, mix)."""
     gate = torch.sigmoid(torch.nn.functional.linear(torch.cat([text, attended], dim=-1), weight, bias))
     return (1 - gate) * text + gate * attended
+
+
+def geglu64(gate, up, approximate):
+    """gelu(gate) * up in float64, the GELU written out: erf's 0.5 x (1 + erf(x / sqrt 2)) or the tanh form
+    0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) (Hendrycks and Gimpel; transformers' gelu_new)."""
+    x = gate.double()
+    if approximate == "tanh":
+        gelu = 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x ** 3)))
+    else:
+        gelu = 0.5 * x * (1 + torch.erf(x / 2 ** 0.5))
+    return gelu * up.double()
+
+
+def plain_geglu(gate, up, approximate):
+    """The unfused torch expression in the inputs' dtype, as transformers' T5 feed-forward writes it."""
+    return torch.nn.functional.gelu(gate, approximate=approximate) * up
+
+
+def rms_norm64(x, weight, eps):
+    """T5LayerNorm's formula in float64: weight * x / sqrt(mean(x^2) + eps), no mean subtracted, no bias."""
+    x = x.double()
+    return weight.double() * x / torch.sqrt(x.square().mean(-1, keepdim=True) + eps)
+
+
+def plain_rms_norm(x, weight, eps):
+    """transformers' T5LayerNorm.forward, transcribed, in the inputs' dtype."""
+    variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    hidden = x * torch.rsqrt(variance + eps)
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        hidden = hidden.to(weight.dtype)
+    return weight * hidden

@@ -1,7 +1,7 @@
 """Fused operators of mmlatent, grouped by family (``attention/``, ``selection/``, ``losses/``, ``diffusion/``,
-``fusion/``); each family holds its public ops (op.py), its torch backend (torch_impl.py) and its Triton kernels
-(triton_kernels.py); dispatch.py chooses a backend once per call (docs/design.md, "Operators: backends and
-dispatch").
+``fusion/``, ``activations/``, ``norms/``); each family holds its public ops (op.py), its torch backend
+(torch_impl.py) and its Triton kernels (triton_kernels.py); dispatch.py chooses a backend once per call
+(docs/design.md, "Operators: backends and dispatch").
 
     row_attention_mass      image-token attention mass of one query row, accumulated in place
     attention_with_scores   forward-only attention that accumulates the same mass in the same pass
@@ -12,6 +12,8 @@ dispatch").
     layer_norm_modulate     adaLN: LayerNorm (no affine) * (1 + scale) + shift, one pass forward and backward
     diffusion_mse           the denoiser's training MSE, target formed on the fly, gradient in the same pass
     gated_mix               MM-CoT's fusion gate: two summed GEMMs, sigmoid and mix in one pass, forward and backward
+    geglu                   gelu(gate) * up of a gated feed-forward layer, only its two inputs kept for the backward
+    rms_norm                T5's RMS layer norm, only its input and one statistic per row kept for the backward
 """
 from . import checks  # noqa: F401
 from .dispatch import BACKENDS, BackendUnavailableError, native_module, requested_backend  # noqa: F401
@@ -26,11 +28,14 @@ from .losses import LINEAR_CROSS_ENTROPY, LINEAR_LOG_PROBS, linear_cross_entropy
 from .diffusion import (DENOISE_STEP, DIFFUSION_MSE, LAYER_NORM_MODULATE, SamplerSchedule,  # noqa: E402
                         denoise_step_, diffusion_mse, layer_norm_modulate)
 from .fusion import GATED_MIX, gated_mix  # noqa: E402
+from .activations import GEGLU, geglu  # noqa: E402
+from .norms import RMS_NORM, rms_norm  # noqa: E402
 
 register_native_fake()
 
 OPS = {op.name: op for op in (ROW_ATTENTION_MASS, ATTENTION_WITH_SCORES, SELECT_TOPK_TOKENS, LINEAR_CROSS_ENTROPY,
-                              LINEAR_LOG_PROBS, DENOISE_STEP, LAYER_NORM_MODULATE, DIFFUSION_MSE, GATED_MIX)}
+                              LINEAR_LOG_PROBS, DENOISE_STEP, LAYER_NORM_MODULATE, DIFFUSION_MSE, GATED_MIX,
+                              GEGLU, RMS_NORM)}
 
 
 def backend_report(op: str, **inputs) -> dict:
@@ -42,5 +47,6 @@ def backend_report(op: str, **inputs) -> dict:
 
 __all__ = ["row_attention_mass", "attention_with_scores", "select_topk_tokens", "linear_cross_entropy",
            "linear_log_probs", "denoise_step_", "layer_norm_modulate", "diffusion_mse", "gated_mix",
+           "geglu", "rms_norm",
            "SamplerSchedule", "BACKENDS",
            "BackendUnavailableError", "requested_backend", "backend_report", "OPS"]

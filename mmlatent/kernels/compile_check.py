@@ -30,12 +30,15 @@ from mmlatent.kernels.attention import triton_kernels as attention_kernels  # no
 from mmlatent.kernels.compile_cases import CompileCase  # noqa: E402
 from mmlatent.kernels.diffusion import triton_kernels as diffusion_kernels  # noqa: E402
 from mmlatent.kernels.fusion import triton_kernels as fusion_kernels  # noqa: E402
+from mmlatent.kernels.activations import triton_kernels as activation_kernels  # noqa: E402
+from mmlatent.kernels.norms import triton_kernels as norm_kernels  # noqa: E402
 from mmlatent.kernels.losses import triton_kernels as loss_kernels  # noqa: E402
 from mmlatent.kernels.selection import triton_kernels as selection_kernels  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 227 * 1024  # bytes a Hopper thread block may use
-FAMILIES = (attention_kernels, selection_kernels, loss_kernels, diffusion_kernels, fusion_kernels)
+FAMILIES = (attention_kernels, selection_kernels, loss_kernels, diffusion_kernels, fusion_kernels, activation_kernels,
+            norm_kernels)
 
 
 def all_cases() -> Iterator[CompileCase]:

@@ -17,6 +17,8 @@ ATTENTION_MAX_SPLITS = 128
 SELECTION_TRITON_MAX_TOKENS = 8192
 # Widest row the adaLN modulation kernel holds in one tile (a 16384 tile spills in the backward even at 32 warps).
 MODULATION_MAX_WIDTH = 8192
+# rms_norm keeps a row in one tile as well: wider rows go to the torch backend
+NORM_MAX_WIDTH = 8192
 
 
 def next_power_of_2(n: int) -> int:
@@ -37,4 +39,4 @@ def cuda_select_max_tokens() -> int:
 
 
 __all__ = ["ATTENTION_MAX_HEAD_DIM", "ATTENTION_MAX_SPLITS", "SELECTION_TRITON_MAX_TOKENS", "MODULATION_MAX_WIDTH",
-           "next_power_of_2", "triton_interpreting", "cuda_select_max_tokens"]
+           "NORM_MAX_WIDTH", "next_power_of_2", "triton_interpreting", "cuda_select_max_tokens"]
