@@ -21,7 +21,7 @@ def test_bench_tiny_writes_json_markdown_png(tmp_path):
                    "ivtlr inference (+32 tokens)", "layer_norm_modulate", "diffusion_mse",
                    "diffusion head sample", "apply_fused_loss training step", "modal-mixed SFT step",
                    "modal-mixed generate", "grpo loss + backward", "dpmm training step", "dpmm generation features",
-                   "gated_mix"}
+                   "gated_mix", "geglu", "rms_norm"}
     baselines = [r for r in result["rows"] if r["impl"] != "mmlatent"]
     assert baselines and all(r["speedup_of_mmlatent"] > 0 for r in baselines)
     assert "eager+output_attentions" in table and "sdpa" in table and "torch topk" in table
@@ -145,6 +145,11 @@ def test_dpmm_cases_agree_with_their_baselines():
     for a, b in zip(gate.ours(gate.make(torch.device("cpu"), torch.float32)),
                     gate.baselines[dpmm.UNFUSED_GATE](gate.make(torch.device("cpu"), torch.float32))):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for op, baseline in (("geglu", dpmm.TRANSFORMERS_GEGLU), ("rms_norm", dpmm.TRANSFORMERS_NORM)):
+        layer = next(case for case in bench.cases_for("tiny") if case.op == op)
+        for a, b in zip(layer.ours(layer.make(torch.device("cpu"), torch.float32)),
+                        layer.baselines[baseline](layer.make(torch.device("cpu"), torch.float32))):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(RuntimeError, match="CUDA"):
         dpmm.cases("gpu")[0].make(torch.device("cpu"), torch.bfloat16)
 

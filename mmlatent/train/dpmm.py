@@ -65,7 +65,9 @@ class DPMMConfig:
     ``cache_latents``: the VAE frozen and its latents computed once (else the VAE trains with the model, as the
     paper's ablation favours). ``feature_blocks``, ``feature_timesteps``, ``feature_positions``,
     ``diffusion_weight``, ``latent_scale``: :class:`~mmlatent.models.DPMMCoT`'s (the fixed-feature control appends
-    the same position codes to its latent tokens)."""
+    the same position codes to its latent tokens). ``fused_layers``: T5's feed-forward activations and norms train as
+    mmlatent's lean fused ops (:func:`~mmlatent.models.apply_fused_layers`; the same values, less kept for the
+    backward); false keeps transformers' modules. Evaluation and generation run transformers' modules either way."""
 
     name: str = "dpmm-cot"
     method: str = METHOD
@@ -82,6 +84,7 @@ class DPMMConfig:
     diffusion_weight: float = 1.0
     latent_scale: float = 0.18215
     cache_latents: bool = True
+    fused_layers: bool = True
     max_input_tokens: int = 512
     max_target_tokens: int = 512
     max_new_tokens: int = 128
@@ -104,8 +107,9 @@ class DPMMConfig:
         for key in ("image_size", "max_input_tokens", "max_target_tokens", "max_new_tokens", "epochs", "batch_size",
                     "eval_samples"):
             check_int(key, getattr(self, key))
-        if not isinstance(self.cache_latents, bool):
-            raise ValueError(f"cache_latents: expected true or false, got {self.cache_latents!r}")
+        for key in ("cache_latents", "fused_layers"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key}: expected true or false, got {getattr(self, key)!r}")
         for key in ("diffusion_weight", "latent_scale"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
@@ -250,6 +254,9 @@ def build_model(config: DPMMConfig, tokenizer: Any, device: torch.device) -> nn.
                 raise ValueError("model.path.unet: required for variant dpmm")
             unet = UNet2DConditionModel.from_pretrained(spec["unet"]).to(device)
     t5.train()
+    if config.fused_layers:
+        from mmlatent.models import apply_fused_layers
+        apply_fused_layers(t5)
     if vae is not None and (config.cache_latents or config.variant == "fixed_features"):
         vae.requires_grad_(False).eval()
     if config.variant == "dpmm":

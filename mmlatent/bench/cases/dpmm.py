@@ -2,12 +2,16 @@
 a user writes from the transformers and diffusers modules without mmlatent, and the fusion gate on its own.
 
 - "dpmm training step": ``DPMMCoT.forward`` on cached VAE latents (the fused gate, the decoder's loss without
-  logits) + backward, against "naive step": the frozen VAE's encoder every step, the UNet with forward hooks, MM-CoT's
-  fusion with its concatenated gate, ``t5(encoder_outputs=..., labels=...).loss`` over the full [B, L, V] logits,
-  the two losses summed, backward. Same weights, noise and timesteps: the same loss and gradients.
+  logits, T5's feed-forward activations and norms as lean fused ops: ``apply_fused_layers``, as a run applies them)
+  + backward, against "naive step": an unpatched copy of the same model, the frozen VAE's encoder every step, the
+  UNet with forward hooks, MM-CoT's fusion with its concatenated gate, ``t5(encoder_outputs=..., labels=...).loss``
+  over the full [B, L, V] logits, the two losses summed, backward. Same weights, noise and timesteps: the same loss
+  and gradients.
 - "dpmm generation features": the features of 4 feature timesteps, batch 1, from one UNet call over every
   (image, timestep) pair (``DPMMCoT.timestep_features``) against one UNet call per timestep, averaged.
 - "gated_mix": the fusion gate's forward and backward against the concatenation, ``nn.Linear``, sigmoid and mix.
+- "geglu" / "rms_norm": the T5 layers ``apply_fused_layers`` replaces, forward and backward, against transformers'
+  own modules (``gelu_new`` times the up projection; ``T5LayerNorm``).
 
 Sizes: "tiny" (the smoke test), "default" (CPU, float32; the training step at "tiny-long": T5 d_model 256, 4 + 4
 layers, vocabulary 32000, 512 input and 512 target tokens, batch 2, 64 x 64 images through a Stable Diffusion
@@ -17,6 +21,7 @@ a CUDA device only).
 """
 from __future__ import annotations
 
+import copy
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -28,6 +33,8 @@ from .inputs import cpu_generator
 NAIVE_STEP = "naive step (VAE every step, concat gate, full logits)"
 PER_TIMESTEP = "one UNet call per timestep"
 UNFUSED_GATE = "concat + Linear + sigmoid + mix"
+TRANSFORMERS_GEGLU = "transformers' gelu_new(gate) * up"
+TRANSFORMERS_NORM = "transformers' T5LayerNorm"
 
 
 def _parts(t5: Dict, vae: Dict, unet: Dict, device: torch.device, dtype: torch.dtype):
@@ -46,7 +53,10 @@ def _step_inputs(t5: Dict, vae: Dict, unet: Dict, image: int, batch: int, source
     def make(device: torch.device, dtype: torch.dtype) -> Inputs:
         if gpu and device.type != "cuda":
             raise RuntimeError("the DPMM-CoT Base-shape rows need a CUDA device")
-        model = _parts(t5, vae, unet, device, dtype)
+        from mmlatent.models import apply_fused_layers
+        naive_model = _parts(t5, vae, unet, device, dtype)
+        model = copy.deepcopy(naive_model)
+        apply_fused_layers(model.t5)
         vocab = model.t5.config.vocab_size
         g = cpu_generator(3)
         ids = torch.randint(6, vocab, (batch, source), generator=g)
@@ -60,7 +70,8 @@ def _step_inputs(t5: Dict, vae: Dict, unet: Dict, image: int, batch: int, source
         return dict(model=model, input_ids=ids.to(**to), attention_mask=torch.ones_like(ids).to(**to),
                     labels=labels.to(**to), pixel_values=pixels.to(device=device, dtype=dtype), latents=latents,
                     noise=noise.to(device=device, dtype=dtype), timesteps=timesteps.to(**to),
-                    params=[p for p in model.parameters() if p.requires_grad])
+                    params=[p for p in model.parameters() if p.requires_grad], naive_model=naive_model,
+                    naive_params=[p for p in naive_model.parameters() if p.requires_grad])
     return make
 
 
@@ -77,7 +88,7 @@ def _naive_step(a: Inputs) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     from transformers.modeling_outputs import BaseModelOutput
 
     from mmlatent.models.dpmm.model import sincos_positions
-    model = a["model"]
+    model = a["naive_model"]
     model.zero_grad(set_to_none=True)
     t5, unet, fusion = model.t5, model.unet, model.fusion
     ids, mask = a["input_ids"], a["attention_mask"]
@@ -101,7 +112,7 @@ def _naive_step(a: Inputs) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     text = t5(encoder_outputs=BaseModelOutput(last_hidden_state=fused), attention_mask=mask, labels=a["labels"]).loss
     loss = text.float() + model.diffusion_weight * diffusion
     loss.backward()
-    return loss.detach(), [p.grad for p in a["params"]]
+    return loss.detach(), [p.grad for p in a["naive_params"]]
 
 
 def step_case(label: str, t5: Dict, vae: Dict, unet: Dict, image: int, batch: int, source: int, target: int,
@@ -183,6 +194,59 @@ def gate_case(rows: int, d: int) -> Case:
                 {UNFUSED_GATE: _unfused_gate}, flops=3 * 2 * rows * (2 * d) * d)
 
 
+def _layer_inputs(rows: int, width: int, norm: bool) -> Make:
+    def make(device: torch.device, dtype: torch.dtype) -> Inputs:
+        from transformers.activations import NewGELUActivation
+        from transformers.models.t5.modeling_t5 import T5LayerNorm
+        g = cpu_generator(7)
+        first, second, grad = (torch.randn(rows, width, generator=g).to(device=device, dtype=dtype)
+                               for _ in range(3))
+        if norm:
+            module = T5LayerNorm(width).to(device=device, dtype=dtype)
+            return dict(leaves=[first.requires_grad_(), module.weight], module=module, grad=grad)
+        return dict(leaves=[first.requires_grad_(), second.requires_grad_()], module=NewGELUActivation(), grad=grad)
+    return make
+
+
+def _backward_grads(out: torch.Tensor, a: Inputs) -> List[torch.Tensor]:
+    out.backward(a["grad"])
+    return [t.grad for t in a["leaves"]]
+
+
+def _clear(a: Inputs) -> List[torch.Tensor]:
+    for t in a["leaves"]:
+        t.grad = None
+    return a["leaves"]
+
+
+def _ours_geglu(a: Inputs) -> List[torch.Tensor]:
+    from mmlatent.kernels import geglu
+    return _backward_grads(geglu(*_clear(a)), a)
+
+
+def _transformers_geglu(a: Inputs) -> List[torch.Tensor]:
+    gate, up = _clear(a)
+    return _backward_grads(a["module"](gate) * up, a)
+
+
+def _ours_norm(a: Inputs) -> List[torch.Tensor]:
+    from mmlatent.kernels import rms_norm
+    x, weight = _clear(a)
+    return _backward_grads(rms_norm(x, weight, eps=a["module"].variance_epsilon), a)
+
+
+def _transformers_norm(a: Inputs) -> List[torch.Tensor]:
+    x, _weight = _clear(a)
+    return _backward_grads(a["module"](x), a)
+
+
+def layer_cases(rows: int, d_model: int, d_ff: int) -> List[Case]:
+    return [Case("geglu", f"N{rows} d_ff{d_ff} forward + backward", _layer_inputs(rows, d_ff, False), _ours_geglu,
+                 {TRANSFORMERS_GEGLU: _transformers_geglu}),
+            Case("rms_norm", f"N{rows} d{d_model} forward + backward", _layer_inputs(rows, d_model, True), _ours_norm,
+                 {TRANSFORMERS_NORM: _transformers_norm})]
+
+
 # Stable Diffusion 1.x's VAE and UNet widths, and T5-base's (flan-alpaca-base) shapes
 SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2}
 SD_UNET = {"block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2, "attention_head_dim": 8}
@@ -195,18 +259,19 @@ def cases(sizes: str) -> List[Case]:
         t5 = {"vocab": 300, "d_model": 32, "layers": 1, "heads": 2, "d_ff": 64}
         vae, unet = {"block_out_channels": (32, 32)}, {"block_out_channels": (32, 32)}
         return [step_case("tiny T5 d32 L1 V300, 32 x 32 images", t5, vae, unet, 32, 2, 12, 8),
-                feature_case("tiny, 4 timesteps", t5, vae, unet, 32, 12), gate_case(16, 32)]
+                feature_case("tiny, 4 timesteps", t5, vae, unet, 32, 12), gate_case(16, 32)] + layer_cases(16, 32, 64)
     if sizes == "gpu":
         label = "T5-base d768 L12+12 V32128, SD-1.x VAE + UNet, 256 x 256, bf16"
         return [step_case(label + ", batch 8, 512 / 512 tokens", T5_BASE, SD_VAE, SD_UNET, 256, 8, 512, 512,
                           gpu=True),
                 feature_case(label + ", 4 timesteps, batch 1", T5_BASE, SD_VAE, SD_UNET, 256, 512, gpu=True),
-                gate_case(8 * 512, 768)]
+                gate_case(8 * 512, 768)] + layer_cases(8 * 512, 768, 2048)
     unet = {"block_out_channels": (64, 128), "attention_head_dim": 8}
     label = "tiny-long: T5 d256 L4+4 V32000, SD-1.x-shaped VAE, UNet (64, 128), 64 x 64"
     return [step_case(label + ", batch 2, 512 / 512 tokens", TINY_LONG, SD_VAE, unet, 64, 2, 512, 512),
             feature_case(label + ", 4 timesteps, batch 1", TINY_LONG, SD_VAE, unet, 64, 512),
-            gate_case(2 * 512, 256)]
+            gate_case(2 * 512, 256)] + layer_cases(2 * 512, 256, 1024)
 
 
-__all__ = ["step_case", "feature_case", "gate_case", "cases", "NAIVE_STEP", "PER_TIMESTEP", "UNFUSED_GATE"]
+__all__ = ["step_case", "feature_case", "gate_case", "layer_cases", "cases", "NAIVE_STEP", "PER_TIMESTEP",
+           "UNFUSED_GATE", "TRANSFORMERS_GEGLU", "TRANSFORMERS_NORM"]
