@@ -17,18 +17,26 @@ import numpy as np
 import torch
 from torch import nn
 
+from .distributed import all_reduce_sum, full_tensor, gradient_sync
 from .checkpoint import (TRAINER_FILES, CheckpointError, check_shapes, load_tensors, read_json,
                          resolve_checkpoint, write_trainer_checkpoint)
 
 LOG = logging.getLogger("mmlatent")
 
 # Config keys that cannot change the trained weights: a resume may differ in these without being refused.
+# the subfolder of an FSDP2 checkpoint that torch.distributed.checkpoint writes, and trainer.json's layout for it
+SHARDED = "sharded"
 RESULT_NEUTRAL_KEYS = frozenset({"name", "eval_samples", "max_new_tokens", "train.progress", "train.output_dir",
-                                 "train.save_every", "train.eval_every"})
+                                 "train.save_every", "train.eval_every", "train.dist_timeout_s"})
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings (IVT-LR's public defaults: lr 4e-5, weight decay 0.01, clip 0.7)."""
+    """Optimisation settings (IVT-LR's public defaults: lr 4e-5, weight decay 0.01, clip 0.7).
+
+    ``parallel``: how a run under torchrun shares the work, ``ddp`` (DistributedDataParallel) or ``fsdp`` (FSDP2's
+    ``fully_shard`` per transformer block); None means ddp when the world has more than one process. One process
+    ignores it. ``dist_timeout_s``: how long a collective waits for the other ranks before the run fails.
+    """
 
     max_steps: int
     lr: float = 4e-5
@@ -44,6 +52,8 @@ class TrainConfig:
     output_dir: Optional[str] = None
     seed: int = 0
     progress: bool = True
+    parallel: Optional[str] = None
+    dist_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "grad_accum"):
@@ -63,6 +73,12 @@ class TrainConfig:
         for name in ("gradient_checkpointing", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        from .distributed import PARALLEL
+        if self.parallel is not None and self.parallel not in PARALLEL:
+            raise ValueError(f"parallel: expected one of {', '.join(PARALLEL)} or null, got {self.parallel!r}")
+        if isinstance(self.dist_timeout_s, bool) or not isinstance(self.dist_timeout_s, (int, float)) \
+                or not math.isfinite(self.dist_timeout_s) or self.dist_timeout_s <= 0:
+            raise ValueError(f"dist_timeout_s: expected a finite number of seconds > 0, got {self.dist_timeout_s!r}")
 
 
 def check_int(name: str, value: object, minimum: int = 1) -> None:
@@ -95,6 +111,22 @@ class EpochBatches:
         self.records, self.batch_size, self.collate, self.seed = records, batch_size, collate, seed
         self.per_epoch = len(records) // batch_size if drop_last else math.ceil(len(records) / batch_size)
         self.epoch, self.index = 0, 0
+        self.rank, self.world_size = 0, 1
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Makes this the stream of one rank of ``world_size``: every batch is still drawn from the whole epoch's
+        order (the batch one process would train on), and this rank takes its records ``rank::world_size``, so
+        the ranks' shards partition each batch and no record is seen twice in an epoch. A last, incomplete batch
+        (``drop_last=False``) is split the same way; each rank still gets at least one record of it unless it
+        has fewer records than there are ranks, and then every rank skips it."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank: expected 0 <= rank < world_size = {world_size}, got {rank}")
+        if self.batch_size < world_size:
+            raise ValueError(f"batch_size: {self.batch_size} records cannot be shared by {world_size} ranks; the "
+                             f"batch size is the global one, at least one record a rank")
+        if self.per_epoch * self.batch_size > len(self.records) and len(self.records) % self.batch_size < world_size:
+            self.per_epoch -= 1
+        self.rank, self.world_size = rank, world_size
 
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
@@ -103,7 +135,7 @@ class EpochBatches:
         if self.index >= self.per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
         order = self._order(self.epoch)
-        chosen = order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        chosen = order[self.index * self.batch_size:(self.index + 1) * self.batch_size][self.rank::self.world_size]
         self.index += 1
         return self.epoch, self.collate([self.records[i] for i in chosen], self.epoch)
 
@@ -136,6 +168,74 @@ def batch_tokens(batch: Mapping[str, Any]) -> int:
     return 0
 
 
+def label_tokens(labels: torch.Tensor, shift: bool = True) -> int:
+    """The positions a mean cross-entropy averages over: labels other than -100, after the next-token shift
+    (``shift``: a causal LM's first label is never predicted) or as they are (an encoder-decoder's labels)."""
+    labels = labels[:, 1:] if shift else labels
+    return int((labels != -100).sum())
+
+
+def batch_samples(batch: Mapping[str, Any]) -> int:
+    """The Trainer's default item count: the samples of a batch (dim 0 of ``input_ids``, else of ``labels``)."""
+    for key in ("input_ids", "labels"):
+        if torch.is_tensor(batch.get(key)):
+            return int(batch[key].shape[0])
+    raise ValueError("count_items: the batch has no input_ids or labels tensor to count samples in; pass the "
+                     "Trainer a count_items(batch) of its own")
+
+
+def _counts(value: object, name: str) -> List[int]:
+    values = [value] if not isinstance(value, (list, tuple)) else list(value)
+    out = []
+    for v in values:
+        if torch.is_tensor(v) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v != int(v):
+            raise ValueError(f"{name}: expected an int >= 0 or a sequence of them, got {value!r}")
+        out.append(int(v))
+    if not out:
+        raise ValueError(f"{name}: returned no count")
+    return out
+
+
+def weighted_loss(terms: Any, weights: Optional[Sequence[float]]) -> torch.Tensor:
+    """The scalar a micro-batch back-propagates: ``terms`` (one loss tensor, or a tuple of the loss's terms) summed,
+    each term times its weight when ``weights`` are given (a data-parallel run's shares of the global batch)."""
+    parts = list(terms) if isinstance(terms, (tuple, list)) else [terms]
+    if not parts or not all(torch.is_tensor(t) and t.dim() == 0 for t in parts):
+        raise TypeError(f"loss_fn: expected a scalar tensor or a tuple of scalar tensors, got {terms!r}")
+    if weights is None:
+        return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+    if len(weights) != len(parts):
+        raise ValueError(f"count_items: gave {len(weights)} counts for a loss of {len(parts)} terms; it must give "
+                         f"one count per term loss_fn returns")
+    return sum(w * t for w, t in zip(weights, parts))
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters are on the meta device (no memory; ties and requires_grad kept) and
+    whose buffers are copied: what :meth:`Trainer.exported` fills with the gathered FSDP2 weights."""
+    import copy
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+class LossForward(nn.Module):
+    """``loss_fn(model, batch)`` as a module's forward: what DistributedDataParallel wraps and FSDP2 shards as its
+    root, so their hooks run around the whole loss however many of the model's parts it calls."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Dict[str, Any]], Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Optional[Dict[str, Any]], run: Optional[Callable[[nn.Module], Any]] = None) -> Any:
+        """The loss of ``batch``; or, with ``run``, ``run(model)``: evaluation under FSDP2 goes through the root's
+        forward too, which gathers the parameters outside the sharded blocks."""
+        return self.loss_fn(self.model, batch) if run is None else run(self.model)
+
+
 class Trainer:
     """Runs ``loss_fn(model, batch) -> scalar loss`` over ``batches`` for ``config.max_steps`` optimizer steps.
 
@@ -161,9 +261,19 @@ class Trainer:
         step_log: ``step_log() -> dict`` of JSON-able numbers, called after each optimizer step: merged into the
             step's history record and shown on the progress bar (a method's own per-step metrics, such as GRPO's
             reward).
+        count_items: ``count_items(batch) -> int or [int, ...]``, what each of the loss's terms averages over in
+            a batch (tokens with a label, images, samples), on the host batch. ``loss_fn`` then returns the
+            terms' means as one tensor or a tuple of as many tensors. In a data-parallel run each rank weighs
+            its term ``i`` by ``world size x its count / the count summed over ranks``, so that the gradients
+            DistributedDataParallel averages are those of the global batch's means; one process uses the terms
+            as they are. Default: every term averages over the batch's samples.
 
     ``history`` keeps every step's loss, learning rate, gradient norm, tokens/s, peak memory and seconds, and every
-    evaluation. One host synchronisation per optimizer step: the loss and gradient norm, when they are logged.
+    evaluation. Sync points per optimizer step: the loss and gradient norm when they are logged; in a
+    data-parallel run also one all-reduce of the step's item counts before its first forward, the gradient
+    all-reduce (DDP) or reduce-scatter (FSDP2) in the last micro-batch's backward, and one all-reduce of the logged
+    loss. Rank 0 shows the progress bar, evaluates (every rank, under FSDP2, whose forward needs them all) and
+    writes checkpoints (every rank its shard, under FSDP2).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Dict[str, Any]], torch.Tensor],
@@ -172,7 +282,8 @@ class Trainer:
                  on_epoch: Optional[Callable[[int, Optional[int]], None]] = None, describe: str = "train",
                  run_config: Optional[dict] = None,
                  count_tokens: Callable[[Mapping[str, Any]], int] = batch_tokens,
-                 step_log: Optional[Callable[[], Dict[str, float]]] = None) -> None:
+                 step_log: Optional[Callable[[], Dict[str, float]]] = None,
+                 count_items: Optional[Callable[[Mapping[str, Any]], Any]] = None) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable loss_fn(model, batch), got {type(loss_fn).__name__}")
         if not isinstance(batches, EpochBatches):
@@ -185,28 +296,47 @@ class Trainer:
         if step_log is not None and not callable(step_log):
             raise TypeError(f"step_log: expected a callable step_log() -> dict, got {type(step_log).__name__}")
         self.step_log = step_log
+        if count_items is not None and not callable(count_items):
+            raise TypeError(f"count_items: expected a callable count_items(batch), got {type(count_items).__name__}")
+        self.count_items = count_items if count_items is not None else batch_samples
         self.run_config = json.loads(json.dumps(run_config if run_config is not None else {"train": asdict(config)}))
         self.device = next(model.parameters()).device
         self.bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
+        from .distributed import current_world, init_distributed, wrap_module
+        self.world = init_distributed(config.dist_timeout_s) if current_world().distributed else current_world()
+        self.parallel = (config.parallel or "ddp") if self.world.distributed else None
         if isinstance(self.run_config.get("train"), dict):  # what was used, not "decide by device"
             self.run_config["train"]["bf16"] = self.bf16
-        self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not self.named_params:
+            self.run_config["train"]["parallel"] = self.parallel
+        if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("model: no parameter requires grad; nothing to train")
+        if config.gradient_checkpointing:  # before FSDP2 shards the blocks it checkpoints
+            from mmlatent.models.compat import enable_activation_checkpointing
+            enable_activation_checkpointing(model, use_reentrant=False)
+        # the loss is the forward of the module that data parallelism wraps: DDP's reducer and FSDP2's root hooks
+        # see every parameter loss_fn uses, whichever of the model's parts it calls
+        self.loss_module = LossForward(model, loss_fn)
+        # under FSDP2, rank 0 keeps a parameterless copy of the model to export the gathered weights into
+        self._replica = meta_copy(model) if self.parallel == "fsdp" and self.world.main else None
+        if self.parallel:
+            self.loss_module = wrap_module(self.loss_module, self.parallel, self.world, self.device, self.bf16)
+        if self.world.distributed:
+            batches.shard(self.world.rank, self.world.size)
+        # after sharding: FSDP2 replaces each parameter by a DTensor of this rank's shard
+        self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.step = 0
         self.history: Dict[str, List] = {"train": [], "eval": []}
         # the epoch of the last batch trained on (None before the first): what on_epoch was last called with
         self._seen_epoch = None
         self.reset_optimizer()
-        if config.gradient_checkpointing:
-            from mmlatent.models.compat import enable_activation_checkpointing
-            enable_activation_checkpointing(model, use_reentrant=False)
 
     def reset_optimizer(self) -> None:
-        """A fresh AdamW (fused) and schedule continuing from the current step (IVT-LR may reset per stage)."""
+        """A fresh AdamW (fused; foreach over FSDP2's DTensor shards) and schedule continuing from the current step
+        (IVT-LR may reset per stage)."""
         params = [p for _, p in self.named_params]
+        fused = self.parallel != "fsdp" and all(p.dtype.is_floating_point for p in params)
         self.optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay,
-                                           fused=all(p.dtype.is_floating_point for p in params))
+                                           fused=fused or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor, last_epoch=-1)
         if self.step:  # keep the schedule where the run is
             self.scheduler.last_epoch = self.step
@@ -225,24 +355,24 @@ class Trainer:
         from tqdm.auto import tqdm
         c = self.config
         last = c.max_steps if until is None else min(until, c.max_steps)
-        if self.step == 0:  # a resumed run restores its RNG states instead
-            torch.manual_seed(c.seed)
+        if self.step == 0:  # a resumed run restores its RNG states instead; ranks draw different noise and dropout
+            torch.manual_seed(c.seed + self.world.rank)
         self.model.train()
-        bar = tqdm(total=c.max_steps, initial=self.step, desc=self.describe, disable=not c.progress, leave=True)
+        bar = tqdm(total=c.max_steps, initial=self.step, desc=self.describe,
+                   disable=not c.progress or not self.world.main, leave=True)
         while self.step < last:
             t0 = time.perf_counter()
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             step_loss, tokens = torch.zeros((), device=self.device), 0
-            for _ in range(c.grad_accum):
-                epoch, batch = next(self.batches)
-                self._enter_epoch(epoch)
+            for index, epoch, batch, weights in self._micro_batches():
                 # counted before the move: on a host batch (what collate returns) this is no device sync
                 tokens += self.count_tokens(batch)
                 batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    loss = self.loss_fn(self.model, batch)
-                (loss / c.grad_accum).backward()
+                with gradient_sync(self.loss_module, self.parallel, sync=index == c.grad_accum - 1):
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                        loss = weighted_loss(self.loss_module(batch), weights)
+                    (loss / c.grad_accum).backward()
                 step_loss += loss.detach().float() / c.grad_accum  # stays on the device until it is logged
             params = [p for _, p in self.named_params]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, c.clip) if c.clip > 0 else None
@@ -250,9 +380,10 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            # sync point, once per optimizer step: the loss and gradient norm are logged (history, progress bar)
-            step_loss = float(step_loss)
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            # sync point, once per optimizer step: the loss and gradient norm are logged (history, progress bar);
+            # in a data-parallel run the loss is the global batch's, one all-reduce
+            step_loss = self._global_mean(float(step_loss), "the step's loss")
+            grad_norm = float(full_tensor(grad_norm)) if grad_norm is not None else float("nan")
             elapsed = time.perf_counter() - t0
             peak = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
                     else _rss_peak_bytes())
@@ -273,6 +404,39 @@ class Trainer:
         bar.close()
         return self.history
 
+    def _micro_batches(self) -> Iterator[Tuple[int, int, Dict[str, Any], Optional[List[float]]]]:
+        """(index, epoch, batch, term weights) for each micro-batch of one optimizer step. One process draws each
+        batch just before its forward and weighs nothing (None); a data-parallel run draws the whole window
+        first and reduces its item counts in one all-reduce (a sync point), so that each rank can weigh its
+        terms by its share of the global batch."""
+        accum = self.config.grad_accum
+        if not self.world.distributed:
+            for index in range(accum):
+                epoch, batch = next(self.batches)
+                self._enter_epoch(epoch)
+                yield index, epoch, batch, None
+            return
+        window = []
+        for _ in range(accum):
+            epoch, batch = next(self.batches)
+            self._enter_epoch(epoch)
+            window.append((epoch, batch, _counts(self.count_items(batch), "count_items")))
+        terms = len(window[0][2])
+        if any(len(counts) != terms for _, _, counts in window):
+            raise ValueError("count_items: returned a different number of counts for batches of one run")
+        flat = all_reduce_sum([n for _, _, counts in window for n in counts], self.world, self.device,
+                              "the all-reduce of the step's item counts", self.config.dist_timeout_s)
+        for index, (epoch, batch, counts) in enumerate(window):
+            totals = flat[index * terms:(index + 1) * terms]
+            yield index, epoch, batch, [self.world.size * n / total if total else 0.0
+                                        for n, total in zip(counts, totals)]
+
+    def _global_mean(self, value: float, what: str) -> float:
+        if not self.world.distributed:
+            return value
+        return all_reduce_sum([value], self.world, self.device, f"the all-reduce of {what}",
+                              self.config.dist_timeout_s)[0] / self.world.size
+
     @property
     def finished(self) -> bool:
         return self.step >= self.config.max_steps
@@ -289,34 +453,126 @@ class Trainer:
                 self.on_epoch(epoch, previous)
 
     def evaluate(self) -> dict:
+        """Runs ``eval_fn`` and appends its metrics to the history. In a DDP run rank 0 evaluates while the others
+        wait, and every rank records rank 0's result; under FSDP2 every rank runs it, through the sharded root's
+        forward (which gathers the parameters), on the same records."""
+        if self.parallel == "ddp":
+            from .distributed import broadcast_objects
+            result = [self._evaluate_here() if self.world.main else None]
+            result = broadcast_objects(result, self.world, "the broadcast of rank 0's evaluation",
+                                       self.config.dist_timeout_s)[0]
+        else:
+            result = self._evaluate_here()
+        self.history["eval"].append(result)
+        return result
+
+    def _evaluate_here(self) -> dict:
         was_training = self.model.training
         self.model.eval()
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):  # evaluating must not move training's RNG
             state = random.getstate(), np.random.get_state()
-            result = dict(step=self.step, **self.eval_fn(self.model))
+            metrics = (self.loss_module(None, run=self.eval_fn) if self.parallel == "fsdp"
+                       else self.eval_fn(self.model))
+            result = dict(step=self.step, **metrics)
             random.setstate(state[0])
             np.random.set_state(state[1])
         self.model.train(was_training)
-        self.history["eval"].append(result)
         return result
+
+    def exported(self) -> Optional[nn.Module]:
+        """The trained model whole, for writing a finished run: ``model`` itself in one process or under DDP; under
+        FSDP2 (a collective: every rank calls it) rank 0 gets a plain copy of ``model`` holding the gathered
+        parameters, on the CPU, and the other ranks None. Only rank 0 writes a run folder."""
+        if self.parallel != "fsdp":
+            return self.model if self.world.main else None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        with self._collective("gathering the FSDP2 shards for the export"):
+            full = get_model_state_dict(self.loss_module,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.world.main:
+            return None
+        replica = self._replica
+        replica.load_state_dict({k[len("model."):]: v for k, v in full.items()}, strict=False, assign=True)
+        for sub in replica.modules():  # assign=True gives tied weights separate tensors; tie them again
+            if hasattr(sub, "tie_weights") and hasattr(sub, "config"):
+                sub.tie_weights()
+        still_meta = [n for n, p in replica.named_parameters() if p.is_meta]
+        if still_meta:
+            raise RuntimeError(f"export: the gathered FSDP2 state lacks {still_meta[:3]} (of {len(still_meta)})")
+        return replica
+
+    def _collective(self, what: str):
+        from .distributed import collective
+        return collective(what, self.world, self.config.dist_timeout_s)
+
+    def _rank_state(self) -> dict:
+        """What differs between ranks and must come back on resume: the RNG states and the data stream's state."""
+        state = dict(torch_cpu=torch.get_rng_state().tolist(), python_rng=_jsonable(random.getstate()),
+                     numpy_rng=_jsonable(np.random.get_state()), data=self.batches.state_dict())
+        if torch.cuda.is_available():
+            state["torch_cuda"] = torch.cuda.get_rng_state(
+                self.device if self.device.type == "cuda" else None).tolist()
+        return state
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def save(self, directory: str) -> str:
         """Writes a verified checkpoint (see :mod:`mmlatent.train.checkpoint`): model.safetensors (trainable
         parameters), optimizer.safetensors, rng.safetensors, trainer.json (step, schedule, data position, epoch
         tracker, RNG states, history, the full run config) and manifest.json, replacing ``directory`` only once
-        the new checkpoint is complete."""
-        opt_tensors, opt_meta = _flatten_optimizer(self.optimizer.state_dict())
+        the new checkpoint is complete.
+
+        In a data-parallel run every rank calls it: trainer.json also keeps each rank's RNG and data states and the
+        world size. Under DDP rank 0 writes the files; under FSDP2 the model and optimizer go, sharded, through
+        ``torch.distributed.checkpoint`` into ``sharded/`` (every rank its shards), inside the same crash-safe
+        folder, under the same manifest."""
+        from .distributed import barrier, gather_objects
+        ranks = gather_objects(self._rank_state(), self.world, "gathering the ranks' RNG states for a checkpoint",
+                               self.config.dist_timeout_s)
         rng = {"torch_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["torch_cuda"] = torch.cuda.get_rng_state(self.device if self.device.type == "cuda" else None)
         state = dict(step=self.step, scheduler=self.scheduler.state_dict(), data=self.batches.state_dict(),
-                     optimizer=opt_meta, python_rng=_jsonable(random.getstate()),
-                     numpy_rng=_jsonable(np.random.get_state()), run_config=self.run_config, history=self.history,
-                     seen_epoch=self._seen_epoch)
-        weights = {n: p.detach().contiguous().cpu() for n, p in self.named_params}
-        return write_trainer_checkpoint(directory, weights, opt_tensors, rng, state)
+                     python_rng=_jsonable(random.getstate()), numpy_rng=_jsonable(np.random.get_state()),
+                     run_config=self.run_config, history=self.history, seen_epoch=self._seen_epoch)
+        if self.world.distributed:
+            state.update(world_size=self.world.size, ranks=ranks)
+        if self.parallel == "fsdp":
+            return self._save_sharded(directory, rng, state)
+        if self.world.main:
+            opt_tensors, state["optimizer"] = _flatten_optimizer(self.optimizer.state_dict())
+            weights = {n: p.detach().contiguous().cpu() for n, p in self.named_params}
+            write_trainer_checkpoint(directory, weights, opt_tensors, rng, state)
+        barrier(self.world, "waiting for rank 0's checkpoint", self.config.dist_timeout_s)
+        return os.path.normpath(directory)
+
+    def _save_sharded(self, directory: str, rng: dict, state: dict) -> str:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        from .checkpoint import write_checkpoint, write_json
+        from .distributed import barrier
+        timeout = self.config.dist_timeout_s
+        with self._collective("collecting the FSDP2 state dict"):
+            model_state, optimizer_state = get_state_dict(self.loss_module, self.optimizer)
+        scratch = os.path.join(os.path.normpath(directory) + ".tmp", SHARDED)
+
+        def write_shards() -> None:  # every rank, once rank 0 has made the scratch folder
+            barrier(self.world, "waiting for rank 0's scratch folder", timeout)
+            with self._collective("writing the FSDP2 shards"):
+                dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=scratch)
+            barrier(self.world, "waiting for every rank's shards", timeout)
+
+        if self.world.main:
+            from safetensors.torch import save_file
+            state["layout"] = SHARDED
+            write_checkpoint(directory, {"rng.safetensors": lambda path: save_file(dict(rng), path),
+                                         "trainer.json": lambda path: write_json(path, state, indent=None)},
+                             fill=lambda folder: write_shards())
+        else:
+            write_shards()
+        barrier(self.world, "waiting for rank 0 to put the checkpoint in place", timeout)
+        return os.path.normpath(directory)
 
     def resume(self, directory: str, allow_config_change: bool = False) -> str:
         """Restores everything :meth:`save` wrote; the run then continues exactly where it stopped.
@@ -324,17 +580,31 @@ class Trainer:
         The checkpoint is verified against its manifest first (after a save killed midway, the surviving complete
         copy is used). A checkpoint written by a run whose config differs in a key that changes the result is
         refused, listing the differing keys, unless ``allow_config_change``: then the current config applies
-        (learning rate, weight decay and schedule included) and the changes are logged. Returns the folder read.
+        (learning rate, weight decay and schedule included) and the changes are logged. A data-parallel
+        checkpoint resumes only at the world size and with the parallelism it was written with (each rank takes
+        back its own RNG and data states; the FSDP2 shards load through ``torch.distributed.checkpoint``).
+        Returns the folder read.
         """
-        path = resolve_checkpoint(directory, required=TRAINER_FILES)
+        path = resolve_checkpoint(directory, required=("rng.safetensors", "trainer.json"))
         state = read_json(path, "trainer.json")
         where = os.path.join(path, "trainer.json")
         if not isinstance(state, dict):
             raise CheckpointError(f"{where}: expected a JSON object, got {type(state).__name__}")
-        for key in ("step", "scheduler", "data", "optimizer", "python_rng", "numpy_rng", "run_config", "history"):
+        sharded = state.get("layout") == SHARDED
+        for key in ("step", "scheduler", "data", "python_rng", "numpy_rng", "run_config", "history") + \
+                (() if sharded else ("optimizer",)):
             if key not in state:
                 raise CheckpointError(f"{where}: no {key!r} entry (written by an older mmlatent, or not by "
                                       f"Trainer.save)")
+        stored_world = state.get("world_size", 1)
+        if stored_world != self.world.size:
+            raise ValueError(f"resume: {path} was written by a run of {stored_world} process(es) and this one has "
+                             f"{self.world.size}; a run resumes exactly only at the world size it was saved at "
+                             f"(each rank's data shard and RNG state are part of the checkpoint)")
+        if sharded != (self.parallel == "fsdp"):
+            raise ValueError(f"resume: {path} holds {'FSDP2 shards' if sharded else 'whole parameters'} and this "
+                             f"run is {'FSDP2' if self.parallel == 'fsdp' else self.parallel or 'one process'}; "
+                             f"resume it with the train.parallel it was written with")
         changes = config_changes(state["run_config"], self.run_config) if isinstance(state["run_config"], dict) \
             else [("run_config", state["run_config"], "a mapping")]
         if changes and not allow_config_change:
@@ -342,14 +612,22 @@ class Trainer:
             raise ValueError(f"resume: {path} was written by a run whose config differs in {listed}. Resuming "
                              f"would silently change the run; pass --allow-config-change (allow_config_change=True) "
                              f"to resume with the new values")
-        weights = load_tensors(path, "model.safetensors")
-        check_shapes({n: tuple(p.shape) for n, p in self.named_params}, weights,
-                     os.path.join(path, "model.safetensors"), "trainable parameter")
-        optimizer_tensors = load_tensors(path, "optimizer.safetensors")
+        if not sharded:
+            path = resolve_checkpoint(path, required=TRAINER_FILES)
+            weights = load_tensors(path, "model.safetensors")
+            check_shapes({n: tuple(p.shape) for n, p in self.named_params}, weights,
+                         os.path.join(path, "model.safetensors"), "trainable parameter")
+            optimizer_tensors = load_tensors(path, "optimizer.safetensors")
         rng = load_tensors(path, "rng.safetensors")
         # everything is parsed and tried on scratch objects first: a refused checkpoint changes nothing
         try:
-            step, data = state["step"], state["data"]
+            mine = state
+            if self.world.distributed:
+                ranks = state.get("ranks")
+                if not isinstance(ranks, list) or len(ranks) != self.world.size:
+                    raise ValueError("ranks: expected one state per rank")
+                mine = ranks[self.world.rank]
+            step, data = state["step"], mine["data"]
             if isinstance(step, bool) or not isinstance(step, int) or step < 0:
                 raise ValueError(f"step: expected an int >= 0, got {step!r}")
             if not isinstance(data, dict) or any(isinstance(data.get(k), bool) or not isinstance(data.get(k), int)
@@ -357,35 +635,43 @@ class Trainer:
                 raise ValueError(f"data: expected {{epoch: int, index: int}}, got {data!r}")
             if not isinstance(state["history"], dict):
                 raise ValueError("history: expected a mapping")
-            python_rng, numpy_rng = _tuples(state["python_rng"]), _tuples(state["numpy_rng"])
+            python_rng, numpy_rng = _tuples(mine["python_rng"]), _tuples(mine["numpy_rng"])
             random.Random().setstate(python_rng)
             np.random.RandomState().set_state(numpy_rng)
-            optimizer_state = _unflatten_optimizer(optimizer_tensors, state["optimizer"], self.device)
+            cpu_state = (torch.tensor(mine["torch_cpu"], dtype=torch.uint8) if self.world.distributed
+                         else rng.get("torch_cpu"))
+            cuda_state = (torch.tensor(mine["torch_cuda"], dtype=torch.uint8) if "torch_cuda" in mine
+                          and self.world.distributed else rng.get("torch_cuda"))
+            optimizer_state = None if sharded else _unflatten_optimizer(optimizer_tensors, state["optimizer"],
+                                                                        self.device)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
             raise CheckpointError(f"{where}: {err!s} (the file does not hold a trainer state this version reads)") \
                 from None
-        cpu_state = rng.get("torch_cpu")
         if cpu_state is None or cpu_state.dtype != torch.uint8 or cpu_state.dim() != 1:
             raise CheckpointError(f"{os.path.join(path, 'rng.safetensors')}: no uint8 torch_cpu generator state")
         before = self.step, self.optimizer, self.scheduler
         self.step = step
         self.reset_optimizer()
         try:
-            self.optimizer.load_state_dict(optimizer_state)
+            if sharded:
+                self._load_sharded(os.path.join(path, SHARDED))
+            else:
+                self.optimizer.load_state_dict(optimizer_state)
             self.scheduler.load_state_dict(state["scheduler"])
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
             self.step, self.optimizer, self.scheduler = before
             raise CheckpointError(f"{os.path.join(path, 'optimizer.safetensors')} / {where}: the optimizer state "
                                   f"does not fit this model's trainable parameters ({err!s})") from None
-        with torch.no_grad():
-            for n, p in self.named_params:
-                p.copy_(weights[n].to(p.device, p.dtype))
+        if not sharded:
+            with torch.no_grad():
+                for n, p in self.named_params:
+                    p.copy_(weights[n].to(p.device, p.dtype))
         self.batches.load_state_dict(data)
         self.history = state["history"]
         self._seen_epoch = state.get("seen_epoch")
         torch.set_rng_state(cpu_state)
-        if "torch_cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["torch_cuda"])
+        if cuda_state is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda_state)
         random.setstate(python_rng)
         np.random.set_state(numpy_rng)
         if changes:
@@ -394,6 +680,16 @@ class Trainer:
                 LOG.warning("resume: %s changed from %s to %s (allowed by allow_config_change)", key, _show(before),
                             _show(after))
         return path
+
+    def _load_sharded(self, folder: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        with self._collective("loading the FSDP2 shards"):
+            model_state, optimizer_state = get_state_dict(self.loss_module, self.optimizer)
+            loaded = {"model": model_state, "optimizer": optimizer_state}
+            dcp.load(loaded, checkpoint_id=folder)
+            set_state_dict(self.loss_module, self.optimizer, model_state_dict=loaded["model"],
+                           optim_state_dict=loaded["optimizer"])
 
     def _apply_config_change(self) -> None:
         """After a resume with another config: the optimizer's hyper-parameters and the schedule are this
