@@ -167,7 +167,22 @@ def _train(args) -> int:
     if args.resume:
         from mmlatent.train.checkpoint import resolve_checkpoint
         resolve_checkpoint(args.resume)  # a missing or corrupt checkpoint is refused before building anything
-    result = method.train(config, device=args.device, resume=args.resume, allow_config_change=args.allow_config_change)
+    from mmlatent.train.distributed import init_distributed, rank_device
+    # under torchrun: join the process group before any model is built, on this rank's device
+    world = init_distributed(float(config.train.get("dist_timeout_s", 600.0)))
+    device = args.device or (rank_device(world) if world.distributed else None)
+    if world.distributed and not out_dir:
+        raise ValueError("train.output_dir: a data-parallel run needs it (rank 0 writes the final model there and "
+                         "evaluates it from there)")
+    result = method.train(config, device=device, resume=args.resume, allow_config_change=args.allow_config_change)
+    if not world.main:  # rank 0 evaluates, prints and writes the report
+        return 0
+    if world.distributed and result.get("completed"):
+        # the run folder, loaded in this one process: what the data-parallel run exported, whatever sharded it
+        from mmlatent.train.modal_mixed import run_method
+        saved = method_module(run_method(result["checkpoint"], verified=True))  # GRPO writes a Modal-mixed run
+        loaded, _, _, _ = saved.load_run(result["checkpoint"], device=device)
+        result = dict(result, **{"wrapper" if "wrapper" in result else "model": loaded})
     metrics = method.evaluate_result(result, config, progress=True)
     print("\n".join(method.summary_lines(metrics, result.get("train_seconds"))), flush=True)
     if out_dir:  # next to the verified files, outside the manifest (it is written after the checkpoint)

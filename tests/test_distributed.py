@@ -1,5 +1,6 @@
 """Data-parallel training on CPUs with gloo: two real processes (torchrun, or started by hand for the kill test)
-run ``distributed_run.py``; their parameters must equal a one-process run over the same global batch."""
+run :mod:`mmlatent.bench.data_parallel`; their parameters must equal a one-process run over the same global
+batch."""
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from mmlatent.train import EpochBatches, TrainConfig
 from mmlatent.train.distributed import DistributedError, current_world, transformer_blocks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RUN = os.path.join(HERE, "distributed_run.py")
+RUN = ["-m", "mmlatent.bench.data_parallel", "run"]
 LIMIT_S = 240  # a run of two processes takes about 10 s; anything near this is a hang
 
 
@@ -29,7 +30,7 @@ def _env():
 def _run(out, *args, nproc=2):
     prefix = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                   f"--nproc_per_node={nproc}"]
-    proc = subprocess.run(prefix + [RUN, str(out), *args], env=_env(), capture_output=True, text=True,
+    proc = subprocess.run(prefix + [*RUN, str(out), *args], env=_env(), capture_output=True, text=True,
                           timeout=LIMIT_S)
     if proc.returncode:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -72,6 +73,11 @@ def test_unweighted_rank_means_differ(runs):
     batch's mean, and the comparison above is sharp enough to see it."""
     _run(runs / "unweighted.st", "--parallel", "ddp", "--unweighted")
     assert _relative(runs / "unweighted.st", runs / "single.st") > 1e-3
+
+
+def test_fsdp_with_activation_checkpointing_equals_one_process(runs):
+    _run(runs / "fsdp-checkpointing.st", "--parallel", "fsdp", "--checkpointing")
+    assert _relative(runs / "fsdp-checkpointing.st", runs / "single.st") <= 1e-6
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
@@ -119,7 +125,7 @@ def test_a_dead_rank_stops_the_others_with_a_clear_error(tmp_path):
     for rank in range(2):
         env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                    LOCAL_RANK=str(rank))
-        procs.append(subprocess.Popen([sys.executable, RUN, str(tmp_path / "out.st"), "--parallel", "ddp",
+        procs.append(subprocess.Popen([sys.executable, *RUN, str(tmp_path / "out.st"), "--parallel", "ddp",
                                        "--steps", "8", "--die-at-step", "2", "--timeout", "60"], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     t0 = time.monotonic()
@@ -203,3 +209,54 @@ def test_transformer_blocks_are_the_decoder_layers():
     assert transformer_blocks(model) == list(model.model.layers)
     assert issubclass(DistributedError, RuntimeError)
     assert torch.distributed.is_available()
+
+
+# ------------------------------------------------------------------------------------------ every method, CLI
+
+_QWEN = {"tiny_qwen2_vl": {"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 64}}
+_T5 = {"tiny": {"t5": {"d_model": 32, "layers": 1, "heads": 2, "d_ff": 64}, "vae": {"block_out_channels": [32, 32]},
+                "unet": {"block_out_channels": [32, 32]}}}
+
+
+def _method_config(method, parallel, out, init_from=None):
+    train = dict(lr=0.003, seed=0, progress=False, parallel=parallel, output_dir=str(out), max_steps=2,
+                 dist_timeout_s=120)
+    if method == "ivtlr":
+        return dict(name="iv", model=_QWEN, data={"synthetic": {"n_train": 16, "n_eval": 2, "seed": 0}},
+                    batch_size=4, k=2, max_new_tokens=4, mode="no_cot", epochs=1, train=train)
+    if method == "modal_mixed":
+        return dict(name="mm", method=method, model=_QWEN, batch_size=4, head={"width": 16, "depth": 1},
+                    data={"synthetic": {"n_train": 16, "n_eval": 2, "seed": 0, "kinds": ["swap"]}},
+                    sampler={"steps": 2}, max_new_tokens=4, eval_samples=2, train=train)
+    if method == "dpmm":
+        return dict(name="dp", method=method, model=_T5, data={"synthetic": {"n_train": 16, "n_eval": 2, "seed": 0}},
+                    batch_size=4, max_new_tokens=8, eval_samples=2, stage="rationale", train=train)
+    return dict(name="gr", method=method, init_from=str(init_from), group_size=4, prompts_per_step=2,
+                micro_batch_size=4, eval_samples=2, max_new_tokens=8, train=train)
+
+
+def _train_under_torchrun(tmp_path, method, parallel, init_from=None):
+    import yaml
+    out = tmp_path / f"{method}-{parallel}"
+    path = tmp_path / f"{method}-{parallel}.yaml"
+    path.write_text(yaml.safe_dump(_method_config(method, parallel, out, init_from)))
+    env = dict(_env(), MMLATENT_BACKEND="torch")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "mmlatent.cli", "train", "--config", str(path)], env=env, capture_output=True,
+                          text=True, timeout=LIMIT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (out / "final" / "manifest.json").is_file() and (out / "final" / "eval.json").is_file()
+    return out / "final", proc.stdout
+
+
+def test_every_method_trains_under_torchrun(tmp_path):
+    """IVT-LR with DDP; Modal-mixed SFT and DPMM-CoT with FSDP2; GRPO (DDP) from the Modal-mixed run: each writes a
+    final folder that rank 0 then loads in one process and evaluates."""
+    _, printed = _train_under_torchrun(tmp_path, "ivtlr", "ddp")
+    assert "iv: accuracy" in printed and printed.count("iv: accuracy") == 1  # rank 0 alone reports
+    sft, printed = _train_under_torchrun(tmp_path, "modal_mixed", "fsdp")
+    assert "mm: accuracy" in printed
+    _, printed = _train_under_torchrun(tmp_path, "dpmm", "fsdp")
+    assert "ROUGE-L" in printed
+    grpo, printed = _train_under_torchrun(tmp_path, "grpo", "ddp", init_from=sft)
+    assert "gr: accuracy" in printed and (grpo.parent / "reward.png").is_file()

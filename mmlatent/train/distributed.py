@@ -20,7 +20,7 @@ from torch import nn
 
 PARALLEL = ("ddp", "fsdp")
 # transformers' names for the lists of repeated blocks FSDP2 shards one by one
-_BLOCK_LISTS = ("layers", "layer", "block", "blocks", "h", "down_blocks", "up_blocks", "resnets", "attentions")
+_BLOCK_LISTS = ("layers", "layer", "block", "blocks", "h")
 
 
 class DistributedError(RuntimeError):
@@ -143,15 +143,19 @@ def gather_objects(value: object, world: World, what: str, timeout_s: float) -> 
 
 def transformer_blocks(module: nn.Module) -> List[nn.Module]:
     """The repeated blocks FSDP2 shards one by one: the modules of the classes a transformers model names in
-    ``_no_split_modules``, else the entries of its block lists (``layers``, ``block``, ``h``, ...)."""
+    ``_no_split_modules``, else the entries of its block lists (``layers``, ``block``, ``h``).
+
+    Only transformers models' blocks: a diffusers UNet or VAE runs only for the samples that have an image, and
+    FSDP2 needs every rank to gather the same blocks in the same order, so their parameters stay with the root,
+    gathered whole at the start of every forward."""
+    from transformers import PreTrainedModel
     names = set()
     for sub in module.modules():
-        names.update(getattr(sub, "_no_split_modules", None) or ())
-    if names:
-        blocks = [m for m in module.modules() if type(m).__name__ in names]
-        if blocks:
-            return blocks
-    blocks = []
+        if isinstance(sub, PreTrainedModel):
+            names.update(getattr(sub, "_no_split_modules", None) or ())
+    blocks = [m for m in module.modules() if type(m).__name__ in names] if names else []
+    if blocks:
+        return blocks
     for name, sub in module.named_modules():
         if isinstance(sub, nn.ModuleList) and name.rsplit(".", 1)[-1] in _BLOCK_LISTS:
             blocks.extend(child for child in sub if any(p.requires_grad for p in child.parameters()))
@@ -172,8 +176,11 @@ def wrap_module(module: nn.Module, parallel: str, world: World, device: torch.de
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
               else MixedPrecisionPolicy())
-    for block in transformer_blocks(module):
+    blocks = transformer_blocks(module)
+    for block in reversed(blocks):  # nested blocks are sharded children first
         fully_shard(block, mp_policy=policy)
+    if hasattr(module, "use_all"):
+        module.use_all(blocks)
     fully_shard(module, mp_policy=policy)
     return module
 

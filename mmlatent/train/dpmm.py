@@ -28,8 +28,9 @@ from mmlatent.data import scienceqa as sqa
 from mmlatent.data import synthetic
 
 from .checkpoint import CheckpointError, load_tensors, read_json, read_settings_file, write_json, write_run_checkpoint
-from .loop import EpochBatches, TrainConfig, Trainer, check_int
-from .methods import check_data_keys, check_train_options, fit_run, from_mapping, open_run, read_yaml
+from .loop import EpochBatches, TrainConfig, Trainer, check_int, label_tokens
+from .methods import (check_data_keys, check_train_options, finish_run, fit_run, from_mapping, open_run,
+                      read_yaml)
 
 METHOD = "dpmm"
 BOTH = "both"  # a config's stage: the rationale run, then the answer run on its generated rationales
@@ -407,8 +408,14 @@ def train(config: DPMMConfig, device: Optional[Union[str, torch.device]] = None,
     ``resume`` continues. Returns the summary, the history, and the model, tokenizer and eval records."""
     import tempfile
 
+    from .distributed import barrier, init_distributed
     from .ivtlr import seed_everything
+    world = init_distributed(float(config.train.get("dist_timeout_s", 600.0)))
     if config.stage == BOTH:
+        if world.distributed:
+            raise ValueError("stage: both generates stage 1's rationales between its two runs in one process; "
+                             "under torchrun run the rationale and answer stages as two runs (the second with "
+                             "rationales: the first's file)")
         return _train_both(config, device, progress, resume, until)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if config.rationales is not None:  # read before training, so that a wrong path costs no run
@@ -421,8 +428,16 @@ def train(config: DPMMConfig, device: Optional[Union[str, torch.device]] = None,
     if config.cache_latents and config.variant != "text_only":
         folder = train_options.output_dir or tempfile.mkdtemp(prefix="mmlatent-dpmm-")
         os.makedirs(folder, exist_ok=True)
-        latents = encode_latents(model, config, train_records + eval_records,
-                                 os.path.join(folder, "vae-latents.safetensors"), progress=progress)
+        path = os.path.join(folder, "vae-latents.safetensors")
+        if world.distributed and not train_options.output_dir:
+            raise ValueError("train.output_dir: a data-parallel run with cache_latents needs it, where rank 0 "
+                             "writes the latents every rank reads")
+        if world.main:
+            latents = encode_latents(model, config, train_records + eval_records, path, progress=progress)
+        barrier(world, "waiting for rank 0's VAE latents", train_options.dist_timeout_s)
+        if not world.main:
+            from mmlatent.models import load_latents
+            latents = load_latents(path, scale=config.latent_scale)
     batches = EpochBatches(train_records, config.batch_size,
                            lambda records, epoch: collate(config, tokenizer, records, latents=latents),
                            seed=train_options.seed)
@@ -435,7 +450,12 @@ def train(config: DPMMConfig, device: Optional[Union[str, torch.device]] = None,
     def loss_fn(m, batch):
         out = run_loss(model, batch)
         parts.append(torch.stack([out.text_loss.detach(), out.diffusion_loss.detach()]))  # read after training
-        return out.loss
+        # over label tokens, over the samples with an image (the controls have no diffusion term)
+        return out.text_loss, getattr(model, "diffusion_weight", 0.0) * out.diffusion_loss
+
+    def count_items(batch):
+        images = int(batch["has_image"].sum()) if torch.is_tensor(batch.get("has_image")) else 0
+        return label_tokens(batch["labels"], shift=False), images
 
     def eval_fn(_model):
         metrics = evaluate(model, tokenizer, None, config, eval_records[:config.eval_samples], latents=latents)
@@ -443,19 +463,17 @@ def train(config: DPMMConfig, device: Optional[Union[str, torch.device]] = None,
 
     run_config = dict(asdict(config), train=asdict(train_config))
     trainer = Trainer(model, loss_fn, batches, train_config, describe=config.name, eval_fn=eval_fn,
-                      run_config=run_config)
+                      run_config=run_config, count_items=count_items)
     summary = fit_run(trainer, parts, resume=resume, allow_config_change=allow_config_change, until=until)
     split = summary.pop("loss_parts").reshape(-1, 2)
     result = dict(summary, name=config.name, method=METHOD, variant=config.variant, stage=config.stage,
                   task=config.task, device=str(device), text_loss=[float(v) for v in split[:, 0]],
                   diffusion_loss=[float(v) for v in split[:, 1]],
                   trainable_parameters=sum(p.numel() for _, p in trainer.named_params))
-    if train_config.output_dir:
-        if trainer.finished:
-            result["checkpoint"] = save_run(os.path.join(train_config.output_dir, "final"), model, tokenizer,
-                                            config, result)
-        else:
-            result["checkpoint"] = trainer.save(os.path.join(train_config.output_dir, f"checkpoint-{trainer.step}"))
+    checkpoint = finish_run(trainer, train_config.output_dir, lambda trained: save_run(
+        os.path.join(train_config.output_dir, "final"), trained, tokenizer, config, result))
+    if checkpoint:
+        result["checkpoint"] = checkpoint
     return dict(result, model=model, tokenizer=tokenizer, eval_records=eval_records, latents=latents)
 
 

@@ -699,6 +699,16 @@ class Rollouts(EpochBatches):
         self.rollout_epoch = 0
         self.last: Dict[str, float] = {}
         self.losses: List[GRPOLossOutput] = []
+        from .distributed import World
+        self.world = World()
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """A data-parallel rank's stream: its share of each step's prompts (every group of G completions stays
+        on the rank that rolls it out) and a sampling generator of its own."""
+        from .distributed import World
+        EpochBatches.shard(self, rank, world_size)
+        self.world = World(rank, world_size, rank)
+        self.generator.manual_seed(self.config.train.get("seed", 0) + 1 + rank * 2 ** 32)
 
     def __next__(self) -> Tuple[int, Dict[str, Any]]:
         if not self.pending:
@@ -766,12 +776,19 @@ class Rollouts(EpochBatches):
         # normaliser (the accumulated batch's active tokens) need no sync in the training step
         for b in batches:
             b["tokens"] = int(b["completion_mask"].sum())
-        items = sum(b["tokens"] for b in batches)
+        rewards = torch.cat(rewards_all)
+        items, reward_sum, completions = sum(b["tokens"] for b in batches), float(rewards.sum()), len(rewards)
+        if self.world.distributed:  # dapo's normaliser spans every rank's completions (a sync point per rollout)
+            from .distributed import all_reduce_sum
+            items, reward_sum, completions = all_reduce_sum(
+                [items, reward_sum, completions], self.world, self.device, "the all-reduce of a rollout's "
+                "completion tokens", float(self.config.train.get("dist_timeout_s", 600.0)))
+            items = int(items)
         for b in batches:
             b["num_items_in_batch"] = items
-        rewards = torch.cat(rewards_all)
         grouped = rewards.view(-1, G)
-        self.last = dict(reward=float(rewards.mean()), reward_std=float(rewards.std()),
+        # the reward mean is every rank's; the other rollout statistics are this rank's
+        self.last = dict(reward=reward_sum / completions, reward_std=float(rewards.std()),
                          zero_std_groups=float((grouped.std(dim=1) == 0).float().mean()),
                          completion_length=sum(lengths) / len(lengths), sketches=sum(sketches) / len(sketches),
                          rollout_seconds=time.perf_counter() - t0)
@@ -859,7 +876,17 @@ def train(config: GRPOConfig, device: Optional[Union[str, torch.device]] = None,
         reference = copy.deepcopy(model if config.policy == "modal_mixed" else model.vlm)
         reference.requires_grad_(False).eval()
     rollouts = Rollouts(config, sft, model, tokenizer, image_processor, records, reference)
-    options = dict(config.train, grad_accum=config.completions_per_step // config.micro_batch_size)
+    from .distributed import current_world
+    world = current_world()
+    if config.completions_per_step % (config.micro_batch_size * world.size):
+        raise ValueError(f"micro_batch_size: {config.completions_per_step} completions a step cannot be shared by "
+                         f"{world.size} ranks in micro-batches of {config.micro_batch_size} (each rank rolls out "
+                         f"whole groups in whole micro-batches)")
+    if world.distributed and config.train.get("parallel") == "fsdp":
+        raise ValueError("train.parallel: fsdp cannot drive GRPO's rollouts, which generate outside the training "
+                         "forward where FSDP2 gathers the parameters; use ddp")
+    # the global batch is the one-process run's: each rank accumulates its share of the micro-batches
+    options = dict(config.train, grad_accum=config.completions_per_step // (config.micro_batch_size * world.size))
     options.setdefault("max_steps", 100)
     train_config = TrainConfig(**options)
     train_config.progress = progress and train_config.progress
@@ -874,8 +901,8 @@ def train(config: GRPOConfig, device: Optional[Union[str, torch.device]] = None,
                         max_completion_length=max_length, num_items_in_batch=micro["num_items_in_batch"])
         rollouts.losses.append(out)
         # the Trainer divides each micro-batch's loss by grad_accum, as TRL does for grpo / bnpo / dr_grpo; dapo's
-        # num_items_in_batch already spans the accumulated batch
-        return out.loss * train_config.grad_accum if config.loss_type == "dapo" else out.loss
+        # num_items_in_batch already spans the accumulated batch of every rank, whose gradients DDP averages
+        return out.loss * train_config.grad_accum * world.size if config.loss_type == "dapo" else out.loss
 
     def step_log():
         losses, rollouts.losses = rollouts.losses, []
@@ -890,6 +917,7 @@ def train(config: GRPOConfig, device: Optional[Union[str, torch.device]] = None,
         return {k: metrics[k] for k in ("accuracy", "accuracy_stderr", "n")}
 
     run_config = dict(asdict(config), train=asdict(train_config))
+    # every rank's micro-batches hold as many completions: weighing them by samples keeps each rank's loss as it is
     trainer = Trainer(model, loss_fn, rollouts, train_config, describe=config.name, eval_fn=eval_fn,
                       run_config=run_config, count_tokens=lambda b: b["tokens"],
                       step_log=step_log)
@@ -907,15 +935,14 @@ def train(config: GRPOConfig, device: Optional[Union[str, torch.device]] = None,
                   completed=trainer.finished, steps=trainer.step, history=history, grpo=asdict(config),
                   step_log=[{k: r[k] for k in STEP_LOG_KEYS if k in r} for r in steps])
     if train_config.output_dir:
+        from .methods import finish_run
         os.makedirs(train_config.output_dir, exist_ok=True)
-        if trainer.finished:
-            # a Modal-mixed folder of the SFT run's config under this run's name (the name changes no weight)
-            result["checkpoint"] = mm.save_run(os.path.join(train_config.output_dir, "final"), model, tokenizer,
-                                               replace(sft, name=config.name), result,
-                                               image_processor=image_processor)
+        # a Modal-mixed folder of the SFT run's config under this run's name (the name changes no weight)
+        result["checkpoint"] = finish_run(trainer, train_config.output_dir, lambda trained: mm.save_run(
+            os.path.join(train_config.output_dir, "final"), trained, tokenizer, replace(sft, name=config.name),
+            result, image_processor=image_processor))
+        if trainer.finished and trainer.world.main:
             plot_rewards(history, os.path.join(train_config.output_dir, "reward.png"), config.name)
-        else:
-            result["checkpoint"] = trainer.save(os.path.join(train_config.output_dir, f"checkpoint-{trainer.step}"))
     return dict(result, model=model, tokenizer=tokenizer, image_processor=image_processor, eval_records=eval_records,
                 sft_config=sft)
 

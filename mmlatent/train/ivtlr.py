@@ -30,7 +30,7 @@ from .checkpoint import RUN_FILES, CheckpointError, check_shapes, load_tensors, 
 # model.safetensors of model.state_dict() and tokenizer.json, still read)
 RUN_FORMAT = 2
 from .curriculum import Curriculum
-from .loop import EpochBatches, TrainConfig, Trainer, check_int
+from .loop import EpochBatches, TrainConfig, Trainer, check_int, label_tokens
 from .methods import (check_data_keys, check_kind_weights, check_model_spec, check_train_options, from_mapping,
                       open_run, prepare_trainable, read_yaml)
 
@@ -307,17 +307,21 @@ def train(config: RunConfig, device: Optional[Union[str, torch.device]] = None, 
 
     train_config.progress = progress and train_config.progress
     trainer = Trainer(model, loss_fn, batches, train_config, on_epoch=on_epoch, describe=config.name,
-                      eval_fn=eval_fn, run_config=dict(asdict(config), train=asdict(train_config)))
-    from .methods import fit_run
+                      eval_fn=eval_fn, run_config=dict(asdict(config), train=asdict(train_config)),
+                      count_items=lambda batch: label_tokens(batch["labels"]))
+    from .methods import finish_run, fit_run
     summary = fit_run(trainer, [], resume=resume, allow_config_change=allow_config_change, until=until)
     summary.pop("loss_parts")
     result = dict(summary, name=config.name, mode=config.mode, stage=final_stage(config), device=str(device))
-    if train_config.output_dir:
-        if trainer.finished:
-            result["checkpoint"] = save_run(os.path.join(train_config.output_dir, "final"), wrapper, tokenizer,
-                                            config, result, image_processor=image_processor)
-        else:  # an interrupted run must not look finished: it leaves a checkpoint to resume from
-            result["checkpoint"] = trainer.save(os.path.join(train_config.output_dir, f"checkpoint-{trainer.step}"))
+
+    def save_final(trained):  # FSDP2's export is a plain copy of the model: wrap it as the run's wrapper was
+        saved = wrapper if trained is model else IVTLR(trained, tokenizer.latent_id, k=config.k)
+        return save_run(os.path.join(train_config.output_dir, "final"), saved, tokenizer, config, result,
+                        image_processor=image_processor)
+
+    checkpoint = finish_run(trainer, train_config.output_dir, save_final)
+    if checkpoint:
+        result["checkpoint"] = checkpoint
     return dict(result, model=model, wrapper=wrapper, tokenizer=tokenizer, eval_records=eval_records,
                 image_processor=image_processor)
 

@@ -229,11 +229,30 @@ class LossForward(nn.Module):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
+        # (module, parameter name) of the parameters every rank's backward must give a gradient (see use_all)
+        self.used_by_every_step: List[Tuple[nn.Module, str]] = []
+
+    def use_all(self, modules: Sequence[nn.Module]) -> None:
+        """Makes every trainable parameter outside ``modules`` (FSDP2's sharded blocks) part of each loss, times
+        zero. FSDP2 reduce-scatters the root's gradients as one buffer of the parameters that have one, so a
+        rank whose batch skips a part (DPMM-CoT's UNet on a batch without images) would send a buffer of
+        another size than the others and the collective would fail; with the zero term every rank sends all."""
+        inside = {id(p) for m in modules for p in m.parameters()}
+        self.used_by_every_step = [(sub, name) for sub in self.model.modules()
+                                   for name, p in sub.named_parameters(recurse=False)
+                                   if p.requires_grad and id(p) not in inside]
 
     def forward(self, batch: Optional[Dict[str, Any]], run: Optional[Callable[[nn.Module], Any]] = None) -> Any:
         """The loss of ``batch``; or, with ``run``, ``run(model)``: evaluation under FSDP2 goes through the root's
         forward too, which gathers the parameters outside the sharded blocks."""
-        return self.loss_fn(self.model, batch) if run is None else run(self.model)
+        if run is not None:
+            return run(self.model)
+        out = self.loss_fn(self.model, batch)
+        if self.used_by_every_step and torch.is_grad_enabled():
+            # looked up now: inside the root's forward these are FSDP2's gathered parameters
+            zero = sum(getattr(sub, name).sum() for sub, name in self.used_by_every_step) * 0.0
+            out = (out[0] + zero, *out[1:]) if isinstance(out, (tuple, list)) else out + zero
+        return out
 
 
 class Trainer:
@@ -775,4 +794,5 @@ def _tuples(value: object) -> Any:
 
 
 __all__ = ["TrainConfig", "Trainer", "EpochBatches", "batch_tokens", "warmup_cosine", "config_changes",
-           "RESULT_NEUTRAL_KEYS"]
+           "RESULT_NEUTRAL_KEYS", "label_tokens", "batch_samples", "weighted_loss", "LossForward", "meta_copy",
+           "SHARDED"]

@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import fields
 from types import ModuleType
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Type, TypeVar
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Type, TypeVar
 
 Config = TypeVar("Config")
 
@@ -184,6 +184,25 @@ def fit_run(trainer: Any, parts: list, *, resume: Optional[str], allow_config_ch
                 completed=trainer.finished, steps=trainer.step, history=history, loss_parts=split)
 
 
+def finish_run(trainer: Any, output_dir: Optional[str], save_final: Callable[[Any], str]) -> Optional[str]:
+    """Where a run ends: a finished one's ``<output_dir>/final`` (``save_final(model)`` writes it from the
+    trained model whole, :meth:`~mmlatent.train.Trainer.exported`), an interrupted one's ``checkpoint-<step>``
+    to resume from; None without ``output_dir``. In a data-parallel run every rank calls it (gathering FSDP2's
+    shards and sharded checkpoints are collectives), rank 0 writes the run folder, and every rank returns the
+    folder's path once it is in place."""
+    from .distributed import barrier
+    if not output_dir:
+        return None
+    if not trainer.finished:  # an interrupted run must not look finished: it leaves a checkpoint to resume from
+        return trainer.save(os.path.join(output_dir, f"checkpoint-{trainer.step}"))
+    directory = os.path.normpath(os.path.join(output_dir, "final"))
+    model = trainer.exported()
+    if model is not None:
+        save_final(model)
+    barrier(trainer.world, "waiting for rank 0's final run folder", trainer.config.dist_timeout_s)
+    return directory
+
+
 DEFAULT_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -236,4 +255,4 @@ def load_config(path: str) -> Any:
 
 
 __all__ = ["read_yaml", "from_mapping", "load_config", "method_module", "check_train_options", "check_model_spec",
-           "check_data_keys", "check_kind_weights", "prepare_trainable", "open_run", "fit_run"]
+           "check_data_keys", "check_kind_weights", "prepare_trainable", "open_run", "fit_run", "finish_run"]

@@ -30,8 +30,8 @@ from mmlatent.models import tiny as tiny_models
 
 from .checkpoint import (CheckpointError, check_shapes, load_tensors, read_json, read_manifest, read_settings_file,
                          resolve_checkpoint, write_json, write_run_checkpoint)
-from .loop import EpochBatches, TrainConfig, Trainer, check_int
-from .methods import (check_data_keys, check_kind_weights, check_model_spec, check_train_options, fit_run,
+from .loop import EpochBatches, TrainConfig, Trainer, check_int, label_tokens
+from .methods import (check_data_keys, check_kind_weights, check_model_spec, check_train_options, finish_run, fit_run,
                       from_mapping, open_run, prepare_trainable, read_yaml)
 
 METHOD = "modal_mixed"
@@ -377,7 +377,10 @@ def train(config: ModalMixedConfig, device: Optional[Union[str, torch.device]] =
     def loss_fn(m, batch):
         out = joint_loss(model, batch, config.latent_scale)
         parts.append(torch.stack([out.text_loss.detach(), out.latent_loss.detach()]))  # read after training
-        return out.loss
+        return out.text_loss, model.diffusion_weight * out.latent_loss  # over label tokens, over latents
+
+    def count_items(batch):
+        return label_tokens(batch["labels"]), int((batch["input_ids"] == model.latent_token_id).sum())
 
     def eval_fn(_model):
         metrics = evaluate(model, tokenizer, image_processor, config, eval_records[:config.eval_samples],
@@ -391,19 +394,18 @@ def train(config: ModalMixedConfig, device: Optional[Union[str, torch.device]] =
         enable_activation_checkpointing(model.vlm, use_reentrant=False)
         train_config = replace(train_config, gradient_checkpointing=False)
     trainer = Trainer(model, loss_fn, batches, train_config, describe=config.name, eval_fn=eval_fn,
-                      run_config=run_config)
+                      run_config=run_config, count_items=count_items)
     summary = fit_run(trainer, parts, resume=resume, allow_config_change=allow_config_change, until=until)
     split = summary.pop("loss_parts").reshape(-1, 2)
     result = dict(summary, name=config.name, method=METHOD, mode=config.mode, device=str(device),
                   text_loss=[float(v) for v in split[:, 0]], latent_loss=[float(v) for v in split[:, 1]],
                   trainable_parameters=sum(p.numel() for _, p in trainer.named_params),
                   head_parameters=sum(p.numel() for p in model.head.parameters()))
-    if train_config.output_dir:
-        if trainer.finished:
-            result["checkpoint"] = save_run(os.path.join(train_config.output_dir, "final"), model, tokenizer,
-                                            config, result, image_processor=image_processor)
-        else:
-            result["checkpoint"] = trainer.save(os.path.join(train_config.output_dir, f"checkpoint-{trainer.step}"))
+    checkpoint = finish_run(trainer, train_config.output_dir, lambda trained: save_run(
+        os.path.join(train_config.output_dir, "final"), trained, tokenizer, config, result,
+        image_processor=image_processor))
+    if checkpoint:
+        result["checkpoint"] = checkpoint
     return dict(result, model=model, tokenizer=tokenizer, eval_records=eval_records, image_processor=image_processor)
 
 
