@@ -39,6 +39,9 @@ gpu-check:
 	$(PYTHON) -m mmlatent.bench --sizes gpu
 	$(PYTHON) -m mmlatent.cli train --config configs/ivtlr-qwen2vl-7b-shapes-gpu.yaml \
 		--report benches/results/$$($(PYTHON) -c "import torch, mmlatent.bench as b; print(b.device_label(torch.device('cuda')))")/train-ivtlr-7b-shapes.json
+	gpus=$$($(PYTHON) -c "import torch; print(torch.cuda.device_count())"); if [ $$gpus -gt 1 ]; then \
+		$(PYTHON) -m mmlatent.bench.data_parallel bench --sizes gpu --nproc $$gpus --out benches/results/$$($(PYTHON) \
+		-c "import torch, mmlatent.bench as b; print(b.device_label(torch.device('cuda')))")/data-parallel; fi
 
 clean:
 	rm -rf build *.egg-info mmlatent/*.so
