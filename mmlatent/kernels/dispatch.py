@@ -102,6 +102,17 @@ def triton_float_reasons(device: torch.device, dtype: torch.dtype) -> Reasons:
     return reasons
 
 
+def triton_row_reasons(max_width: int) -> Callable[[torch.device, torch.dtype, int], Reasons]:
+    """The reasons of a row kernel that holds a whole row of ``width`` values in one tile: ``triton_float_reasons``,
+    and rows wider than ``max_width`` refused."""
+    def reasons(device: torch.device, dtype: torch.dtype, width: int) -> Reasons:
+        out = triton_float_reasons(device, dtype)
+        if width > max_width:
+            out.append(f"rows of {width} values exceed the kernel's one-tile limit of {max_width}")
+        return out
+    return reasons
+
+
 def torch_reasons(**_inputs) -> Reasons:
     """The torch backend runs any inputs on any device."""
     return []
@@ -162,6 +173,6 @@ def triton_or_torch(name: str, triton_check: Callable[..., Reasons]) -> OpDispat
     return OpDispatch(name, {"triton": triton_check, "torch": torch_reasons})
 
 
-__all__ = ["triton_or_torch", "BACKENDS", "BACKEND_ALIASES", "ENV_VAR", "BackendUnavailableError",
+__all__ = ["triton_or_torch", "triton_row_reasons", "BACKENDS", "BACKEND_ALIASES", "ENV_VAR", "BackendUnavailableError",
            "requested_backend", "OpDispatch",
            "native_module", "native_reasons", "triton_reasons", "triton_float_reasons", "torch_reasons"]

@@ -13,7 +13,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import checks
-from ..dispatch import Reasons, triton_float_reasons, triton_or_torch, triton_reasons
+from ..dispatch import Reasons, triton_float_reasons, triton_or_torch, triton_reasons, triton_row_reasons
 from ..limits import MODULATION_MAX_WIDTH
 from . import torch_impl
 from .schedule import SamplerSchedule
@@ -32,15 +32,8 @@ def _triton_step_reasons(x, model_out, noise, **_) -> Reasons:
     return reasons
 
 
-def _triton_modulate_reasons(device, dtype, width) -> Reasons:
-    reasons = triton_float_reasons(device, dtype)
-    if width > MODULATION_MAX_WIDTH:
-        reasons.append(f"rows of {width} values exceed the kernel's one-tile limit of {MODULATION_MAX_WIDTH}")
-    return reasons
-
-
 DENOISE_STEP = triton_or_torch("denoise_step_", _triton_step_reasons)
-LAYER_NORM_MODULATE = triton_or_torch("layer_norm_modulate", _triton_modulate_reasons)
+LAYER_NORM_MODULATE = triton_or_torch("layer_norm_modulate", triton_row_reasons(MODULATION_MAX_WIDTH))
 DIFFUSION_MSE = triton_or_torch("diffusion_mse", triton_float_reasons)
 
 

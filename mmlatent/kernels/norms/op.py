@@ -15,19 +15,12 @@ from typing import Tuple
 import torch
 
 from .. import checks
-from ..dispatch import Reasons, triton_float_reasons, triton_or_torch
+from ..dispatch import triton_or_torch, triton_row_reasons
 from ..limits import NORM_MAX_WIDTH
 from . import torch_impl
 
 
-def _triton_reasons(device, dtype, width) -> Reasons:
-    reasons = triton_float_reasons(device, dtype)
-    if width > NORM_MAX_WIDTH:
-        reasons.append(f"rows of {width} values exceed the kernel's one-tile limit of {NORM_MAX_WIDTH}")
-    return reasons
-
-
-RMS_NORM = triton_or_torch("rms_norm", _triton_reasons)
+RMS_NORM = triton_or_torch("rms_norm", triton_row_reasons(NORM_MAX_WIDTH))
 
 
 def _kernels(x: torch.Tensor):
