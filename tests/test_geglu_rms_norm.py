@@ -88,18 +88,6 @@ def test_geglu_passes_opcheck():
     torch.library.opcheck(torch.ops.mmlatent.geglu_backward.default, (grad, gate.detach(), up.detach(), "none"))
 
 
-def test_geglu_torch_compile_fullgraph_matches_eager(use_backend):
-    use_backend("triton")
-    gate, up, grad = geglu_inputs((9, 48), torch.float32, seed=5)
-
-    def block(gate, up):
-        return torch.tanh(geglu(gate, up)) * 2
-
-    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
-    for a, b in zip(run(block, gate, up, grad=grad), run(compiled, gate, up, grad=grad)):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-
-
 def test_geglu_empty_and_bad_input(use_backend):
     use_backend("triton")
     gate, up, grad = geglu_inputs((0, 16), torch.float32)
@@ -189,18 +177,6 @@ def test_rms_norm_passes_opcheck():
     torch.library.opcheck(torch.ops.mmlatent.rms_norm_backward.default, (grad, x.detach(), weight.detach(), rstd))
 
 
-def test_rms_norm_torch_compile_fullgraph_matches_eager(use_backend):
-    use_backend("triton")
-    x, weight, grad = norm_inputs((9, 48), torch.float32, seed=5)
-
-    def block(x, weight):
-        return torch.tanh(rms_norm(x, weight)) * 2
-
-    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
-    for a, b in zip(run(block, x, weight, grad=grad), run(compiled, x, weight, grad=grad)):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-
-
 def test_rms_norm_empty_and_bad_input(use_backend):
     use_backend("triton")
     x, weight, grad = norm_inputs((0, 16), torch.float32)
@@ -217,3 +193,18 @@ def test_rms_norm_empty_and_bad_input(use_backend):
         rms_norm(x[:, :0], weight[:0])
     with pytest.raises(BackendUnavailableError, match="float64"):
         rms_norm(x.double(), weight.double())
+
+
+# ------------------------------------------------------------------------------------------------ both
+
+@pytest.mark.parametrize("op, inputs", [(geglu, geglu_inputs), (rms_norm, norm_inputs)], ids=["geglu", "rms_norm"])
+def test_torch_compile_fullgraph_matches_eager(op, inputs, use_backend):
+    use_backend("triton")
+    first, second, grad = inputs((9, 48), torch.float32, seed=5)
+
+    def block(a, b):
+        return torch.tanh(op(a, b)) * 2
+
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    for a, b in zip(run(block, first, second, grad=grad), run(compiled, first, second, grad=grad)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
