@@ -176,11 +176,8 @@ def wrap_module(module: nn.Module, parallel: str, world: World, device: torch.de
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
               else MixedPrecisionPolicy())
-    blocks = transformer_blocks(module)
-    for block in reversed(blocks):  # nested blocks are sharded children first
+    for block in reversed(transformer_blocks(module)):  # nested blocks are sharded children first
         fully_shard(block, mp_policy=policy)
-    if hasattr(module, "use_all"):
-        module.use_all(blocks)
     fully_shard(module, mp_policy=policy)
     return module
 

@@ -321,8 +321,8 @@ class Trainer:
         self.run_config = json.loads(json.dumps(run_config if run_config is not None else {"train": asdict(config)}))
         self.device = next(model.parameters()).device
         self.bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
-        from .distributed import current_world, init_distributed, wrap_module
-        self.world = init_distributed(config.dist_timeout_s) if current_world().distributed else current_world()
+        from .distributed import init_distributed, transformer_blocks, wrap_module
+        self.world = init_distributed(config.dist_timeout_s)
         self.parallel = (config.parallel or "ddp") if self.world.distributed else None
         if isinstance(self.run_config.get("train"), dict):  # what was used, not "decide by device"
             self.run_config["train"]["bf16"] = self.bf16
@@ -337,6 +337,8 @@ class Trainer:
         self.loss_module = LossForward(model, loss_fn)
         # under FSDP2, rank 0 keeps a parameterless copy of the model to export the gathered weights into
         self._replica = meta_copy(model) if self.parallel == "fsdp" and self.world.main else None
+        if self.parallel == "fsdp":  # before sharding, while the blocks' parameters are still theirs
+            self.loss_module.use_all(transformer_blocks(model))
         if self.parallel:
             self.loss_module = wrap_module(self.loss_module, self.parallel, self.world, self.device, self.bf16)
         if self.world.distributed:
