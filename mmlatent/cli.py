@@ -167,23 +167,32 @@ def _train(args) -> int:
     if args.resume:
         from mmlatent.train.checkpoint import resolve_checkpoint
         resolve_checkpoint(args.resume)  # a missing or corrupt checkpoint is refused before building anything
-    from mmlatent.train.distributed import init_distributed, rank_device
+    from mmlatent.train.distributed import close_distributed, init_distributed, rank_device
     # under torchrun: join the process group before any model is built, on this rank's device
-    world = init_distributed(float(config.train.get("dist_timeout_s", 600.0)))
-    device = args.device or (rank_device(world) if world.distributed else None)
+    timeout_s = float(config.train.get("dist_timeout_s", 600.0))
+    world = init_distributed(timeout_s)
+    try:
+        _train_and_report(args, config, method, world, rank_device(world) if world.distributed else None)
+    except BaseException:
+        close_distributed(world, timeout_s, wait=False)
+        raise
+    close_distributed(world, timeout_s)  # every rank leaves together, once rank 0 has written its reports
+    return 0
+
+
+def _train_and_report(args, config, method, world, device_of_rank) -> None:
+    out_dir = config.train.get("output_dir")
+    device = args.device or device_of_rank
     if world.distributed and not out_dir:
         raise ValueError("train.output_dir: a data-parallel run needs it (rank 0 writes the final model there and "
-                         "evaluates it from there)")
+                         "every rank evaluates it from there)")
     result = method.train(config, device=device, resume=args.resume, allow_config_change=args.allow_config_change)
-    if not world.main:  # rank 0 evaluates, prints and writes the report
-        return 0
-    if world.distributed and result.get("completed"):
-        # the run folder, loaded in this one process: what the data-parallel run exported, whatever sharded it
-        from mmlatent.train.modal_mixed import run_method
-        saved = method_module(run_method(result["checkpoint"], verified=True))  # GRPO writes a Modal-mixed run
-        loaded, _, _, _ = saved.load_run(result["checkpoint"], device=device)
-        result = dict(result, **{"wrapper" if "wrapper" in result else "model": loaded})
-    metrics = method.evaluate_result(result, config, progress=True)
+    if world.distributed:  # every rank evaluates its share of the records with the exported folder's whole model
+        from mmlatent.train.methods import reload_final
+        result = reload_final(result, device)
+    metrics = method.evaluate_result(result, config, progress=world.main, world=world)
+    if not world.main:  # rank 0 prints and writes the reports
+        return
     print("\n".join(method.summary_lines(metrics, result.get("train_seconds"))), flush=True)
     if out_dir:  # next to the verified files, outside the manifest (it is written after the checkpoint)
         _write_json(os.path.join(result["checkpoint"], "eval.json"), metrics)
@@ -198,7 +207,6 @@ def _train(args) -> int:
                            latent_mse=metrics["latent_mse"], latent_cosine=metrics["latent_cosine"])
         os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
         _write_json(args.report, summary)
-    return 0
 
 
 def _eval(args) -> int:

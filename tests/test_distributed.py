@@ -202,6 +202,29 @@ def test_world_from_the_environment(monkeypatch):
         current_world()
 
 
+_MAP_SHARDS = """
+import json
+from mmlatent.train.distributed import close_distributed, init_distributed, map_shards
+world = init_distributed(60)
+merged = map_shards(lambda shard: [(x, world.rank) for x in shard], range(7), world, "a test")
+print(json.dumps(merged) if world.main else "", flush=True)
+close_distributed(world, 60)
+"""
+
+
+def test_map_shards_gives_every_rank_all_items_in_order():
+    """Rank r maps items r, r + 2, ...; both ranks get the 7 items back in order, each mapped once."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "--no-python", sys.executable, "-c", _MAP_SHARDS],
+                          env=_env(), capture_output=True, text=True, timeout=LIMIT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [[i, i % 2] for i in range(7)]
+    from mmlatent.train.distributed import World, map_shards
+    assert map_shards(lambda shard: [x * 2 for x in shard], [1, 2], World(), "one process") == [2, 4]
+    with pytest.raises(RuntimeError, match="one value per item"):
+        map_shards(lambda shard: shard[:1], [1, 2], None, "a short map")
+
+
 def test_transformer_blocks_are_the_decoder_layers():
     from transformers import Qwen2Config, Qwen2ForCausalLM
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
@@ -219,23 +242,26 @@ _T5 = {"tiny": {"t5": {"d_model": 32, "layers": 1, "heads": 2, "d_ff": 64}, "vae
 
 
 def _method_config(method, parallel, out, init_from=None):
+    # eval_every 1: each step's evaluation shares out an odd number of records, so the ranks' generations differ
     train = dict(lr=0.003, seed=0, progress=False, parallel=parallel, output_dir=str(out), max_steps=2,
-                 dist_timeout_s=120)
+                 dist_timeout_s=120, eval_every=1)
     if method == "ivtlr":
-        return dict(name="iv", model=_QWEN, data={"synthetic": {"n_train": 16, "n_eval": 2, "seed": 0}},
-                    batch_size=4, k=2, max_new_tokens=4, mode="no_cot", epochs=1, train=train)
+        return dict(name="iv", model=_QWEN, data={"synthetic": {"n_train": 16, "n_eval": 5, "seed": 0}},
+                    batch_size=4, k=2, max_new_tokens=4, mode="no_cot", epochs=1, eval_samples=3, train=train)
     if method == "modal_mixed":
         return dict(name="mm", method=method, model=_QWEN, batch_size=4, head={"width": 16, "depth": 1},
-                    data={"synthetic": {"n_train": 16, "n_eval": 2, "seed": 0, "kinds": ["swap"]}},
-                    sampler={"steps": 2}, max_new_tokens=4, eval_samples=2, train=train)
+                    data={"synthetic": {"n_train": 16, "n_eval": 3, "seed": 0, "kinds": ["swap"]}},
+                    sampler={"steps": 2}, max_new_tokens=4, eval_samples=3, train=train)
     if method == "dpmm":
-        return dict(name="dp", method=method, model=_T5, data={"synthetic": {"n_train": 16, "n_eval": 2, "seed": 0}},
-                    batch_size=4, max_new_tokens=8, eval_samples=2, stage="rationale", train=train)
+        return dict(name="dp", method=method, model=_T5, data={"synthetic": {"n_train": 16, "n_eval": 3, "seed": 0}},
+                    batch_size=4, max_new_tokens=8, eval_samples=3, stage="both", train=train)
     return dict(name="gr", method=method, init_from=str(init_from), group_size=4, prompts_per_step=2,
-                micro_batch_size=4, eval_samples=2, max_new_tokens=8, train=train)
+                micro_batch_size=4, eval_samples=3, max_new_tokens=8, train=train)
 
 
 def _train_under_torchrun(tmp_path, method, parallel, init_from=None):
+    """The final folder of a 2-process run, what it printed, and its eval.json beside the same folder evaluated
+    by ``mmlatent eval`` in one process."""
     import yaml
     out = tmp_path / f"{method}-{parallel}"
     path = tmp_path / f"{method}-{parallel}.yaml"
@@ -245,18 +271,41 @@ def _train_under_torchrun(tmp_path, method, parallel, init_from=None):
                            "-m", "mmlatent.cli", "train", "--config", str(path)], env=env, capture_output=True,
                           text=True, timeout=LIMIT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert (out / "final" / "manifest.json").is_file() and (out / "final" / "eval.json").is_file()
-    return out / "final", proc.stdout
+    final = out / ("answer" if method == "dpmm" else "") / "final"
+    assert (final / "manifest.json").is_file()
+    single = tmp_path / f"{method}-{parallel}-one-process.json"
+    check = subprocess.run([sys.executable, "-m", "mmlatent.cli", "eval", "--checkpoint", str(final),
+                            "--out", str(single)], env=env, capture_output=True, text=True, timeout=LIMIT_S)
+    assert check.returncode == 0, check.stderr[-4000:]
+    return final, proc.stdout, json.loads((final / "eval.json").read_text()), json.loads(single.read_text())
+
+
+def _same_evaluation(sharded, single):
+    """The 2-process evaluation gathered every record once, in order: what one process scores."""
+    assert sharded["n"] == single["n"] and sharded["outputs"] == single["outputs"]
+    assert sharded["accuracy"] == single["accuracy"]
 
 
 def test_every_method_trains_under_torchrun(tmp_path):
-    """IVT-LR with DDP; Modal-mixed SFT and DPMM-CoT with FSDP2; GRPO (DDP) from the Modal-mixed run: each writes a
-    final folder that rank 0 then loads in one process and evaluates."""
-    _, printed = _train_under_torchrun(tmp_path, "ivtlr", "ddp")
-    assert "iv: accuracy" in printed and printed.count("iv: accuracy") == 1  # rank 0 alone reports
-    sft, printed = _train_under_torchrun(tmp_path, "modal_mixed", "fsdp")
+    """IVT-LR with DDP; Modal-mixed SFT, DPMM-CoT (both stages) and GRPO (from the Modal-mixed run) with FSDP2:
+    each evaluates every step and at the end with the records shared out over the ranks, and writes a final
+    folder whose one-process evaluation gives the same outputs."""
+    _, printed, sharded, single = _train_under_torchrun(tmp_path, "ivtlr", "ddp")
+    assert printed.count("iv: accuracy") == 1 and sharded["n"] == 5  # rank 0 alone reports
+    _same_evaluation(sharded, single)
+    sft, printed, sharded, single = _train_under_torchrun(tmp_path, "modal_mixed", "fsdp")
     assert "mm: accuracy" in printed
-    _, printed = _train_under_torchrun(tmp_path, "dpmm", "fsdp")
-    assert "ROUGE-L" in printed
-    grpo, printed = _train_under_torchrun(tmp_path, "grpo", "ddp", init_from=sft)
+    _same_evaluation(sharded, single)
+    assert sharded["latent_mse"] == pytest.approx(single["latent_mse"], rel=1e-5, nan_ok=True)
+    assert [sharded[k] for k in ("sketches_matched", "sketches_missing", "sketches_extra")] == \
+        [single[k] for k in ("sketches_matched", "sketches_missing", "sketches_extra")]
+    assert sharded["ablation"]["zeros"] == single["ablation"]["zeros"]
+    assert len(json.loads((sft / "run.json").read_text())["result"]["eval_history"]) == 2
+    final, printed, sharded, single = _train_under_torchrun(tmp_path, "dpmm", "fsdp")
+    assert "its rationales: ROUGE-L" in printed
+    _same_evaluation(sharded, single)
+    rationales = json.loads((final.parent.parent / "rationale" / "rationales.json").read_text())["rationales"]
+    assert len(rationales) == 3  # every held-out record's, each written by one of the ranks
+    grpo, printed, sharded, single = _train_under_torchrun(tmp_path, "grpo", "fsdp", init_from=sft)
     assert "gr: accuracy" in printed and (grpo.parent / "reward.png").is_file()
+    _same_evaluation(sharded, single)

@@ -127,6 +127,8 @@ def run(argv: Optional[List[str]] = None) -> None:
         save_file(weights, args.out, metadata={"losses": json.dumps([r["loss"] for r in history["train"]]),
                                                "seconds": json.dumps([r["seconds"] for r in history["train"]]),
                                                "world_size": str(trainer.world.size)})
+    from mmlatent.train.distributed import close_distributed
+    close_distributed(trainer.world, config.dist_timeout_s)
 
 
 __all__ = ["run", "bench", "BENCH_SIZES"]

@@ -13,7 +13,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -82,6 +82,21 @@ def init_distributed(timeout_s: float = 600.0) -> World:
     return world
 
 
+def close_distributed(world: World, timeout_s: float, wait: bool = True) -> None:
+    """Leaves the process group at the end of a run: with ``wait``, a last barrier first, so that no rank tears
+    its connections down while another still uses them; then ``destroy_process_group`` (a process that exits with
+    its gloo group open can abort in the group's threads, "terminate called without an active exception"). A
+    no-op in one process. Pass ``wait=False`` on the way out of an error, where the others may be gone."""
+    import torch.distributed as dist
+    if not (world.distributed and dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if wait:
+            barrier(world, "the barrier at the end of the run", timeout_s)
+    finally:
+        dist.destroy_process_group()
+
+
 def rank_device(world: World) -> torch.device:
     """This rank's device: ``cuda:LOCAL_RANK`` when CUDA is present, else the CPU."""
     return torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -121,15 +136,6 @@ def barrier(world: World, what: str, timeout_s: float) -> None:
             dist.barrier()
 
 
-def broadcast_objects(objects: list, world: World, what: str, timeout_s: float) -> list:
-    """Rank 0's ``objects`` on every rank (picklable values)."""
-    if world.distributed:
-        import torch.distributed as dist
-        with collective(what, world, timeout_s):
-            dist.broadcast_object_list(objects, src=0)
-    return objects
-
-
 def gather_objects(value: object, world: World, what: str, timeout_s: float) -> list:
     """Every rank's ``value``, in rank order, on every rank."""
     if not world.distributed:
@@ -139,6 +145,53 @@ def gather_objects(value: object, world: World, what: str, timeout_s: float) -> 
     with collective(what, world, timeout_s):
         dist.all_gather_object(gathered, value)
     return gathered
+
+
+def map_shards(fn: Callable[[list], list], items: Sequence, world: Optional[World], what: str,
+               timeout_s: float = 600.0) -> list:
+    """``fn(items)`` computed data-parallel: rank ``r`` of ``world`` maps ``items[r::size]``, and every rank gets
+    the whole list back in the order of ``items`` (one all-gather of picklable values). ``fn`` returns one value
+    per item it is given; in one process (``world`` None or of size 1) this is ``fn(items)``. Every rank must call
+    it with the same ``items``; ``fn`` itself must not run collectives whose number depends on its shard (under
+    FSDP2, run it in :func:`gathered`)."""
+    items = list(items)
+    if world is None or not world.distributed:
+        return _checked_map(fn, items, what)
+    mine = _checked_map(fn, items[world.rank::world.size], what)
+    shards = gather_objects(mine, world, f"gathering the ranks' shares of {what}", timeout_s)
+    merged: List[Any] = [None] * len(items)
+    for rank, shard in enumerate(shards):
+        merged[rank::world.size] = shard
+    return merged
+
+
+def _checked_map(fn: Callable[[list], list], items: list, what: str) -> list:
+    values = list(fn(items)) if items else []
+    if len(values) != len(items):
+        raise RuntimeError(f"{what}: expected one value per item, got {len(values)} for {len(items)}")
+    return values
+
+
+@contextlib.contextmanager
+def gathered(root: nn.Module, world: World, timeout_s: float) -> Iterator[None]:
+    """Inside, every FSDP2 module below the root ``root`` holds its whole parameters and forwards make no
+    collective: for work whose forwards differ in number between ranks (generating each rank's share of the
+    evaluation records, GRPO's rollouts of different lengths), which the per-block all-gathers of a sharded
+    forward would deadlock. Costs the model's full size in memory on every rank while inside. Enter it within the
+    root's forward (``LossForward(None, run=...)``), which has gathered the root's own parameters; a module that
+    is not FSDP2's passes through. Gradients are not for inside: this is inference."""
+    from torch.distributed.fsdp import FSDPModule
+    blocks = [m for m in root.modules() if isinstance(m, FSDPModule) and m is not root]
+    with collective("gathering the FSDP2 blocks for inference", world, timeout_s):
+        for block in blocks:  # the same blocks in the same order on every rank, so the all-gathers pair up
+            block.unshard()
+            block.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.set_reshard_after_forward(True, recurse=False)
+            block.reshard()
 
 
 def transformer_blocks(module: nn.Module) -> List[nn.Module]:
@@ -204,6 +257,6 @@ def full_tensor(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if hasattr(value, "full_tensor") else value
 
 
-__all__ = ["World", "PARALLEL", "DistributedError", "current_world", "init_distributed", "rank_device",
-           "all_reduce_sum", "barrier", "broadcast_objects", "gather_objects", "transformer_blocks", "wrap_module",
-           "gradient_sync", "full_tensor", "collective"]
+__all__ = ["World", "PARALLEL", "DistributedError", "current_world", "init_distributed", "close_distributed",
+           "rank_device", "all_reduce_sum", "barrier", "gather_objects", "map_shards", "gathered",
+           "transformer_blocks", "wrap_module", "gradient_sync", "full_tensor", "collective"]

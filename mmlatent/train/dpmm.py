@@ -28,6 +28,7 @@ from mmlatent.data import scienceqa as sqa
 from mmlatent.data import synthetic
 
 from .checkpoint import CheckpointError, load_tensors, read_json, read_settings_file, write_json, write_run_checkpoint
+from .distributed import World
 from .loop import EpochBatches, TrainConfig, Trainer, check_int, label_tokens
 from .methods import (check_data_keys, check_train_options, finish_run, fit_run, from_mapping, open_run,
                       read_yaml)
@@ -412,10 +413,6 @@ def train(config: DPMMConfig, device: Optional[Union[str, torch.device]] = None,
     from .ivtlr import seed_everything
     world = init_distributed(float(config.train.get("dist_timeout_s", 600.0)))
     if config.stage == BOTH:
-        if world.distributed:
-            raise ValueError("stage: both generates stage 1's rationales between its two runs in one process; "
-                             "under torchrun run the rationale and answer stages as two runs (the second with "
-                             "rationales: the first's file)")
         return _train_both(config, device, progress, resume, until)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if config.rationales is not None:  # read before training, so that a wrong path costs no run
@@ -458,7 +455,8 @@ def train(config: DPMMConfig, device: Optional[Union[str, torch.device]] = None,
         return label_tokens(batch["labels"], shift=False), images
 
     def eval_fn(_model):
-        metrics = evaluate(model, tokenizer, None, config, eval_records[:config.eval_samples], latents=latents)
+        metrics = evaluate(model, tokenizer, None, config, eval_records[:config.eval_samples], latents=latents,
+                           world=trainer.world)
         return {k: metrics[k] for k in _EVAL_KEYS if k in metrics}
 
     run_config = dict(asdict(config), train=asdict(train_config))
@@ -496,9 +494,14 @@ def _train_both(config: DPMMConfig, device: Optional[Union[str, torch.device]], 
     if resume is not None or until is not None:
         raise ValueError("resume: a stage: both run is two runs; resume the stage's own run (its config is "
                          "stage_configs(config)) instead")
+    from .distributed import current_world
+    from .methods import reload_final
     first, second = stage_configs(config)
     rationale = train(first, device=device, progress=progress)
-    rationale_metrics = evaluate_result(rationale, first, progress=progress)
+    world = current_world()
+    if world.distributed:  # every rank writes its share of the rationales with the whole model of the final folder
+        rationale = reload_final(rationale, device)
+    rationale_metrics = evaluate_result(rationale, first, progress=progress and world.main, world=world)
     answer = train(second, device=device, progress=progress)
     return dict(answer, rationale_metrics=rationale_metrics, stage_configs=(first, second),
                 train_seconds=rationale["train_seconds"] + answer["train_seconds"])
@@ -510,23 +513,33 @@ _EVAL_KEYS = ("accuracy", "accuracy_stderr", "n", "rouge_l", "bleu1", "bleu4", "
 @torch.no_grad()
 def generate_texts(model: nn.Module, tokenizer: Any, config: DPMMConfig, records: list, *,
                    rationales: Optional[Dict[str, str]] = None, latents: Optional[Dict[str, torch.Tensor]] = None,
-                   batch_size: int = 32, progress: bool = False) -> Tuple[List[str], float]:
-    """(the greedy outputs for ``records``, seconds per record)."""
+                   batch_size: int = 32, progress: bool = False, world: Optional[World] = None
+                   ) -> Tuple[List[str], float]:
+    """(the greedy outputs for ``records``, seconds per record); with a data-parallel ``world`` every rank
+    generates its share (:func:`~mmlatent.train.distributed.map_shards`) and returns them all."""
     from tqdm.auto import tqdm
+
+    from .distributed import map_shards
     device = next(model.parameters()).device
+
+    def answers(shard: list) -> List[Tuple[str, float]]:
+        out: List[Tuple[str, float]] = []
+        for start in tqdm(range(0, len(shard), batch_size), disable=not progress, desc=f"eval {config.name}"):
+            chunk = shard[start:start + batch_size]
+            t0 = time.perf_counter()
+            batch = _to(collate(config, tokenizer, chunk, rationales, latents, with_targets=False), device)
+            rows = run_generate(model, batch, config.max_new_tokens)
+            seconds = (time.perf_counter() - t0) / len(chunk)
+            out += [(tokenizer.decode(row.tolist()).strip(), seconds) for row in rows]
+        return out
+
     was_training = model.training
     model.eval()
-    texts: List[str] = []
-    t0 = time.perf_counter()
     try:
-        for start in tqdm(range(0, len(records), batch_size), disable=not progress, desc=f"eval {config.name}"):
-            chunk = records[start:start + batch_size]
-            batch = _to(collate(config, tokenizer, chunk, rationales, latents, with_targets=False), device)
-            out = run_generate(model, batch, config.max_new_tokens)
-            texts += [tokenizer.decode(row.tolist()).strip() for row in out]
+        pairs = map_shards(answers, records, world, "the evaluation")
     finally:
         model.train(was_training)
-    return texts, (time.perf_counter() - t0) / max(1, len(records))
+    return [text for text, _ in pairs], sum(seconds for _, seconds in pairs) / max(1, len(records))
 
 
 def read_rationales(path: str) -> Dict[str, str]:
@@ -544,7 +557,7 @@ def read_rationales(path: str) -> Dict[str, str]:
 
 def evaluate(model: nn.Module, tokenizer: Any, image_processor: Any, config: DPMMConfig, records: list,
              batch_size: int = 32, progress: bool = False,
-             latents: Optional[Dict[str, torch.Tensor]] = None) -> dict:
+             latents: Optional[Dict[str, torch.Tensor]] = None, world: Optional[World] = None) -> dict:
     """Greedy evaluation on ``records`` for the run's task and stage.
 
     - rationale: ``rouge_l``, ``bleu1``, ``bleu4`` (percent, :func:`~mmlatent.data.scienceqa.rationale_scores`)
@@ -560,7 +573,7 @@ def evaluate(model: nn.Module, tokenizer: Any, image_processor: Any, config: DPM
     rationales = read_rationales(config.rationales) if (config.task == "scienceqa" and config.stage == "answer"
                                                         and config.rationales) else None
     texts, latency = generate_texts(model, tokenizer, config, records, rationales=rationales, latents=latents,
-                                    batch_size=batch_size, progress=progress)
+                                    batch_size=batch_size, progress=progress, world=world)
     out: Dict[str, Any] = dict(n=len(records), latency_per_sample_s=latency, name=config.name,
                                variant=config.variant, stage=config.stage, task=config.task)
     if config.task == "translation":
@@ -595,20 +608,25 @@ def _rate(correct: Sequence[bool]) -> Tuple[float, float]:
     return p, math.sqrt(p * (1 - p) / max(1, len(correct)))
 
 
-def evaluate_result(result: dict, config: DPMMConfig, progress: bool = False) -> dict:
-    """:func:`evaluate` of a run just trained on its eval records; a rationale run also writes
-    ``rationales.json`` ({record id: generated rationale}) beside its ``final/``, for the answer run."""
+def evaluate_result(result: dict, config: DPMMConfig, progress: bool = False, world: Optional[World] = None) -> dict:
+    """:func:`evaluate` of a run just trained on its eval records (shared out over a data-parallel ``world``); a
+    rationale run also writes ``rationales.json`` ({record id: generated rationale}) beside its ``final/``, for
+    the answer run (rank 0 writes it, and every rank returns once it is there)."""
     if config.stage == BOTH:
-        metrics = evaluate_result(result, result["stage_configs"][1], progress=progress)
+        metrics = evaluate_result(result, result["stage_configs"][1], progress=progress, world=world)
         return dict(metrics, rationale_scores={k: result["rationale_metrics"][k] for k in ("rouge_l", "bleu1",
                                                                                           "bleu4")})
     metrics = evaluate(result["model"], result["tokenizer"], None, config, result["eval_records"],
-                       progress=progress, latents=result.get("latents"))
+                       progress=progress, latents=result.get("latents"), world=world)
     output_dir = config.train.get("output_dir")
     if "rationales" in metrics and output_dir and result.get("completed"):
+        from .distributed import barrier
         path = os.path.join(output_dir, RATIONALES_FILE)
-        write_json(path, {"run": config.name, "checkpoint": result.get("checkpoint"),
-                          "rationales": metrics["rationales"]})
+        if world is None or world.main:
+            write_json(path, {"run": config.name, "checkpoint": result.get("checkpoint"),
+                              "rationales": metrics["rationales"]})
+        if world is not None:
+            barrier(world, "waiting for rank 0's rationales file", float(config.train.get("dist_timeout_s", 600.0)))
         metrics["rationales_file"] = path
     return metrics
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 
 from mmlatent.kernels import checks
 
+from .distributed import World
 from .loop import EpochBatches
 
 SCALES = ("group", "batch", "none")
@@ -699,13 +700,13 @@ class Rollouts(EpochBatches):
         self.rollout_epoch = 0
         self.last: Dict[str, float] = {}
         self.losses: List[GRPOLossOutput] = []
-        from .distributed import World
         self.world = World()
+        # how a rollout reaches the whole model: the Trainer's with_full_model, which under FSDP2 gathers it
+        self.with_model: Callable[[Callable[[nn.Module], Any]], Any] = lambda fn: fn(self.model)
 
     def shard(self, rank: int, world_size: int) -> None:
         """A data-parallel rank's stream: its share of each step's prompts (every group of G completions stays
         on the rank that rolls it out) and a sampling generator of its own."""
-        from .distributed import World
         EpochBatches.shard(self, rank, world_size)
         self.world = World(rank, world_size, rank)
         self.generator.manual_seed(self.config.train.get("seed", 0) + 1 + rank * 2 ** 32)
@@ -714,7 +715,8 @@ class Rollouts(EpochBatches):
         if not self.pending:
             if self.passes_left == 0:
                 self.rollout_epoch, chosen = EpochBatches.__next__(self)
-                self.current = self._roll(chosen)
+                with torch.no_grad():
+                    self.current = self.with_model(lambda _model: self._roll(chosen))
                 self.passes_left = self.config.num_iterations
             self.passes_left -= 1
             reuse = self.passes_left < self.config.num_iterations - 1
@@ -776,21 +778,21 @@ class Rollouts(EpochBatches):
         # normaliser (the accumulated batch's active tokens) need no sync in the training step
         for b in batches:
             b["tokens"] = int(b["completion_mask"].sum())
-        rewards = torch.cat(rewards_all)
-        items, reward_sum, completions = sum(b["tokens"] for b in batches), float(rewards.sum()), len(rewards)
-        if self.world.distributed:  # dapo's normaliser spans every rank's completions (a sync point per rollout)
-            from .distributed import all_reduce_sum
-            items, reward_sum, completions = all_reduce_sum(
-                [items, reward_sum, completions], self.world, self.device, "the all-reduce of a rollout's "
-                "completion tokens", float(self.config.train.get("dist_timeout_s", 600.0)))
-            items = int(items)
+        rewards = torch.cat(rewards_all).double()
+        zero_std = int((rewards.view(-1, G).std(dim=1) == 0).sum())
+        # dapo's normaliser and the logged statistics span every rank's completions (one all-reduce per rollout)
+        from .distributed import all_reduce_sum
+        items, total, squares, completions, zero_std, written, sketched = all_reduce_sum(
+            [sum(b["tokens"] for b in batches), float(rewards.sum()), float((rewards ** 2).sum()), len(rewards),
+             zero_std, sum(lengths), sum(sketches)], self.world, self.device,
+            "the all-reduce of a rollout's completion tokens and rewards",
+            float(self.config.train.get("dist_timeout_s", 600.0)))
         for b in batches:
-            b["num_items_in_batch"] = items
-        grouped = rewards.view(-1, G)
-        # the reward mean is every rank's; the other rollout statistics are this rank's
-        self.last = dict(reward=reward_sum / completions, reward_std=float(rewards.std()),
-                         zero_std_groups=float((grouped.std(dim=1) == 0).float().mean()),
-                         completion_length=sum(lengths) / len(lengths), sketches=sum(sketches) / len(sketches),
+            b["num_items_in_batch"] = int(items)
+        mean = total / completions
+        variance = max(0.0, squares - completions * mean ** 2) / max(1.0, completions - 1)  # unbiased, as torch.std
+        self.last = dict(reward=mean, reward_std=variance ** 0.5, zero_std_groups=zero_std / (completions / G),
+                         completion_length=written / completions, sketches=sketched / completions,
                          rollout_seconds=time.perf_counter() - t0)
         return batches
 
@@ -882,9 +884,6 @@ def train(config: GRPOConfig, device: Optional[Union[str, torch.device]] = None,
         raise ValueError(f"micro_batch_size: {config.completions_per_step} completions a step cannot be shared by "
                          f"{world.size} ranks in micro-batches of {config.micro_batch_size} (each rank rolls out "
                          f"whole groups in whole micro-batches)")
-    if world.distributed and config.train.get("parallel") == "fsdp":
-        raise ValueError("train.parallel: fsdp cannot drive GRPO's rollouts, which generate outside the training "
-                         "forward where FSDP2 gathers the parameters; use ddp")
     # the global batch is the one-process run's: each rank accumulates its share of the micro-batches
     options = dict(config.train, grad_accum=config.completions_per_step // (config.micro_batch_size * world.size))
     options.setdefault("max_steps", 100)
@@ -913,7 +912,7 @@ def train(config: GRPOConfig, device: Optional[Union[str, torch.device]] = None,
 
     def eval_fn(_model):
         metrics = mm.evaluate(model, tokenizer, image_processor, sft, eval_records[:config.eval_samples],
-                              ablation=False)
+                              ablation=False, world=trainer.world)
         return {k: metrics[k] for k in ("accuracy", "accuracy_stderr", "n")}
 
     run_config = dict(asdict(config), train=asdict(train_config))
@@ -921,6 +920,7 @@ def train(config: GRPOConfig, device: Optional[Union[str, torch.device]] = None,
     trainer = Trainer(model, loss_fn, rollouts, train_config, describe=config.name, eval_fn=eval_fn,
                       run_config=run_config, count_tokens=lambda b: b["tokens"],
                       step_log=step_log)
+    rollouts.with_model = trainer.with_full_model
     if resume:
         trainer.resume(resume, allow_config_change=allow_config_change)
     elif train_config.eval_every:
@@ -947,12 +947,12 @@ def train(config: GRPOConfig, device: Optional[Union[str, torch.device]] = None,
                 sft_config=sft)
 
 
-def evaluate_result(result: dict, config: GRPOConfig, progress: bool = False) -> dict:
+def evaluate_result(result: dict, config: GRPOConfig, progress: bool = False, world: Optional[World] = None) -> dict:
     """The Modal-mixed evaluation (:func:`mmlatent.train.modal_mixed.evaluate`) of the trained policy on the SFT
-    run's held-out records."""
+    run's held-out records (shared out over a data-parallel ``world``)."""
     from . import modal_mixed as mm
     metrics = mm.evaluate(result["model"], result["tokenizer"], result["image_processor"], result["sft_config"],
-                          result["eval_records"], progress=progress)
+                          result["eval_records"], progress=progress, world=world)
     return dict(metrics, name=config.name)
 
 

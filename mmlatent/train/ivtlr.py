@@ -30,6 +30,7 @@ from .checkpoint import RUN_FILES, CheckpointError, check_shapes, load_tensors, 
 # model.safetensors of model.state_dict() and tokenizer.json, still read)
 RUN_FORMAT = 2
 from .curriculum import Curriculum
+from .distributed import World
 from .loop import EpochBatches, TrainConfig, Trainer, check_int, label_tokens
 from .methods import (check_data_keys, check_kind_weights, check_model_spec, check_train_options, from_mapping,
                       open_run, prepare_trainable, read_yaml)
@@ -302,7 +303,7 @@ def train(config: RunConfig, device: Optional[Union[str, torch.device]] = None, 
 
     def eval_fn(_model):  # periodic evaluation on the first held-out questions, at the current stage
         metrics = evaluate(wrapper, tokenizer, image_processor, config, eval_records[:config.eval_samples],
-                           stage=stages.stage(trainer.epoch))
+                           stage=stages.stage(trainer.epoch), world=trainer.world)
         return {k: metrics[k] for k in ("accuracy", "accuracy_stderr", "stage", "n")}
 
     train_config.progress = progress and train_config.progress
@@ -449,38 +450,50 @@ def _image_processor(config: RunConfig, model):
 
 
 def evaluate(wrapper: IVTLR, tokenizer: Any, image_processor: Any, config: RunConfig, records: List[Record],
-             batch_size: int = 32, stage: Optional[int] = None, progress: bool = False) -> dict:
+             batch_size: int = 32, stage: Optional[int] = None, progress: bool = False,
+             world: Optional[World] = None) -> dict:
     """Accuracy with the strict parse (the first "the answer is X" of the generated text must be the gold
     letter), the public code's lenient scoring reported separately, latency and generated tokens per sample.
     Decoding is greedy up to ``config.max_new_tokens`` or the tokenizer's EOS, as the public code decodes, whatever
-    sampling or penalties the model's ``generation_config`` sets."""
+    sampling or penalties the model's ``generation_config`` sets. With a data-parallel ``world`` every rank
+    generates its share of ``records`` (:func:`~mmlatent.train.distributed.map_shards`) and every rank returns
+    the metrics of them all."""
     from tqdm.auto import tqdm
+
+    from .distributed import map_shards
     stage = final_stage(config) if stage is None else stage
     make = collator(config, tokenizer, image_processor, stage, prompt_only=True,
                     image_token_ids=wrapper.backbone.collator_image_token_ids())
     device = next(wrapper.parameters()).device
+
+    def answers(shard: List[Record]) -> List[Tuple[List[int], float]]:  # (generated ids, seconds) per record
+        out = []
+        for start in tqdm(range(0, len(shard), batch_size), disable=not progress, desc=f"eval {config.name}"):
+            chunk = shard[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in make(chunk).items()}
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                generated = wrapper.generate(**batch, **GREEDY_OPTIONS, max_new_tokens=config.max_new_tokens,
+                                             eos_token_id=tokenizer.eos_id)
+            seconds = (time.perf_counter() - t0) / len(chunk)
+            for row in generated.tolist():
+                out.append((row[:row.index(tokenizer.eos_id) + 1] if tokenizer.eos_id in row else row, seconds))
+        return out
+
     correct, lenient, tokens, seconds, per_kind, outputs = 0, 0, 0, 0.0, {}, []
-    for start in tqdm(range(0, len(records), batch_size), disable=not progress, desc=f"eval {config.name}"):
-        chunk = records[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in make(chunk).items()}
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            generated = wrapper.generate(**batch, **GREEDY_OPTIONS, max_new_tokens=config.max_new_tokens,
-                                         eos_token_id=tokenizer.eos_id)
-        seconds += time.perf_counter() - t0
-        for record, row in zip(chunk, generated.tolist()):
-            ids = row[:row.index(tokenizer.eos_id) + 1] if tokenizer.eos_id in row else row
-            text = tokenizer.decode(ids)
-            ok = strict_answer(text) == record.answer_letter
-            correct += ok
-            lenient += lenient_correct(tokenizer.decode(tokenizer.encode(prompt_text(record))) + " " + text,
-                                       record.answer_letter)
-            tokens += len(ids)
-            kind = record.meta.get("kind", "all")
-            per_kind.setdefault(kind, [0, 0])
-            per_kind[kind][0] += ok
-            per_kind[kind][1] += 1
-            outputs.append({"id": record.id, "gold": record.answer_letter, "output": text, "correct": bool(ok)})
+    for record, (ids, spent) in zip(records, map_shards(answers, records, world, "the evaluation")):
+        text = tokenizer.decode(ids)
+        ok = strict_answer(text) == record.answer_letter
+        correct += ok
+        lenient += lenient_correct(tokenizer.decode(tokenizer.encode(prompt_text(record))) + " " + text,
+                                   record.answer_letter)
+        tokens += len(ids)
+        seconds += spent
+        kind = record.meta.get("kind", "all")
+        per_kind.setdefault(kind, [0, 0])
+        per_kind[kind][0] += ok
+        per_kind[kind][1] += 1
+        outputs.append({"id": record.id, "gold": record.answer_letter, "output": text, "correct": bool(ok)})
     n = len(records)
     accuracy = correct / n if n else float("nan")
     return dict(name=config.name, mode=config.mode, stage=stage, n=n, accuracy=accuracy,
@@ -511,11 +524,11 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_result(result: dict, config: RunConfig, progress: bool = False) -> dict:
+def evaluate_result(result: dict, config: RunConfig, progress: bool = False, world: Optional[World] = None) -> dict:
     """:func:`evaluate` of what :func:`train` returned (its IVT-LR model, tokenizer and image processor) on the
-    run's held-out records."""
+    run's held-out records (shared out over a data-parallel ``world``)."""
     return evaluate(result["wrapper"], result["tokenizer"], result["image_processor"], config, result["eval_records"],
-                    progress=progress)
+                    progress=progress, world=world)
 
 
 def summary_lines(metrics: dict, train_seconds: Optional[float] = None) -> List[str]:

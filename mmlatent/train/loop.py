@@ -269,7 +269,8 @@ class Trainer:
             with the epoch; ignore ``epoch`` otherwise). Tensor values move to the device; others pass as they are.
         config: :class:`TrainConfig`.
         eval_fn: ``eval_fn(model) -> dict`` of JSON-able metrics, every ``config.eval_every`` steps, under
-            no_grad and eval mode, with the RNG states restored afterwards (evaluating never changes the run).
+            no_grad and eval mode, with the RNG states restored afterwards (evaluating never changes the run). In a
+            data-parallel run every rank calls it (see :meth:`evaluate`).
         on_epoch: ``on_epoch(epoch, previous_epoch)`` before the first batch of each epoch (``previous_epoch`` None
             at the start of a run); its inputs are part of the checkpoint, so a resumed run makes the same calls.
         describe: the progress bar's label.
@@ -291,8 +292,8 @@ class Trainer:
     evaluation. Sync points per optimizer step: the loss and gradient norm when they are logged; in a
     data-parallel run also one all-reduce of the step's item counts before its first forward, the gradient
     all-reduce (DDP) or reduce-scatter (FSDP2) in the last micro-batch's backward, and one all-reduce of the logged
-    loss. Rank 0 shows the progress bar, evaluates (every rank, under FSDP2, whose forward needs them all) and
-    writes checkpoints (every rank its shard, under FSDP2).
+    loss. Rank 0 shows the progress bar and writes checkpoints (every rank its shard, under FSDP2); every rank
+    evaluates its share of the records, whose results are gathered.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Dict[str, Any]], torch.Tensor],
@@ -474,16 +475,11 @@ class Trainer:
                 self.on_epoch(epoch, previous)
 
     def evaluate(self) -> dict:
-        """Runs ``eval_fn`` and appends its metrics to the history. In a DDP run rank 0 evaluates while the others
-        wait, and every rank records rank 0's result; under FSDP2 every rank runs it, through the sharded root's
-        forward (which gathers the parameters), on the same records."""
-        if self.parallel == "ddp":
-            from .distributed import broadcast_objects
-            result = [self._evaluate_here() if self.world.main else None]
-            result = broadcast_objects(result, self.world, "the broadcast of rank 0's evaluation",
-                                       self.config.dist_timeout_s)[0]
-        else:
-            result = self._evaluate_here()
+        """Runs ``eval_fn`` and appends its metrics to the history. In a data-parallel run every rank calls it on
+        the whole model (:meth:`with_full_model`), so that an ``eval_fn`` that shares its records out
+        (:func:`~mmlatent.train.distributed.map_shards` with this trainer's ``world``, as every method's
+        ``evaluate(..., world=)`` does) evaluates each record once and every rank records the gathered result."""
+        result = self._evaluate_here()
         self.history["eval"].append(result)
         return result
 
@@ -493,13 +489,27 @@ class Trainer:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):  # evaluating must not move training's RNG
             state = random.getstate(), np.random.get_state()
-            metrics = (self.loss_module(None, run=self.eval_fn) if self.parallel == "fsdp"
-                       else self.eval_fn(self.model))
+            metrics = self.with_full_model(self.eval_fn)
             result = dict(step=self.step, **metrics)
             random.setstate(state[0])
             np.random.set_state(state[1])
         self.model.train(was_training)
         return result
+
+    def with_full_model(self, fn: Callable[[nn.Module], Any]) -> Any:
+        """``fn(model)`` with the whole model on this rank and no collective in its forwards, for inference whose
+        forwards differ between ranks (evaluating a shard of the records, GRPO's rollouts): ``model`` itself in one
+        process or under DDP; under FSDP2, through the root's forward with every block gathered
+        (:func:`~mmlatent.train.distributed.gathered`: the model's full size in memory on each rank while ``fn``
+        runs). Every rank must call it together under FSDP2 (the gathers are collectives)."""
+        if self.parallel != "fsdp":
+            return fn(self.model)
+        from .distributed import gathered
+
+        def run(model: nn.Module) -> Any:
+            with gathered(self.loss_module, self.world, self.config.dist_timeout_s):
+                return fn(model)
+        return self.loss_module(None, run=run)
 
     def exported(self) -> Optional[nn.Module]:
         """The trained model whole, for writing a finished run: ``model`` itself in one process or under DDP; under

@@ -203,6 +203,16 @@ def finish_run(trainer: Any, output_dir: Optional[str], save_final: Callable[[An
     return directory
 
 
+def reload_final(result: dict, device: Any = None) -> dict:
+    """``result`` of a finished run with its model replaced by the one its final folder holds, loaded whole in
+    this process (on ``device``): what each rank of a data-parallel run evaluates with once training is over,
+    whatever sharded the training model (FSDP2 leaves each rank a shard)."""
+    from .modal_mixed import run_method
+    saved = method_module(run_method(result["checkpoint"], verified=True))  # GRPO writes a Modal-mixed run
+    loaded, _, _, _ = saved.load_run(result["checkpoint"], device=device)
+    return dict(result, **{"wrapper" if "wrapper" in result else "model": loaded})
+
+
 DEFAULT_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -255,4 +265,5 @@ def load_config(path: str) -> Any:
 
 
 __all__ = ["read_yaml", "from_mapping", "load_config", "method_module", "check_train_options", "check_model_spec",
-           "check_data_keys", "check_kind_weights", "prepare_trainable", "open_run", "fit_run", "finish_run"]
+           "check_data_keys", "check_kind_weights", "prepare_trainable", "open_run", "fit_run", "finish_run",
+           "reload_final"]

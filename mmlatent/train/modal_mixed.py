@@ -30,6 +30,7 @@ from mmlatent.models import tiny as tiny_models
 
 from .checkpoint import (CheckpointError, check_shapes, load_tensors, read_json, read_manifest, read_settings_file,
                          resolve_checkpoint, write_json, write_run_checkpoint)
+from .distributed import World
 from .loop import EpochBatches, TrainConfig, Trainer, check_int, label_tokens
 from .methods import (check_data_keys, check_kind_weights, check_model_spec, check_train_options, finish_run, fit_run,
                       from_mapping, open_run, prepare_trainable, read_yaml)
@@ -384,7 +385,7 @@ def train(config: ModalMixedConfig, device: Optional[Union[str, torch.device]] =
 
     def eval_fn(_model):
         metrics = evaluate(model, tokenizer, image_processor, config, eval_records[:config.eval_samples],
-                           ablation=False)
+                           ablation=False, world=trainer.world)
         return {k: metrics[k] for k in ("accuracy", "accuracy_stderr", "n", "latent_mse", "latent_cosine")}
 
     train_config.progress = progress and train_config.progress
@@ -641,8 +642,12 @@ def _generate(model: ModalMixedCoT, tokenizer: Any, config: ModalMixedConfig, ba
 
 
 def evaluate(model: ModalMixedCoT, tokenizer: Any, image_processor: Any, config: ModalMixedConfig, records: list,
-             batch_size: int = 64, progress: bool = False, ablation: bool = True) -> dict:
-    """Greedy, deterministic evaluation (text argmax; the head's DDIM from x_T = 0) on ``records``.
+             batch_size: int = 64, progress: bool = False, ablation: bool = True,
+             world: Optional[World] = None) -> dict:
+    """Greedy, deterministic evaluation (text argmax; the head's DDIM from x_T = 0) on ``records``; with a
+    data-parallel ``world`` every rank generates its share of them
+    (:func:`~mmlatent.train.distributed.map_shards`) and returns the metrics of them all. The noise ablation draws
+    its noise per rank, so only it depends on the world size.
 
     Returns ``accuracy`` and ``accuracy_stderr`` (strict parse, :func:`answer_correct`), ``accuracy_by_kind``
     ({kind: {accuracy, accuracy_stderr, n}}), ``answered`` (the fraction with any parseable answer,
@@ -654,68 +659,75 @@ def evaluate(model: ModalMixedCoT, tokenizer: Any, image_processor: Any, config:
     ``sketches_matched``, ``sketches_missing`` (held-out sketches without a generated one) and ``sketches_extra``
     (generated past the record's count); and with ``ablation`` the dummy-latent ablation: ``ablation`` =
     {"zeros" | "noise": {accuracy, accuracy_stderr, accuracy_by_kind, accuracy_drop, answered,
-    tokens_per_answer}}, generated again with every
-    latent replaced by zeros or by Gaussian noise of the latent's norm before it is fed back. Other modes give
-    None for the reconstruction and ablation keys. ``outputs``: each record's generated text and correctness."""
+    tokens_per_answer}}, generated again with every latent replaced by zeros or by Gaussian noise of the latent's
+    norm before it is fed back. Other modes give None for the reconstruction and ablation keys. ``outputs``: each
+    record's generated text and correctness."""
     from tqdm.auto import tqdm
+
+    from .distributed import map_shards
     make = collator(config, tokenizer, image_processor, prompt_only=True)
     device = next(model.parameters()).device
     sketching = config.mode == "modal_mixed"
     seed = config.train.get("seed", 0)
+    overrides = OVERRIDES if sketching and ablation else ()
+
+    def answers(shard: list) -> List[Dict[str, Any]]:  # what each record's generations scored, in shard order
+        rows: List[Dict[str, Any]] = [dict(ablated={}) for _ in shard]
+        chunks = range(0, len(shard), batch_size)
+        runs = [(None, f"eval {config.name}")] + [(o, f"eval {config.name} (latents: {o})") for o in overrides]
+        for override, label in runs:
+            generator = torch.Generator(device).manual_seed(seed) if override == "noise" else None
+            for start in tqdm(chunks, disable=not progress, desc=label):
+                chunk = shard[start:start + batch_size]
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in make(chunk).items()}
+                t0 = time.perf_counter()
+                generated = _generate(model, tokenizer, config, batch, override, generator)
+                seconds = (time.perf_counter() - t0) / len(chunk)
+                for b, (record, seq) in enumerate(zip(chunk, generated.sequences.tolist())):
+                    ids = seq[:seq.index(tokenizer.eos_id) + 1] if tokenizer.eos_id in seq else seq
+                    text = tokenizer.decode(ids)
+                    row, ok, given = rows[start + b], answer_correct(text, record), answer_given(text, record)
+                    if override is not None:
+                        row["ablated"][override] = (ok, given, len(ids))
+                        continue
+                    row.update(text=text, ok=ok, answered=given, tokens=len(ids), seconds=seconds,
+                               sketches=len(generated.latents[b]), errors=[], cosines=[], zero_errors=[],
+                               missing=0, extra=0)
+                if override is None and sketching and "sketches_per_sample" in batch:
+                    per_sample = batch["sketches_per_sample"].tolist()
+                    true = sketch_targets(model, batch) if sum(per_sample) else None
+                    first = 0
+                    for b, count in enumerate(per_sample):
+                        row = rows[start + b]
+                        made = generated.latents[b].float() / config.latent_scale
+                        matched = min(count, made.shape[0])
+                        for i in range(matched):
+                            target = true[first + i].float()
+                            row["errors"].append(float(((made[i] - target) ** 2).mean()))
+                            row["cosines"].append(float(torch.nn.functional.cosine_similarity(
+                                made[i], target, dim=-1).mean()))
+                            row["zero_errors"].append(float((target ** 2).mean()))
+                        row["missing"] += count - matched
+                        row["extra"] += made.shape[0] - matched
+                        first += count
+        return rows
+
     was_training = model.training
     model.eval()
-    correct, kinds, outputs = [], [], []
-    tokens = sketches = 0
-    seconds = 0.0
-    errors, cosines, zero_errors = [], [], []
-    missing = extra = 0
-    answered = 0
-    ablated: Dict[str, List[bool]] = {o: [] for o in OVERRIDES} if sketching and ablation else {}
-    ablated_answered = {o: 0 for o in ablated}
-    ablated_tokens = {o: 0 for o in ablated}
-    batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
-    runs = [(None, f"eval {config.name}")] + [(o, f"eval {config.name} (latents: {o})") for o in ablated]
-    for override, label in runs:
-        generator = torch.Generator(device).manual_seed(seed) if override == "noise" else None
-        for chunk in tqdm(batches, disable=not progress, desc=label):
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in make(chunk).items()}
-            t0 = time.perf_counter()
-            generated = _generate(model, tokenizer, config, batch, override, generator)
-            if override is None:
-                seconds += time.perf_counter() - t0
-            rows = generated.sequences.tolist()
-            for b, (record, row) in enumerate(zip(chunk, rows)):
-                ids = row[:row.index(tokenizer.eos_id) + 1] if tokenizer.eos_id in row else row
-                text = tokenizer.decode(ids)
-                ok = answer_correct(text, record)
-                if override is not None:
-                    ablated[override].append(ok)
-                    ablated_answered[override] += answer_given(text, record)
-                    ablated_tokens[override] += len(ids)
-                    continue
-                correct.append(ok)
-                answered += answer_given(text, record)
-                kinds.append(str(record.meta.get("kind", "all")))
-                tokens += len(ids)
-                sketches += len(generated.latents[b])
-                outputs.append({"id": record.id, "kind": kinds[-1], "gold": record.answer, "output": text,
-                                "correct": bool(ok), "sketches": len(generated.latents[b])})
-            if override is None and sketching and "sketches_per_sample" in batch:
-                per_sample = batch["sketches_per_sample"].tolist()
-                true = sketch_targets(model, batch) if sum(per_sample) else None
-                start = 0
-                for b, count in enumerate(per_sample):
-                    made = generated.latents[b].float() / config.latent_scale
-                    matched = min(count, made.shape[0])
-                    for i in range(matched):
-                        target = true[start + i].float()
-                        errors.append(float(((made[i] - target) ** 2).mean()))
-                        cosines.append(float(torch.nn.functional.cosine_similarity(made[i], target, dim=-1).mean()))
-                        zero_errors.append(float((target ** 2).mean()))
-                    missing += count - matched
-                    extra += made.shape[0] - matched
-                    start += count
-    model.train(was_training)
+    try:
+        rows = map_shards(answers, records, world, "the evaluation")
+    finally:
+        model.train(was_training)
+    correct = [row["ok"] for row in rows]
+    kinds = [str(record.meta.get("kind", "all")) for record in records]
+    outputs = [{"id": record.id, "kind": kind, "gold": record.answer, "output": row["text"], "correct": bool(row["ok"]),
+                "sketches": row["sketches"]} for record, kind, row in zip(records, kinds, rows)]
+    answered, tokens = sum(row["answered"] for row in rows), sum(row["tokens"] for row in rows)
+    sketches, seconds = sum(row["sketches"] for row in rows), sum(row["seconds"] for row in rows)
+    errors = [e for row in rows for e in row["errors"]]
+    cosines = [c for row in rows for c in row["cosines"]]
+    zero_errors = [e for row in rows for e in row["zero_errors"]]
+    missing, extra = sum(row["missing"] for row in rows), sum(row["extra"] for row in rows)
     n = len(records)
     accuracy, stderr = _rate(sum(correct), n)
     metrics = dict(name=config.name, method=METHOD, mode=config.mode, n=n, accuracy=accuracy, accuracy_stderr=stderr,
@@ -730,22 +742,24 @@ def evaluate(model: ModalMixedCoT, tokenizer: Any, image_processor: Any, config:
                        latent_cosine=float(np.mean(cosines)) if cosines else float("nan"),
                        latent_mse_of_zeros=float(np.mean(zero_errors)) if zero_errors else float("nan"),
                        sketches_matched=len(errors), sketches_missing=missing, sketches_extra=extra)
-    if ablated:
+    if overrides:
         metrics["ablation"] = {}
-        for override, oks in ablated.items():
+        for override in overrides:
+            oks = [row["ablated"][override][0] for row in rows]
             rate, err = _rate(sum(oks), n)
-            metrics["ablation"][override] = dict(accuracy=rate, accuracy_stderr=err,
-                                                 accuracy_by_kind=_by_kind(kinds, oks), accuracy_drop=accuracy - rate,
-                                                 answered=ablated_answered[override] / n,
-                                                 tokens_per_answer=ablated_tokens[override] / n)
+            metrics["ablation"][override] = dict(
+                accuracy=rate, accuracy_stderr=err, accuracy_by_kind=_by_kind(kinds, oks),
+                accuracy_drop=accuracy - rate, answered=sum(row["ablated"][override][1] for row in rows) / n,
+                tokens_per_answer=sum(row["ablated"][override][2] for row in rows) / n)
     return metrics
 
 
-def evaluate_result(result: dict, config: ModalMixedConfig, progress: bool = False) -> dict:
+def evaluate_result(result: dict, config: ModalMixedConfig, progress: bool = False,
+                    world: Optional[World] = None) -> dict:
     """:func:`evaluate` of what :func:`train` returned (its model, tokenizer and image processor) on the run's
-    held-out records."""
+    held-out records (shared out over a data-parallel ``world``)."""
     return evaluate(result["model"], result["tokenizer"], result["image_processor"], config, result["eval_records"],
-                    progress=progress)
+                    progress=progress, world=world)
 
 
 def table_row(metrics: dict, source: str, train_seconds: Optional[float] = None) -> dict:
