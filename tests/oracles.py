@@ -167,3 +167,20 @@ def plain_rms_norm(x, weight, eps):
     if weight.dtype in (torch.float16, torch.bfloat16):
         hidden = hidden.to(weight.dtype)
     return weight * hidden
+
+
+def denoise_step64(x, model_out, table, steps, clip, noise, cfg_scale):
+    """One sampler step in float64: x [R, C], model_out [R, C] (or [2R, C] with cfg_scale), table [S, 6] of
+    (cx, co, px, po, c0, sigma), steps [R] each row's step, noise [R, C] or None. Returns the new x."""
+    R = x.shape[0]
+    out = model_out.double()
+    if cfg_scale is not None:
+        out = out[R:] + cfg_scale * (out[:R] - out[R:])
+    cx, co, px, po, c0, sigma = (c[:, None] for c in table.double()[steps.long()].unbind(dim=1))
+    xd = x.double()
+    new = cx * xd + co * out
+    if clip is not None:
+        new = new + c0 * (px * xd + po * out).clamp(-clip, clip)
+    if noise is not None:
+        new = new + sigma * noise.double()
+    return new

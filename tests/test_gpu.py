@@ -126,8 +126,8 @@ def test_ivtlr_on_cuda_matches_reference(use_backend):
 
 
 def test_denoise_step_cuda_matches_reference(use_backend):
-    """The Triton step on CUDA (ragged steps, guidance, x0 clamp, noise, bf16 model outputs) against the torch
-    reference on the same inputs: both are float32 arithmetic, so they agree to rounding."""
+    """The Triton and the native CUDA step (ragged steps, guidance, x0 clamp, noise, bf16 model outputs) against
+    the torch reference on the same inputs: all are float32 arithmetic, so they agree to rounding."""
     from mmlatent.kernels import SamplerSchedule, denoise_step_
     schedule = SamplerSchedule.create("ddpm", 50, "v_prediction", clip_sample=True)
     g = torch.Generator().manual_seed(0)
@@ -137,10 +137,40 @@ def test_denoise_step_cuda_matches_reference(use_backend):
     noise = torch.randn(R, C, generator=g).cuda()
     steps = torch.randint(0, 50, (R,), generator=g).to(torch.int32).cuda()
     results = {}
-    for backend in ("triton", "torch"):
+    for backend in ("native", "triton", "torch"):
         use_backend(backend)
         results[backend] = denoise_step_(x.clone(), out, steps, schedule, noise=noise, cfg_scale=4.0)
     torch.testing.assert_close(results["triton"], results["torch"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results["native"], results["torch"], rtol=1e-5, atol=1e-5)
+
+
+def test_native_denoise_step_is_graph_capturable(use_backend):
+    """The native CUDA step with noise drawn on the device inside the capture: every replay draws fresh noise
+    and equals the same step run eagerly from the same generator state."""
+    from mmlatent.kernels import SamplerSchedule, denoise_step_
+    use_backend("native")
+    schedule = SamplerSchedule.create("ddpm", 20, "epsilon")
+    x = torch.randn(64, 512, device="cuda")
+    out = torch.randn(128, 512, device="cuda")
+    static = x.clone()
+    generator = torch.cuda.default_generators[0]
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # warm-up outside the capture
+        denoise_step_(static.clone(), out, 5, schedule, cfg_scale=2.0)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        denoise_step_(static, out, 5, schedule, cfg_scale=2.0)
+    replays = []
+    for _ in range(2):
+        static.copy_(x)
+        state = generator.get_state()
+        graph.replay()
+        replays.append(static.clone())
+        generator.set_state(state)
+        eager = denoise_step_(x.clone(), out, 5, schedule, cfg_scale=2.0)
+        torch.testing.assert_close(replays[-1], eager, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(replays[0], replays[1])
 
 
 def test_layer_norm_modulate_bf16_cuda(use_backend):

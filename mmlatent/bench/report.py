@@ -61,7 +61,10 @@ def reading(row: dict) -> str:
         parts.append(f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower")
     memory = row.get("memory_ratio_of_mmlatent")
     if memory is not None:
-        parts.append(f"{1 / memory:.1f}x less peak memory" if memory <= 1 else f"{memory:.1f}x more peak memory")
+        if memory == 0:  # an in-place op that allocates nothing, against a baseline that does
+            parts.append("no extra peak memory, where the baseline allocates")
+        else:
+            parts.append(f"{1 / memory:.1f}x less peak memory" if memory <= 1 else f"{memory:.1f}x more peak memory")
     verdict = ", ".join(parts) if parts else "no ratio (the baseline did not run)"
     return f"mmlatent vs {row['impl']}: {verdict}"
 

@@ -18,12 +18,12 @@
 from . import checks  # noqa: F401
 from .dispatch import BACKENDS, BackendUnavailableError, native_module, requested_backend  # noqa: F401
 
-# The C++ extension registers mmlatent::select_topk_tokens_native; load it before the Python ops add to the namespace.
+# The C++ extension registers the mmlatent::*_native ops; load it before the Python ops add to the namespace.
 native_module()
 
 from .attention import (ATTENTION_WITH_SCORES, ROW_ATTENTION_MASS, attention_with_scores,  # noqa: E402
                         row_attention_mass)
-from .selection import SELECT_TOPK_TOKENS, register_native_fake, select_topk_tokens  # noqa: E402
+from .selection import SELECT_TOPK_TOKENS, select_topk_tokens  # noqa: E402
 from .losses import LINEAR_CROSS_ENTROPY, LINEAR_LOG_PROBS, linear_cross_entropy, linear_log_probs  # noqa: E402
 from .diffusion import (DENOISE_STEP, DIFFUSION_MSE, LAYER_NORM_MODULATE, SamplerSchedule,  # noqa: E402
                         denoise_step_, diffusion_mse, layer_norm_modulate)
@@ -31,7 +31,11 @@ from .fusion import GATED_MIX, gated_mix  # noqa: E402
 from .activations import GEGLU, geglu  # noqa: E402
 from .norms import RMS_NORM, rms_norm  # noqa: E402
 
-register_native_fake()
+from .selection.op import register_native_fake as _register_selection_fake  # noqa: E402
+from .diffusion.op import register_native_fake as _register_denoise_fake  # noqa: E402
+
+for _register_fake in (_register_selection_fake, _register_denoise_fake):  # shapes of the C++ ops, for compile
+    _register_fake()
 
 OPS = {op.name: op for op in (ROW_ATTENTION_MASS, ATTENTION_WITH_SCORES, SELECT_TOPK_TOKENS, LINEAR_CROSS_ENTROPY,
                               LINEAR_LOG_PROBS, DENOISE_STEP, LAYER_NORM_MODULATE, DIFFUSION_MSE, GATED_MIX,

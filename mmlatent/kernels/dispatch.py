@@ -138,6 +138,8 @@ class OpDispatch:
     name: str
     checks: Dict[str, Callable[..., Reasons]]
     auto_order: Sequence[str] = field(default=BACKENDS)
+    # device type -> the order ``auto`` tries on that device, where it differs from ``auto_order``
+    device_auto_order: Dict[str, Sequence[str]] = field(default_factory=dict)
 
     def reasons(self, backend: str, **inputs) -> Reasons:
         check = self.checks.get(backend)
@@ -148,7 +150,7 @@ class OpDispatch:
     def choose(self, **inputs) -> str:
         """The backend to run: the first of ``auto_order`` (or the one ``MMLATENT_BACKEND`` names) that can."""
         requested = requested_backend()
-        order = tuple(self.auto_order) if requested == "auto" else (requested,)
+        order = self.auto_order_for(_device_of(inputs)) if requested == "auto" else (requested,)
         for backend in order:
             if not self.reasons(backend, **inputs):
                 return backend
@@ -163,9 +165,34 @@ class OpDispatch:
             f"{self.name}: no usable backend for {ENV_VAR}={requested} with inputs ({described}). Backends and "
             f"why each was skipped:\n" + "\n".join(lines))
 
+    def auto_order_for(self, device: Optional[torch.device]) -> Tuple[str, ...]:
+        """The order ``auto`` tries for inputs on ``device`` (None: the default order)."""
+        if device is not None and device.type in self.device_auto_order:
+            return tuple(self.device_auto_order[device.type])
+        return tuple(self.auto_order)
+
     def report(self, **inputs) -> Dict[str, str]:
         """Every backend with "ok" or all the reasons it cannot run these inputs (for users and error messages)."""
         return {b: ("; ".join(self.reasons(b, **inputs)) or "ok") for b in BACKENDS}
+
+
+def _device_of(inputs: Dict[str, object]) -> Optional[torch.device]:
+    """The device the inputs live on: a ``device`` input, else the first tensor's."""
+    device = inputs.get("device")
+    if isinstance(device, torch.device):
+        return device
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return None
+
+
+def native_op_reasons(device: torch.device, op: str) -> Reasons:
+    """``native_reasons``, and an extension built before ``op`` existed refused (rebuild it)."""
+    reasons = native_reasons(device)
+    if not reasons and not hasattr(torch.ops.mmlatent, op):
+        reasons.append(f"mmlatent._C predates its sources and has no {op} (rebuild it: pip install -e .)")
+    return reasons
 
 
 def triton_or_torch(name: str, triton_check: Callable[..., Reasons]) -> OpDispatch:
@@ -175,4 +202,5 @@ def triton_or_torch(name: str, triton_check: Callable[..., Reasons]) -> OpDispat
 
 __all__ = ["triton_or_torch", "triton_row_reasons", "BACKENDS", "BACKEND_ALIASES", "ENV_VAR", "BackendUnavailableError",
            "requested_backend", "OpDispatch",
-           "native_module", "native_reasons", "triton_reasons", "triton_float_reasons", "torch_reasons"]
+           "native_module", "native_reasons", "native_op_reasons", "triton_reasons", "triton_float_reasons",
+           "torch_reasons"]

@@ -2,16 +2,16 @@
 backward with the gradients returned, against the torch expressions the head ran before them."""
 from __future__ import annotations
 
-from typing import Callable, List
+from typing import Callable, List, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from mmlatent.kernels import diffusion_mse, layer_norm_modulate
+from mmlatent.kernels import SamplerSchedule, denoise_step_, diffusion_mse, layer_norm_modulate
 
 from ..case import Call, Case, Inputs, Make
-from ..ceilings import diffusion_mse_bytes, layer_norm_modulate_bytes
-from .inputs import cpu_generator, normal_tensors
+from ..ceilings import denoise_step_bytes, diffusion_mse_bytes, layer_norm_modulate_bytes
+from .inputs import cpu_generator, normal_tensors, pinned_backend
 
 # LatentDiffusionHead's LayerNorm epsilon.
 HEAD_EPS = 1e-6
@@ -85,10 +85,43 @@ def diffusion_mse_case(R: int, C: int) -> Case:
                 bytes_moved=diffusion_mse_bytes(R, C))
 
 
+# The guidance scale of the step benchmark (any value: the work does not depend on it).
+STEP_CFG = 3.0
+
+
+def _step_inputs(R: int, C: int) -> Make:
+    """x [R, C] float32, model_out [2R, C] (conditional rows, then unconditional) in the run's dtype, noise [R, C]
+    float32, and each row at its own step of a 50-step DDPM schedule."""
+    def make(device: torch.device, dtype: torch.dtype) -> Inputs:
+        g = cpu_generator()
+        schedule = SamplerSchedule.create("ddpm", 50, "epsilon")
+        return dict(x=torch.randn(R, C, generator=g).to(device), out=torch.randn(2 * R, C, generator=g).to(device,
+                                                                                                             dtype),
+                    noise=torch.randn(R, C, generator=g).to(device), schedule=schedule,
+                    steps=torch.randint(0, 49, (R,), generator=g).to(device))
+    return make
+
+
+def _step(a: Inputs) -> object:
+    return denoise_step_(a["x"], a["out"], a["steps"], a["schedule"], noise=a["noise"], cfg_scale=STEP_CFG)
+
+
+def denoise_step_case(R: int, C: int, backends: Sequence[str] = ("torch",)) -> Case:
+    """One guided DDPM step with ragged per-row steps and explicit noise: the op as ``auto`` runs it (the native
+    C++ op on a CPU, Triton on a GPU) against the op with each backend of ``backends`` pinned."""
+    baselines = {f"{backend} backend": pinned_backend(backend, _step) for backend in backends}
+    return Case("denoise_step_", f"R{R} C{C} cfg+noise ragged steps", _step_inputs(R, C), _step, baselines,
+                bytes_moved=denoise_step_bytes(R, C))
+
+
 def cases(sizes: str) -> List[Case]:
     if sizes == "tiny":
-        return [modulate_case(8, 64), diffusion_mse_case(8, 64)]
+        return [modulate_case(8, 64), diffusion_mse_case(8, 64), denoise_step_case(8, 64)]
     if sizes == "gpu":
         out = [modulate_case(N, 1024) for N in (256, 4096, 65536)]  # the head's width; 65536 rows: HBM-bound
-        return out + [diffusion_mse_case(R, 3584) for R in (1024, 16384)]  # 32-row sketches x batch x batch_mul
-    return []  # the default CPU set times the whole head instead (diffusion_head)
+        out += [diffusion_mse_case(R, 3584) for R in (1024, 16384)]  # 32-row sketches x batch x batch_mul
+        # the head's rows of a decoding batch, then a whole Zebra-CoT batch of sketches: the CUDA kernel against
+        # the Triton one (auto's pick on a GPU) and the torch path
+        return out + [denoise_step_case(R, 3584, backends=("native", "triton", "torch")) for R in (256, 16384)]
+    # the default CPU set times the whole head elsewhere (diffusion_head); this row is the step alone
+    return [denoise_step_case(4096, 512)]
