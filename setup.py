@@ -71,7 +71,12 @@ setup(
         CppExtension(
             "mmlatent._C",
             sorted(glob.glob(os.path.join("csrc", "*.cpp"))),
-            extra_compile_args={"cxx": ["-O3"]},
+            # -fopenmp: at::parallel_for is OpenMP code in ATen's headers, serial without it; the extension then
+            # resolves libgomp.so.1 to the copy torch already loaded, so one OpenMP runtime serves both
+            # -fno-trapping-math: no op reads the floating-point exception flags, and without it GCC keeps the
+            # compares of branch-free loops (csrc/cpu_math.h's exp) from vectorising; the results are the same
+            extra_compile_args={"cxx": ["-O3", "-fopenmp", "-fno-trapping-math"]},
+            extra_link_args=["-fopenmp"],
         )
     ],
     cmdclass={"build_ext": BuildWithNvcc.with_options(use_ninja=True)},

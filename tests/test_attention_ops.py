@@ -87,7 +87,7 @@ def test_triton_split_kv_matches(backend, splits, use_backend):
         assert_close_fp32(a, b)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["native"])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1, 64), (2, 7, 1, 1, 1000, 128), (3, 4, 4, 1, 37, 80),
                                    (2, 8, 2, 1, 200, 64)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -16,9 +16,8 @@ def test_error_lists_every_backend_with_reason(use_backend, monkeypatch):
     use_backend("triton")
     import mmlatent.kernels.limits as limits
     monkeypatch.setattr(limits, "triton_interpreting", lambda: False)  # as on a CPU machine without the interpreter
-    with pytest.raises(BackendUnavailableError) as err:
-        row_attention_mass(torch.randn(1, 2, 8), torch.randn(1, 2, 5, 8), torch.zeros(1, 2, dtype=torch.long),
-                           torch.zeros(1, 2))
+    with pytest.raises(BackendUnavailableError) as err:  # an op without a native implementation
+        attention_with_scores(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8))
     message = str(err.value)
     for backend in ("native", "triton", "torch"):
         assert f"- {backend}:" in message

@@ -4,9 +4,10 @@ of the same ops are tested in tests/test_gpu.py."""
 import pytest
 import torch
 
-from mmlatent.kernels import SamplerSchedule, backend_report, denoise_step_
+from mmlatent.kernels import SamplerSchedule, backend_report, denoise_step_, row_attention_mass
 from mmlatent.kernels.dispatch import native_module
-from oracles import assert_close_fp32, denoise_step64
+from oracles import (assert_close_fp32, assert_within_torch_error, dense_attention64, denoise_step64,
+                     image_index_for, image_mass64, padded_key_valid)
 
 pytestmark = pytest.mark.skipif(native_module()[0] is None, reason="mmlatent._C is not built")
 
@@ -104,3 +105,92 @@ def test_native_denoise_step_opcheck():
     x, out, noise = _step_inputs(4, 9, torch.bfloat16, 1.5)
     torch.library.opcheck(torch.ops.mmlatent.denoise_step_native.default,
                           (x, out, table, 0, torch.tensor([1, 2, 3, 7]), 1.0, noise, 1.5))
+
+
+# -------------------------------------------------------------------------------------------- row_attention_mass
+
+def _row_inputs(B, Hq, Hkv, N, D, Ni, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, N, D, generator=g).to(dtype)
+    return q, k, padded_key_valid(B, N, g), image_index_for(B, N, Ni, g)
+
+
+def _mass64(q, k, key_valid, image_index, scale):
+    _, _, p64 = dense_attention64(q[:, :, None], k, None, causal=False, key_valid=key_valid, scale=scale)
+    return image_mass64(p64[:, :, 0], image_index)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 64, 1), (2, 7, 1, 1000, 128, 14), (3, 4, 4, 37, 80, 14),
+                                   (2, 16, 4, 300, 64, 70), (1, 4, 2, 129, 3, 9)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_native_row_attention_mass_matches_the_oracle(shape, dtype, use_backend):
+    """Every key count and head grouping of the other backends' tests (blocks of 64 keys: partial, one, several),
+    a head dim that is not a multiple of 8, every dtype: float32 / float64 within 1e-5 of the float64 oracle,
+    half precision within twice the torch backend's own error."""
+    q, k, key_valid, image_index = _row_inputs(*shape, dtype)
+    start = torch.randn(image_index.shape)
+    expected = start.double() + 0.25 * _mass64(q, k, key_valid, image_index, 0.1)
+    results = {}
+    for backend in ("native", "torch"):
+        use_backend(backend)
+        out = start.clone()
+        row_attention_mass(q, k, image_index, out, key_valid=key_valid, scale=0.1, weight=0.25)
+        results[backend] = out
+    if dtype in (torch.float32, torch.float64):
+        assert_close_fp32(results["native"], expected)
+    else:
+        assert_within_torch_error(results["native"], expected, results["torch"], 1e-6)
+    assert torch.equal(results["native"][image_index < 0], start[image_index < 0])
+
+
+def test_native_row_attention_mass_nan_strides_and_empty_heads(use_backend):
+    """NaN in a padding key is ignored, and a NaN logit among the valid keys drops its heads (they put no mass
+    anywhere, the torch backend's rule); a batch item whose keys are all padding adds nothing; the cache a slice
+    of a longer one along N; ``out`` a column slice of a wider buffer."""
+    use_backend("native")
+    q, cache, key_valid, image_index = _row_inputs(3, 4, 2, 64, 16, 6, torch.float32, seed=2)
+    k = torch.cat([cache, torch.randn(3, 2, 20, 16)], dim=2)[:, :, :64]  # N stride 84 rows, not 64
+    key_valid[2] = False
+    pad = (~key_valid[0]).nonzero()[0, 0]
+    k[0, :, pad] = float("nan")
+    wide = torch.zeros(3, 10)
+    out = wide[:, 2:8]
+    row_attention_mass(q, k, image_index, out, key_valid=key_valid)
+    expected = _mass64(q, k.nan_to_num(0.0), key_valid, image_index, 16 ** -0.5)
+    assert_close_fp32(out, expected)
+    assert torch.all(out[2] == 0) and torch.all(wide[:, :2] == 0) and torch.all(wide[:, 8:] == 0)
+    valid_key = key_valid[1].nonzero()[0, 0]
+    k[1, 0, valid_key] = float("nan")  # KV head 0 serves query heads 0 and 1
+    both = torch.zeros(3, 6)
+    row_attention_mass(q, k, image_index, both, key_valid=key_valid)
+    use_backend("torch")
+    theirs = torch.zeros(3, 6)
+    row_attention_mass(q, k, image_index, theirs, key_valid=key_valid)
+    assert torch.isfinite(both).all()
+    assert_close_fp32(both, theirs)
+    _, _, p64 = dense_attention64(q[1:2, 2:, None], k[1:2, 1:], None, causal=False, key_valid=key_valid[1:2],
+                                  scale=16 ** -0.5)
+    assert_close_fp32(both[1], image_mass64(p64[:, :, 0], image_index[1:2])[0])  # the other KV head's queries
+
+
+def test_native_row_attention_mass_bad_input_leaves_out_untouched():
+    q, k, key_valid, image_index = _row_inputs(2, 4, 2, 10, 8, 3, torch.float32)
+    out = torch.randn(2, 3)
+    before = out.clone()
+    op = torch.ops.mmlatent.row_attention_mass_native
+    bad = image_index.clone()
+    bad[1, 0] = 10
+    cases = [((q, k, bad, out, key_valid, 0.5, 1.0), "image_index: entries must be -1"),
+             ((q, k[:, :, :, :4], image_index, out, None, 0.5, 1.0), "k: expected \\[B, Hkv, N, D\\]"),
+             ((q, torch.randn(2, 3, 10, 8), image_index, out, None, 0.5, 1.0), "k: its 3 heads must divide"),
+             ((q, k, image_index, torch.randn(2, 4), None, 0.5, 1.0), "out: expected \\[B, Ni\\]"),
+             ((q, k, image_index, out, key_valid[:, :5], 0.5, 1.0), "key_valid: expected \\[B, N\\]")]
+    for args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            op(*args)
+        assert torch.equal(out, before)
+    with pytest.raises(TypeError, match="k: expected the dtype of q"):
+        op(q, k.double(), image_index, out, None, 0.5, 1.0)
+    torch.library.opcheck(op.default, (q, k, image_index, out, key_valid, 0.5, 1.0))

@@ -33,8 +33,9 @@ from .norms import RMS_NORM, rms_norm  # noqa: E402
 
 from .selection.op import register_native_fake as _register_selection_fake  # noqa: E402
 from .diffusion.op import register_native_fake as _register_denoise_fake  # noqa: E402
+from .attention.op import register_native_fake as _register_row_mass_fake  # noqa: E402
 
-for _register_fake in (_register_selection_fake, _register_denoise_fake):  # shapes of the C++ ops, for compile
+for _register_fake in (_register_selection_fake, _register_denoise_fake, _register_row_mass_fake):  # shapes of the C++ ops, for compile
     _register_fake()
 
 OPS = {op.name: op for op in (ROW_ATTENTION_MASS, ATTENTION_WITH_SCORES, SELECT_TOPK_TOKENS, LINEAR_CROSS_ENTROPY,

@@ -9,7 +9,7 @@ Baselines:
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from mmlatent.kernels import attention_with_scores, row_attention_mass
 
 from ..case import Case, Inputs, Make
 from ..ceilings import attention_flops, row_mass_bytes
-from .inputs import cpu_generator, normal_tensors
+from .inputs import cpu_generator, normal_tensors, pinned_backend
 
 
 def _attention_inputs(B: int, Hq: int, Hkv: int, M: int, N: int, D: int, Ni: int) -> Make:
@@ -92,10 +92,13 @@ def _ours_row_mass(a):
     return row_attention_mass(a["q"][:, :, 0], a["k"], a["image_index"], a["scores"])
 
 
-def row_mass_case(B: int, Hq: int, Hkv: int, N: int, D: int, Ni: int) -> Case:
-    """One query row's attention mass on Ni image tokens among N keys (the score IVT-LR selects by)."""
+def row_mass_case(B: int, Hq: int, Hkv: int, N: int, D: int, Ni: int, backends: Sequence[str] = ("torch",)) -> Case:
+    """One query row's attention mass on Ni image tokens among N keys (the score IVT-LR selects by): the op as
+    ``auto`` runs it against a plain softmax row and against the op with each backend of ``backends`` pinned."""
+    baselines = {"torch row": _torch_row}
+    baselines.update({f"{backend} backend": pinned_backend(backend, _ours_row_mass) for backend in backends})
     return Case("row_attention_mass", f"B{B} Hq{Hq} Hkv{Hkv} N{N} D{D} Ni{Ni}",
-                _attention_inputs(B, Hq, Hkv, 1, N, D, Ni), _ours_row_mass, {"torch row": _torch_row},
+                _attention_inputs(B, Hq, Hkv, 1, N, D, Ni), _ours_row_mass, baselines,
                 bytes_moved=row_mass_bytes(B, Hkv, N, D))
 
 

@@ -1,0 +1,86 @@
+// Small float kernels shared by the native CPU ops: a dot product and an exp written so that the compiler
+// vectorises them (independent accumulators, no branches), each compiled twice (AVX2 + FMA, and the baseline
+// x86-64 for older CPUs) and chosen once at load time by the CPU's features.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MMLATENT_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define MMLATENT_CPU_CLONES
+#endif
+
+namespace mmlatent_cpu {
+
+// sum_i a[i] * b[i] over n floats, in float32 with 8 partial sums; inlined into its (cloned) callers, so it is
+// compiled for their target.
+__attribute__((always_inline)) static inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  float tail = 0.0f;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
+static double dot(const double* a, const double* b, int64_t n) {
+  double acc[4] = {0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4)
+    for (int j = 0; j < 4; ++j) acc[j] += a[i + j] * b[i + j];
+  double tail = 0.0;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail;
+}
+
+// exp(x) for float32 within 2 ulp where the result is a normal float (Cephes' expf: exp(x) = 2^n exp(r),
+// |r| <= ln2 / 2, a degree-6 polynomial for exp(r)); exactly 0 below -87.3 (so -inf gives 0), NaN for NaN.
+// Selects instead of branches, so that a loop of it vectorises. Only used where x <= 0 (softmax exponents).
+__attribute__((always_inline)) static inline float exp_approx(float x) {
+  float c = x < -87.3f ? -87.3f : x;
+  c = c > 88.3f ? 88.3f : c;
+  c = x == x ? c : 0.0f;  // NaN: any finite value here, the result is replaced below
+  // n = round(c / ln2) by the 1.5 * 2^23 trick (a float add rounds to an integer), not floor: a call the
+  // loop would not vectorise around
+  const float n = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (c - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const float two_n = __builtin_bit_cast(float, bits);
+  const float value = x < -87.3f ? 0.0f : y * two_n;
+  return x == x ? value : x;
+}
+
+// out[i] = exp_approx(in[i] - shift) for n values, then their sum (8 partial sums).
+MMLATENT_CPU_CLONES static float exp_shifted(const float* in, float shift, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = exp_approx(in[i] - shift);
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += out[i + j];
+  float tail = 0.0f;
+  for (; i < n; ++i) tail += out[i];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
+// scores[g * ld + j] = q[g] . keys[rows[j]] for g < heads, j < count: the logits of `heads` query rows of
+// length d against `count` key rows of a cache whose rows are `key_stride` floats apart (rows = nullptr: rows
+// 0 .. count - 1). One call per block of keys, so the dispatch of the clone is paid per block, not per dot.
+MMLATENT_CPU_CLONES static void block_scores(const float* q, int64_t heads, int64_t d, const float* keys,
+                                             int64_t key_stride, const int64_t* rows, int64_t count, float* scores,
+                                             int64_t ld) {
+  for (int64_t j = 0; j < count; ++j) {
+    const float* key = keys + (rows != nullptr ? rows[j] : j) * key_stride;
+    for (int64_t g = 0; g < heads; ++g) scores[g * ld + j] = dot(q + g * d, key, d);
+  }
+}
+
+}  // namespace mmlatent_cpu
