@@ -56,29 +56,39 @@ void logits(const acc_t* qg, int64_t G, int64_t D, const scalar_t* kb, int64_t k
   }
 }
 
+// Every layer's mass, before the sum over KV heads: partial[l, b, h, j] = sum over the G query heads of KV head h
+// of p[b, head, image_index[b, j]] in layer l (0 at padding slots and padding keys). qs[l] [B, Hq, D] and
+// ks[l] [B, Hkv, N, D] (rows of unit stride) of one dtype; tasks (layer, batch item, KV head) run in parallel.
 template <typename scalar_t>
-void row_mass_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& image_index, at::Tensor& out,
-                   const std::optional<at::Tensor>& key_valid, double scale, double weight, at::Tensor& partial) {
+void layer_masses(const std::vector<at::Tensor>& q_layers, const std::vector<at::Tensor>& k_layers,
+                  const at::Tensor& image_index, const std::optional<at::Tensor>& key_valid, double scale,
+                  at::Tensor& partial) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), N = k.size(2);
+  const int64_t L = static_cast<int64_t>(q_layers.size());
+  const at::Tensor& q0 = q_layers[0];
+  const at::Tensor& k0 = k_layers[0];
+  const int64_t B = q0.size(0), Hq = q0.size(1), D = q0.size(2), Hkv = k0.size(1), N = k0.size(2);
   const int64_t Ni = image_index.size(1), G = Hq / Hkv;
-  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
-  const scalar_t* kd = k.data_ptr<scalar_t>();
   const int64_t* idx = image_index.data_ptr<int64_t>();
   const bool* valid = key_valid ? key_valid->data_ptr<bool>() : nullptr;
-  // q scaled once, in the math dtype: [B, Hq, D]
-  std::vector<acc_t> qs(B * Hq * D);
-  const scalar_t* qd = q.data_ptr<scalar_t>();
-  for (int64_t i = 0; i < B * Hq * D; ++i) qs[i] = static_cast<acc_t>(qd[i]) * static_cast<acc_t>(scale);
+  // q scaled once, in the math dtype: [L, B, Hq, D]
+  std::vector<acc_t> qs(L * B * Hq * D);
+  for (int64_t layer = 0; layer < L; ++layer) {
+    const scalar_t* qd = q_layers[layer].data_ptr<scalar_t>();
+    for (int64_t i = 0; i < B * Hq * D; ++i)
+      qs[layer * B * Hq * D + i] = static_cast<acc_t>(qd[i]) * static_cast<acc_t>(scale);
+  }
   acc_t* mass = partial.data_ptr<acc_t>();
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, L * B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scores(G * kKeyBlock), exps(kKeyBlock), row(D), m(G), l(G), lse(G);
     std::vector<int64_t> slots(kKeyBlock), positions(kKeyBlock);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hkv, h = task % Hkv;
-      const scalar_t* kb = kd + b * ks0 + h * ks1;
-      const acc_t* qg = qs.data() + (b * Hq + h * G) * D;
+      const int64_t layer = task / (B * Hkv), b = (task / Hkv) % B, h = task % Hkv;
+      const at::Tensor& k = k_layers[layer];
+      const int64_t ks2 = k.stride(2);
+      const scalar_t* kb = k.data_ptr<scalar_t>() + b * k.stride(0) + h * k.stride(1);
+      const acc_t* qg = qs.data() + ((layer * B + b) * Hq + h * G) * D;
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), acc_t(0));
       for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {
@@ -119,24 +129,60 @@ void row_mass_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& i
                                 row.data());
         for (int64_t g = 0; g < G; ++g) {
           if (lse[g] == kNegInf) continue;  // a head with no valid key puts no mass anywhere
-          for (int64_t c = 0; c < count; ++c) slot_mass[slots[c]] += exp_of<acc_t>(scores[g * kKeyBlock + c] - lse[g]);
+          for (int64_t c = 0; c < count; ++c)
+            slot_mass[slots[c]] += exp_of<acc_t>(scores[g * kKeyBlock + c] - lse[g]);
         }
       }
     }
   });
-  // Summed over the KV heads in a fixed order, then added in float32 as the torch backend adds.
+}
+
+// out[b, j] += weight[l] * sum_h partial[l, b, h, j] for each layer in order, in float32: what one
+// row_attention_mass call per layer adds, in the same order of operations.
+template <typename acc_t>
+void add_layer_masses(const at::Tensor& partial, const at::Tensor& image_index, const std::vector<double>& weights,
+                      at::Tensor& out) {
+  const int64_t L = partial.size(0), B = partial.size(1), Hkv = partial.size(2), Ni = partial.size(3);
+  const acc_t* mass = partial.data_ptr<acc_t>();
+  const int64_t* idx = image_index.data_ptr<int64_t>();
   auto out_a = out.accessor<float, 2>();
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t j = 0; j < Ni; ++j) {
-      if (idx[b * Ni + j] < 0) continue;
-      acc_t total = 0;
-      for (int64_t h = 0; h < Hkv; ++h) total += mass[(b * Hkv + h) * Ni + j];
-      out_a[b][j] = out_a[b][j] + static_cast<float>(weight) * static_cast<float>(total);
+  for (int64_t layer = 0; layer < L; ++layer) {
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t j = 0; j < Ni; ++j) {
+        if (idx[b * Ni + j] < 0) continue;
+        acc_t total = 0;
+        for (int64_t h = 0; h < Hkv; ++h) total += mass[((layer * B + b) * Hkv + h) * Ni + j];
+        out_a[b][j] = out_a[b][j] + static_cast<float>(weights[layer]) * static_cast<float>(total);
+      }
     }
   }
 }
 
 }  // namespace
+
+void mmlatent_add_row_masses_cpu(const std::vector<at::Tensor>& q_layers, const std::vector<at::Tensor>& k_layers,
+                                 const at::Tensor& image_index_in, at::Tensor& out,
+                                 const std::optional<at::Tensor>& key_valid_in, double scale,
+                                 const std::vector<double>& weights) {
+  const at::Tensor& q0 = q_layers[0];
+  const at::Tensor& k0 = k_layers[0];
+  if (q0.size(0) == 0 || q0.size(1) == 0 || image_index_in.size(1) == 0) return;
+  std::vector<at::Tensor> qs, ks;
+  for (const auto& q : q_layers) qs.push_back(q.contiguous());
+  // Any layout of the cache along B, H and N; each key row must be contiguous for the dot products.
+  for (const auto& k : k_layers) ks.push_back(k.size(3) <= 1 || k.stride(3) == 1 ? k : k.contiguous());
+  const at::Tensor image_index = image_index_in.contiguous();
+  std::optional<at::Tensor> key_valid;
+  if (key_valid_in) key_valid = key_valid_in->contiguous();
+  const auto acc = q0.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor partial = at::empty({static_cast<int64_t>(qs.size()), q0.size(0), k0.size(1), image_index.size(1)},
+                                 q0.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q0.scalar_type(), "row_attention_mass_cpu", [&] {
+    layer_masses<scalar_t>(qs, ks, image_index, key_valid, scale, partial);
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    add_layer_masses<acc_t>(partial, image_index, weights, out);
+  });
+}
 
 void mmlatent_check_row_mass_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& image_index,
                                   const at::Tensor& out, const std::optional<at::Tensor>& key_valid) {
@@ -173,22 +219,11 @@ void mmlatent_check_row_mass_args(const at::Tensor& q, const at::Tensor& k, cons
 
 namespace {
 
-void row_attention_mass_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& image_index_in,
-                            at::Tensor& out, const std::optional<at::Tensor>& key_valid_in, double scale,
+void row_attention_mass_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& image_index,
+                            at::Tensor& out, const std::optional<at::Tensor>& key_valid, double scale,
                             double weight) {
-  mmlatent_check_row_mass_args(q_in, k_in, image_index_in, out, key_valid_in);
-  if (q_in.size(0) == 0 || q_in.size(1) == 0 || image_index_in.size(1) == 0) return;
-  const at::Tensor q = q_in.contiguous();
-  // Any layout of the cache along B, H and N; each key row must be contiguous for the dot products.
-  const at::Tensor k = k_in.size(3) <= 1 || k_in.stride(3) == 1 ? k_in : k_in.contiguous();
-  const at::Tensor image_index = image_index_in.contiguous();
-  std::optional<at::Tensor> key_valid;
-  if (key_valid_in) key_valid = key_valid_in->contiguous();
-  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor partial = at::empty({q.size(0), k.size(1), image_index.size(1)}, q.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "row_attention_mass_cpu", [&] {
-    row_mass_rows<scalar_t>(q, k, image_index, out, key_valid, scale, weight, partial);
-  });
+  mmlatent_check_row_mass_args(q, k, image_index, out, key_valid);
+  mmlatent_add_row_masses_cpu({q}, {k}, image_index, out, key_valid, scale, {weight});
 }
 
 }  // namespace

@@ -14,6 +14,7 @@
 
 // Always included: its token cap is what the Python dispatch reads back (select_topk_max_tokens), and its
 // declarations need no CUDA headers.
+#include "select_topk.h"
 #include "select_topk_cuda.h"
 
 namespace {
@@ -95,7 +96,9 @@ void select_rows_cpu(const at::Tensor& scores, int64_t k, const uint8_t* valid, 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> select_topk_tokens_cpu(const at::Tensor& scores_in, int64_t k,
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> mmlatent_select_topk_cpu(const at::Tensor& scores_in, int64_t k,
                                                           const std::optional<at::Tensor>& exclude,
                                                           const std::optional<at::Tensor>& valid_in,
                                                           const std::optional<at::Tensor>& embeds_in,
@@ -117,6 +120,8 @@ std::tuple<at::Tensor, at::Tensor> select_topk_tokens_cpu(const at::Tensor& scor
   });
   return {idx, gathered};
 }
+
+namespace {
 
 #ifdef MMLATENT_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> select_topk_tokens_cuda(const at::Tensor& scores_in, int64_t k,
@@ -178,7 +183,7 @@ TORCH_LIBRARY(mmlatent, m) {
       "bool order_by_score) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(mmlatent, CPU, m) { m.impl("select_topk_tokens_native", &select_topk_tokens_cpu); }
+TORCH_LIBRARY_IMPL(mmlatent, CPU, m) { m.impl("select_topk_tokens_native", &mmlatent_select_topk_cpu); }
 
 #ifdef MMLATENT_WITH_CUDA
 TORCH_LIBRARY_IMPL(mmlatent, CUDA, m) { m.impl("select_topk_tokens_native", &select_topk_tokens_cuda); }

@@ -21,7 +21,7 @@ def test_bench_tiny_writes_json_markdown_png(tmp_path):
                    "ivtlr inference (+32 tokens)", "layer_norm_modulate", "diffusion_mse",
                    "diffusion head sample", "apply_fused_loss training step", "modal-mixed SFT step",
                    "modal-mixed generate", "grpo loss + backward", "dpmm training step", "dpmm generation features",
-                   "gated_mix", "geglu", "rms_norm", "denoise_step_"}
+                   "gated_mix", "geglu", "rms_norm", "denoise_step_", "select_image_tokens"}
     baselines = [r for r in result["rows"] if r["impl"] != "mmlatent"]
     assert baselines and all(r["speedup_of_mmlatent"] > 0 for r in baselines)
     assert "eager+output_attentions" in table and "sdpa" in table and "torch topk" in table

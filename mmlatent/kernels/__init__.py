@@ -6,6 +6,7 @@
     row_attention_mass      image-token attention mass of one query row, accumulated in place
     attention_with_scores   forward-only attention that accumulates the same mass in the same pass
     select_topk_tokens      fused eligibility mask + deterministic top-k + gather + exclusion update
+    select_image_tokens     every layer's image-token mass of the last query row, then that selection, one call
     linear_cross_entropy    cross-entropy of hidden @ weight.T + bias in row chunks, never building [T, V] logits
     linear_log_probs        log-softmax of the same logits at given tokens (policy gradients), same memory bound
     denoise_step_           one DDPM / DDIM / flow-Euler step for every row (ragged steps, CFG), in place
@@ -23,7 +24,8 @@ native_module()
 
 from .attention import (ATTENTION_WITH_SCORES, ROW_ATTENTION_MASS, attention_with_scores,  # noqa: E402
                         row_attention_mass)
-from .selection import SELECT_TOPK_TOKENS, select_topk_tokens  # noqa: E402
+from .selection import (SELECT_IMAGE_TOKENS, SELECT_TOPK_TOKENS, select_image_tokens,  # noqa: E402
+                        select_topk_tokens)
 from .losses import LINEAR_CROSS_ENTROPY, LINEAR_LOG_PROBS, linear_cross_entropy, linear_log_probs  # noqa: E402
 from .diffusion import (DENOISE_STEP, DIFFUSION_MSE, LAYER_NORM_MODULATE, SamplerSchedule,  # noqa: E402
                         denoise_step_, diffusion_mse, layer_norm_modulate)
@@ -34,13 +36,15 @@ from .norms import RMS_NORM, rms_norm  # noqa: E402
 from .selection.op import register_native_fake as _register_selection_fake  # noqa: E402
 from .diffusion.op import register_native_fake as _register_denoise_fake  # noqa: E402
 from .attention.op import register_native_fake as _register_row_mass_fake  # noqa: E402
+from .selection.op import register_image_tokens_native_fake as _register_image_tokens_fake  # noqa: E402
 
-for _register_fake in (_register_selection_fake, _register_denoise_fake, _register_row_mass_fake):  # shapes of the C++ ops, for compile
+for _register_fake in (_register_selection_fake, _register_denoise_fake, _register_row_mass_fake,
+                       _register_image_tokens_fake):  # shapes of the C++ ops, for compile
     _register_fake()
 
-OPS = {op.name: op for op in (ROW_ATTENTION_MASS, ATTENTION_WITH_SCORES, SELECT_TOPK_TOKENS, LINEAR_CROSS_ENTROPY,
-                              LINEAR_LOG_PROBS, DENOISE_STEP, LAYER_NORM_MODULATE, DIFFUSION_MSE, GATED_MIX,
-                              GEGLU, RMS_NORM)}
+OPS = {op.name: op for op in (ROW_ATTENTION_MASS, ATTENTION_WITH_SCORES, SELECT_TOPK_TOKENS, SELECT_IMAGE_TOKENS,
+                              LINEAR_CROSS_ENTROPY, LINEAR_LOG_PROBS, DENOISE_STEP, LAYER_NORM_MODULATE,
+                              DIFFUSION_MSE, GATED_MIX, GEGLU, RMS_NORM)}
 
 
 def backend_report(op: str, **inputs) -> dict:
@@ -50,7 +54,8 @@ def backend_report(op: str, **inputs) -> dict:
     return OPS[op].report(**inputs)
 
 
-__all__ = ["row_attention_mass", "attention_with_scores", "select_topk_tokens", "linear_cross_entropy",
+__all__ = ["row_attention_mass", "attention_with_scores", "select_topk_tokens", "select_image_tokens",
+           "linear_cross_entropy",
            "linear_log_probs", "denoise_step_", "layer_norm_modulate", "diffusion_mse", "gated_mix",
            "geglu", "rms_norm",
            "SamplerSchedule", "BACKENDS",

@@ -6,12 +6,12 @@ chooses once among the C++/CUDA op of ``mmlatent._C``, the Triton kernel and the
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .. import checks
-from ..dispatch import OpDispatch, Reasons, native_reasons, torch_reasons, triton_reasons
+from ..dispatch import OpDispatch, Reasons, native_op_reasons, native_reasons, torch_reasons, triton_reasons
 from ..limits import SELECTION_TRITON_MAX_TOKENS, cuda_select_max_tokens
 from . import torch_impl
 
@@ -120,6 +120,26 @@ def _restore_dtype(gathered: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return gathered.view(dtype)
 
 
+def _check_selection(k_name: str, k: object, shape: Tuple[int, int], device: torch.device,
+                     exclude: Optional[torch.Tensor], valid: Optional[torch.Tensor], embeds: Optional[torch.Tensor],
+                     like: str) -> None:
+    """The arguments of a top-k selection over [B, Ni] = ``shape`` (``like`` names the tensor of that shape)."""
+    B, Ni = shape
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{k_name}: expected an int, got {type(k).__name__}")
+    if not 1 <= k <= Ni:
+        raise ValueError(f"{k_name}: expected 1 <= {k_name} <= Ni = {Ni}, got {k}")
+    for name, mask in (("exclude", exclude), ("valid", valid)):
+        if mask is not None:
+            checks.tensor(name, mask, dims=2, dtypes=(torch.bool,), device=device)
+            checks.shape(name, mask, (B, Ni), f"[B, Ni] like {like}")
+    if exclude is not None:
+        checks.writable("exclude", exclude)
+    if embeds is not None:
+        checks.tensor("embeds", embeds, dims=3, device=device)
+        checks.shape("embeds", embeds, (B, Ni, None), "[B, Ni, Dm]")
+
+
 def select_topk_tokens(scores: torch.Tensor, k: int, *, exclude: Optional[torch.Tensor] = None,
                        valid: Optional[torch.Tensor] = None, embeds: Optional[torch.Tensor] = None,
                        order: str = "position") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -147,20 +167,7 @@ def select_topk_tokens(scores: torch.Tensor, k: int, *, exclude: Optional[torch.
         tensor([[1, 3]])
     """
     checks.tensor("scores", scores, dims=2, dtypes=checks.FLOAT_DTYPES)
-    B, Ni = scores.shape
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k: expected an int, got {type(k).__name__}")
-    if not 1 <= k <= Ni:
-        raise ValueError(f"k: expected 1 <= k <= Ni = {Ni}, got {k}")
-    for name, mask in (("exclude", exclude), ("valid", valid)):
-        if mask is not None:
-            checks.tensor(name, mask, dims=2, dtypes=(torch.bool,), device=scores.device)
-            checks.shape(name, mask, (B, Ni), "[B, Ni] like scores")
-    if exclude is not None:
-        checks.writable("exclude", exclude)
-    if embeds is not None:
-        checks.tensor("embeds", embeds, dims=3, device=scores.device)
-        checks.shape("embeds", embeds, (B, Ni, None), "[B, Ni, Dm]")
+    _check_selection("k", k, tuple(scores.shape), scores.device, exclude, valid, embeds, "scores")
     if order not in ("position", "score"):
         raise ValueError(f"order: expected 'position' or 'score', got {order!r}")
     by_position = order == "position"
@@ -169,4 +176,145 @@ def select_topk_tokens(scores: torch.Tensor, k: int, *, exclude: Optional[torch.
     return idx, (_restore_dtype(gathered, embeds.dtype) if embeds is not None else None)
 
 
-__all__ = ["select_topk_tokens", "register_native_fake", "SELECT_TOPK_TOKENS"]
+# ------------------------------------------------------------------------------------------ select_image_tokens
+
+def _native_image_reasons(q, **_) -> Reasons:
+    reasons = native_op_reasons(q.device, "select_image_tokens_native")
+    if q.device.type == "cuda" and not reasons:
+        reasons.append("no CUDA kernel of the fused selection yet (the composition runs the per-layer kernels)")
+    return reasons
+
+
+# auto on CPU: native first, 1.26x the per-layer composition on its native ops and 3.19x on the torch backend over
+# 28 layers at N2048 (9.2 against 11.6 and 29.5 ms, benches/results/cpu-2core/kernels-select-image-tokens.md). The
+# "torch" backend is the composition itself: row_attention_mass per layer, then select_topk_tokens, each
+# dispatching on its own.
+SELECT_IMAGE_TOKENS = OpDispatch("select_image_tokens", {"native": _native_image_reasons, "torch": torch_reasons})
+
+
+@torch.library.custom_op("mmlatent::select_image_tokens", mutates_args=("exclude",))
+def _select_image_tokens_op(q: List[torch.Tensor], k: List[torch.Tensor], image_index: torch.Tensor, k_select: int,
+                            key_valid: Optional[torch.Tensor], exclude: Optional[torch.Tensor],
+                            valid: Optional[torch.Tensor], embeds: Optional[torch.Tensor], scale: float,
+                            layer_weights: List[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    if SELECT_IMAGE_TOKENS.choose(q=q[0]) == "native":
+        return torch.ops.mmlatent.select_image_tokens_native(q, k, image_index, k_select, key_valid, exclude, valid,
+                                                             embeds, scale, layer_weights, False)
+    from ..attention import row_attention_mass
+    # the ranking is checked first, so that a row short of eligible tokens costs no attention pass
+    torch_impl.eligible_tokens(image_index, exclude, valid, k_select)
+    scores = torch.zeros(image_index.shape, dtype=torch.float32, device=image_index.device)
+    for q_layer, k_layer, weight in zip(q, k, layer_weights):
+        row_attention_mass(q_layer, k_layer, image_index, scores, key_valid=key_valid, scale=scale, weight=weight)
+    idx, gathered = select_topk_tokens(scores, k_select, exclude=exclude, valid=valid, embeds=embeds)
+    return idx, gathered if gathered is not None else scores.new_empty(scores.shape[0], k_select, 0)
+
+
+@_select_image_tokens_op.register_fake
+def _image_tokens_fake(q, k, image_index, k_select, key_valid, exclude, valid, embeds, scale, layer_weights):
+    B = image_index.shape[0]
+    idx = image_index.new_empty(B, k_select, dtype=torch.int64)
+    if embeds is None:
+        return idx, q[0].new_empty(B, k_select, 0)
+    return idx, embeds.new_empty(B, k_select, embeds.shape[2])
+
+
+def register_image_tokens_native_fake() -> None:
+    """Fake (meta) implementation of the C++ op, once mmlatent._C has registered it."""
+    if hasattr(torch.ops.mmlatent, "select_image_tokens_native"):
+        torch.library.register_fake(
+            "mmlatent::select_image_tokens_native",
+            lambda q, k, image_index, k_select, key_valid, exclude, valid, embeds, scale, layer_weights, by_score:
+            _image_tokens_fake(q, k, image_index, k_select, key_valid, exclude, valid, embeds, scale, layer_weights))
+
+
+def _layers(name: str, value: object, dims: int) -> List[torch.Tensor]:
+    """One tensor per layer: a list / tuple of [..] tensors, or one stacked [L, ..] tensor."""
+    if isinstance(value, torch.Tensor):
+        checks.tensor(name, value, dims=dims + 1, dtypes=checks.FLOAT_DTYPES)
+        return list(value.unbind(0))
+    if not isinstance(value, (list, tuple)) or not value:
+        raise TypeError(f"{name}: expected a non-empty list of per-layer tensors or one stacked [L, ...] tensor, got "
+                        f"{type(value).__name__}" + (" (empty)" if isinstance(value, (list, tuple)) else ""))
+    for i, layer in enumerate(value):
+        checks.tensor(f"{name}[{i}]", layer, dims=dims, dtypes=checks.FLOAT_DTYPES)
+    return list(value)
+
+
+def select_image_tokens(q: Union[torch.Tensor, Sequence[torch.Tensor]], k: Union[torch.Tensor, Sequence[torch.Tensor]],
+                        image_index: torch.Tensor, k_select: int, *, key_valid: Optional[torch.Tensor] = None,
+                        exclude: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None,
+                        embeds: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                        layer_weights: Optional[Sequence[float]] = None
+                        ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The k image tokens the last query row attends to most over every layer, selected, excluded and gathered in
+    one call: IVT-LR's selection at the end of a latent step, from the KV cache.
+
+    Args:
+        q: the last query row of every layer, post-RoPE: a list of L [B, Hq, D] tensors or one [L, B, Hq, D].
+        k: every layer's cached keys: a list of L [B, Hkv, N, D] tensors or one [L, B, Hkv, N, D]; the dtype of
+            q; Hq % Hkv == 0.
+        image_index: [B, Ni] int64 key positions of the image tokens; -1 marks padding.
+        k_select: tokens to select per row, 1 <= k_select <= Ni.
+        key_valid: [B, N] bool, False for padding keys; None = all keys valid.
+        exclude: [B, Ni] bool, updated in place: selected entries become True; excluded tokens are ineligible.
+        valid: [B, Ni] bool, False where a token may not be selected (padding slots); eligible = valid & ~exclude.
+        embeds: [B, Ni, Dm] (any dtype), the embeddings gathered for the selected tokens.
+        scale: softmax scale, default D ** -0.5.
+        layer_weights: L numbers multiplying each layer's mass (default 1 each; 1 / L averages).
+
+    Equal to ``row_attention_mass(q[l], k[l], image_index, scores, key_valid=key_valid, scale=scale,
+    weight=layer_weights[l])`` for each layer in order into zero ``scores`` [B, Ni] float32, followed by
+    ``select_topk_tokens(scores, k_select, exclude=exclude, valid=valid, embeds=embeds)``: the same tokens in
+    position order, ties to the lower index, NaN below every number, and a row with fewer than ``k_select``
+    eligible tokens a ValueError with nothing modified.
+
+    Returns:
+        (idx [B, k_select] int64 indices into the Ni axis, gathered [B, k_select, Dm] in embeds' dtype, or None).
+
+    Backends: ``native`` (one C++ call on CPU: every layer's (batch, KV head) tasks in one parallel region, then the
+    selection) and ``torch`` (the composition above, each op on its own backend).
+
+    Example::
+
+        >>> q, k = torch.randn(2, 1, 4, 16), torch.randn(2, 1, 2, 10, 16)  # 2 layers
+        >>> select_image_tokens(q, k, torch.tensor([[1, 3, 5, 7]]), 2)[0].shape
+        torch.Size([1, 2])
+    """
+    from ..attention.op import _check_key_valid, _check_kv
+    q_layers, k_layers = _layers("q", q, 3), _layers("k", k, 4)
+    if len(q_layers) != len(k_layers):
+        raise ValueError(f"k: expected one tensor per layer of q ({len(q_layers)}), got {len(k_layers)}")
+    first_q, first_k = q_layers[0], k_layers[0]
+    for i, (q_layer, k_layer) in enumerate(zip(q_layers, k_layers)):
+        checks.tensor(f"q[{i}]", q_layer, device=first_q.device)
+        checks.same_dtype(f"q[{i}]", q_layer, "q[0]", first_q)
+        checks.shape(f"q[{i}]", q_layer, tuple(first_q.shape), "the shape of q[0]")
+        _check_kv(q_layer, k_layer, name_k=f"k[{i}]")
+        checks.shape(f"k[{i}]", k_layer, tuple(first_k.shape), "the shape of k[0]")
+    B, N = first_q.shape[0], first_k.shape[2]
+    checks.tensor("image_index", image_index, dims=2, dtypes=(torch.int64,), device=first_q.device)
+    checks.shape("image_index", image_index, (B, None), "[B, Ni]")
+    _check_key_valid(key_valid, B, N, first_q.device)
+    _check_selection("k_select", k_select, tuple(image_index.shape), first_q.device, exclude, valid, embeds,
+                     "image_index")
+    checks.check_index_range("image_index", image_index, N)
+    L = len(q_layers)
+    if layer_weights is None:
+        weights = [1.0] * L
+    else:
+        if isinstance(layer_weights, torch.Tensor):
+            layer_weights = layer_weights.tolist()
+        if not isinstance(layer_weights, (list, tuple)) or len(layer_weights) != L:
+            raise ValueError(f"layer_weights: expected {L} numbers (one per layer), got {layer_weights!r}")
+        weights = [checks.number(f"layer_weights[{i}]", w) for i, w in enumerate(layer_weights)]
+    scale = first_q.shape[-1] ** -0.5 if scale is None else checks.number("scale", scale, positive=True)
+    bits = None if embeds is None else _as_gatherable(embeds)
+    with torch.no_grad():  # a selection, never differentiated
+        idx, gathered = _select_image_tokens_op(q_layers, k_layers, image_index, k_select, key_valid, exclude, valid,
+                                                bits, scale, weights)
+    return idx, (_restore_dtype(gathered, embeds.dtype) if embeds is not None else None)
+
+
+__all__ = ["select_topk_tokens", "select_image_tokens", "register_native_fake", "register_image_tokens_native_fake",
+           "SELECT_TOPK_TOKENS", "SELECT_IMAGE_TOKENS"]
