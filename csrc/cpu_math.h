@@ -5,8 +5,10 @@
 #include <cmath>
 #include <cstdint>
 
+// x86-64-v3 (AVX2, FMA) is chosen by the CPU's features; "arch=haswell" would be chosen by the CPU's model, so
+// never on a newer one.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MMLATENT_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define MMLATENT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define MMLATENT_CPU_CLONES
 #endif
