@@ -5,10 +5,10 @@
 #include <cmath>
 #include <cstdint>
 
-// x86-64-v3 (AVX2, FMA) is chosen by the CPU's features; "arch=haswell" would be chosen by the CPU's model, so
-// never on a newer one.
+// x86-64-v4 (AVX-512) or x86-64-v3 (AVX2, FMA) is chosen by the CPU's features; "arch=haswell" would be chosen
+// by the CPU's model, so never on a newer one.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MMLATENT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define MMLATENT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MMLATENT_CPU_CLONES
 #endif
@@ -82,6 +82,47 @@ MMLATENT_CPU_CLONES static void block_scores(const float* q, int64_t heads, int6
   for (int64_t j = 0; j < count; ++j) {
     const float* key = keys + (rows != nullptr ? rows[j] : j) * key_stride;
     for (int64_t g = 0; g < heads; ++g) scores[g * ld + j] = dot(q + g * d, key, d);
+  }
+}
+
+// The maximum of n values and `start` (NaN ignored), with 8 running maxima so that it vectorises.
+MMLATENT_CPU_CLONES static float max_of(const float* in, int64_t n, float start) {
+  float acc[8] = {start, start, start, start, start, start, start, start};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] = in[i + j] > acc[j] ? in[i + j] : acc[j];
+  float best = start;
+  for (int j = 0; j < 8; ++j) best = acc[j] > best ? acc[j] : best;
+  for (; i < n; ++i) best = in[i] > best ? in[i] : best;
+  return best;
+}
+
+// The sum of n values with 8 partial sums.
+MMLATENT_CPU_CLONES static float sum_of(const float* in, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += in[i + j];
+  float tail = 0.0f;
+  for (; i < n; ++i) tail += in[i];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
+// s[i] = exp_approx(s[i] - shift) in place for n values; returns their sum. One pointer, not an input and an
+// output that alias: the compiler's overlap check would send an aliased call to its scalar loop.
+MMLATENT_CPU_CLONES static float exp_shifted_(float* s, float shift, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) s[i] = exp_approx(s[i] - shift);
+  return sum_of(s, n);
+}
+
+// s[i] = scale * (share - uniform) in place with share = s[i] * factor: exponentials relative to a block's maximum
+// turned into the softmax gradient of the row (factor = exp(block max - lse)). A share below e^-60 is exactly 0, the
+// torch backend's floor: left as it is, shares this small scale into subnormal gradients, on which the GEMMs that
+// read them take a slow path.
+MMLATENT_CPU_CLONES static void scaled_shares_(float* s, float factor, float uniform, float scale, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float share = s[i] * factor;
+    s[i] = scale * ((share < 8.7565108e-27f ? 0.0f : share) - uniform);
   }
 }
 

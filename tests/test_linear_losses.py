@@ -10,7 +10,7 @@ from mmlatent.kernels.losses import op as losses
 
 from causal_lms import LargestTensor
 
-CPU_BACKENDS = ["torch", "triton"]
+CPU_BACKENDS = ["torch", "triton", "native"]
 
 
 def rel_err(actual, expected) -> float:
@@ -64,6 +64,10 @@ def test_cross_entropy_fp32_matches_float64(backend, settings, shape, use_backen
     use_backend(backend)
     T, H, V, chunk = shape
     hidden, weight, bias, labels = make(T, H, V, ignore_every=4)
+    if backend == "native" and settings.get("logit_softcap"):  # left to the torch backend, said so
+        with pytest.raises(K.BackendUnavailableError, match="logit_softcap: its derivative needs the logits"):
+            linear_cross_entropy(hidden, weight, labels, bias=bias, chunk_rows=chunk, **settings)
+        return
     loss = linear_cross_entropy(hidden, weight, labels, bias=bias, chunk_rows=chunk, **settings)
     upstream = torch.randn(T) if settings["reduction"] == "none" else torch.tensor(1.7)
     ours = grads_of(loss, upstream, [hidden, weight, bias])
@@ -257,7 +261,9 @@ def test_never_builds_the_logits(backend, use_backend):
     hidden, weight, bias, labels = make(T, H, V, ignore_every=7)
     needs = [True, True, True]
     runs = {
-        "fused": lambda: losses._fused_ce_impl(hidden, weight, bias, labels, -100, "mean", 0.1, 5.0, chunk, needs),
+        # the native row kernel leaves the softcap to the torch backend
+        "fused": lambda: losses._fused_ce_impl(hidden, weight, bias, labels, -100, "mean", 0.1,
+                                               None if backend == "native" else 5.0, chunk, needs),
         "rows": lambda: losses._rows_forward_impl(hidden, weight, bias, labels.clamp(min=0), "logp", None, 0.0,
                                                   None, 0.8, chunk, False),
         "rows, frozen head": lambda: losses._rows_forward_impl(hidden, weight, bias, labels, "ce", -100, 0.0, None,
@@ -328,4 +334,7 @@ def test_backend_report_lists_loss_ops():
     report = K.backend_report("linear_cross_entropy", device=torch.device("cpu"), dtype=torch.float64)
     assert report["torch"] == "ok"
     assert report["triton"] != "ok"  # float64 (or, on a GPU machine, CPU tensors without the interpreter)
-    assert "no native implementation" in report["native"]
+    assert report["native"] == "ok"  # the C++ row kernel (make test builds the extension)
+    assert "CPU op" in K.backend_report("linear_log_probs", device=torch.device("cuda"), dtype=torch.bfloat16)["native"]
+    assert "logit_softcap" in K.backend_report("linear_cross_entropy", device=torch.device("cpu"),
+                                               dtype=torch.float32, softcap=30.0)["native"]

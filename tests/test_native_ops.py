@@ -194,3 +194,30 @@ def test_native_row_attention_mass_bad_input_leaves_out_untouched():
     with pytest.raises(TypeError, match="k: expected the dtype of q"):
         op(q, k.double(), image_index, out, None, 0.5, 1.0)
     torch.library.opcheck(op.default, (q, k, image_index, out, key_valid, 0.5, 1.0))
+
+
+# ------------------------------------------------------------------------------------ the losses' row kernel
+
+def test_native_loss_rows_bad_input_and_opcheck():
+    """The C++ row kernel of linear_cross_entropy / linear_log_probs (its values and gradients are tested against
+    the float64 oracles with the other backends in tests/test_linear_losses.py): bad arguments raise, naming
+    them, before the logits change."""
+    op = torch.ops.mmlatent.softmax_loss_chunk_native
+    logits = torch.randn(4, 300)
+    before = logits.clone()
+    targets = torch.tensor([0, 299, 5, 7])
+    cases = [((logits, torch.tensor([0, 300, 5, 7]), False, 0.0, 1.0, None, None), ValueError,
+              "targets: entries must be in \\[0, 300\\)"),
+             ((logits, targets[:3], False, 0.0, 1.0, None, None), ValueError, "targets: expected \\[4\\] int64"),
+             ((logits, targets, False, 0.0, 1.0, torch.zeros(3), None), ValueError, "lse: expected \\[4\\]"),
+             ((logits, targets, False, 0.0, 1.0, None, torch.ones(2)), ValueError, "coef: expected \\[4\\] or"),
+             ((logits, targets, False, 0.0, 0.0, None, None), ValueError, "temperature: expected a positive"),
+             ((logits.t(), targets, False, 0.0, 1.0, None, None), ValueError, "logits: expected a contiguous"),
+             ((logits.half(), targets, False, 0.0, 1.0, None, None), TypeError, "logits: the native row kernel")]
+    for args, error, match in cases:
+        with pytest.raises(error, match=match):
+            op(*args)
+        assert torch.equal(logits, before)
+    values, lse = op(logits.clone(), targets, True, 0.0, 0.7, None, torch.ones(4))
+    assert values.shape == lse.shape == (4,) and torch.allclose(lse, torch.logsumexp(before / 0.7, 1))
+    torch.library.opcheck(op.default, (logits.clone(), targets, False, 0.1, 1.0, None, torch.full((1,), 0.25)))

@@ -37,9 +37,10 @@ from .selection.op import register_native_fake as _register_selection_fake  # no
 from .diffusion.op import register_native_fake as _register_denoise_fake  # noqa: E402
 from .attention.op import register_native_fake as _register_row_mass_fake  # noqa: E402
 from .selection.op import register_image_tokens_native_fake as _register_image_tokens_fake  # noqa: E402
+from .losses.op import register_native_fake as _register_loss_rows_fake  # noqa: E402
 
 for _register_fake in (_register_selection_fake, _register_denoise_fake, _register_row_mass_fake,
-                       _register_image_tokens_fake):  # shapes of the C++ ops, for compile
+                       _register_image_tokens_fake, _register_loss_rows_fake):  # shapes of the C++ ops, for compile
     _register_fake()
 
 OPS = {op.name: op for op in (ROW_ATTENTION_MASS, ATTENTION_WITH_SCORES, SELECT_TOPK_TOKENS, SELECT_IMAGE_TOKENS,

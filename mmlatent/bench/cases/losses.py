@@ -6,7 +6,11 @@ Baselines:
 
 - ``logits+F.cross_entropy``: the naive loss as transformers computes it: full logits, upcast to float32, then
   F.cross_entropy; ``logits+log_softmax``: the same with log_softmax + gather for per-token log-probs;
-- ``liger``: Liger-Kernel's fused linear cross-entropy, when liger-kernel is installed (it needs CUDA).
+- ``liger``: Liger-Kernel's fused linear cross-entropy, when liger-kernel is installed (it needs CUDA);
+- ``cut-cross-entropy (torch_compile)``: Apple's cut-cross-entropy, when installed (``pip install
+  'mmlatent[bench]'``), its ``torch_compile`` implementation: the fastest CPU peer (its Triton one needs CUDA),
+  compiled once in the warm-up;
+- ``torch backend``: the op itself with ``MMLATENT_BACKEND=torch``, against which the native row kernel is measured.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from mmlatent.kernels import linear_cross_entropy, linear_log_probs
 
 from ..case import Case, Inputs, Make
 from ..ceilings import linear_head_flops
-from .inputs import cpu_generator
+from .inputs import cpu_generator, pinned_backend
 
 # Qwen2-7B's language-model head.
 QWEN2_7B_HIDDEN, QWEN2_7B_VOCAB = 3584, 152064
@@ -65,6 +69,16 @@ def _liger_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _cce_cross_entropy(a):
+    from cut_cross_entropy import linear_cross_entropy as cce_linear_cross_entropy
+    return _grads(a, cce_linear_cross_entropy(a["hidden"], a["weight"], a["labels"], impl="torch_compile"))
+
+
+def _cce_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("cut_cross_entropy") is not None
+
+
 def _ours_cross_entropy(a):
     return _grads(a, linear_cross_entropy(a["hidden"], a["weight"], a["labels"]))
 
@@ -74,6 +88,9 @@ def cross_entropy_case(T: int, H: int, V: int, trainable_head: bool = True) -> C
     baselines = {"logits+F.cross_entropy": _naive_cross_entropy}
     if _liger_available():
         baselines["liger"] = _liger_cross_entropy
+    if _cce_available():
+        baselines["cut-cross-entropy (torch_compile)"] = _cce_cross_entropy
+    baselines["torch backend"] = pinned_backend("torch", _ours_cross_entropy)
     return Case("linear_cross_entropy", _head_label(T, H, V, trainable_head), _loss_inputs(T, H, V, trainable_head),
                 _ours_cross_entropy, baselines, flops=linear_head_flops(T, H, V, trainable_head))
 
@@ -91,7 +108,8 @@ def log_probs_case(T: int, H: int, V: int, trainable_head: bool = False) -> Case
     """Per-token log-probs of the labels (as RL losses use them), weighted by an upstream gradient, forward +
     backward."""
     return Case("linear_log_probs", _head_label(T, H, V, trainable_head), _loss_inputs(T, H, V, trainable_head),
-                _ours_log_probs, {"logits+log_softmax": _naive_log_probs},
+                _ours_log_probs, {"logits+log_softmax": _naive_log_probs,
+                                  "torch backend": pinned_backend("torch", _ours_log_probs)},
                 flops=linear_head_flops(T, H, V, trainable_head))
 
 

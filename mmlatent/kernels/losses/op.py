@@ -25,20 +25,61 @@ from typing import List, Optional, Tuple
 import torch
 
 from .. import checks
-from ..dispatch import OpDispatch, triton_float_reasons, triton_or_torch
+from ..dispatch import OpDispatch, Reasons, native_op_reasons, torch_reasons, triton_float_reasons
 from . import torch_impl
 from .chunks import SoftmaxLossSpec, default_chunk_rows, linear_softmax_loss
 
-LINEAR_CROSS_ENTROPY = triton_or_torch("linear_cross_entropy", triton_float_reasons)
-LINEAR_LOG_PROBS = triton_or_torch("linear_log_probs", triton_float_reasons)
+def _native_row_reasons(device, dtype, softcap=None) -> Reasons:
+    reasons = native_op_reasons(device, "softmax_loss_chunk_native")
+    if device.type == "cuda":
+        reasons.append("the native row kernel is a CPU op (Triton runs the rows on a GPU)")
+    if softcap is not None:
+        reasons.append("logit_softcap: its derivative needs the logits the native row kernel overwrites")
+    return reasons
 
 
-def _chunk_fn(op: OpDispatch, hidden: torch.Tensor):
+def _triton_row_reasons(device, dtype, softcap=None) -> Reasons:
+    return triton_float_reasons(device, dtype)
+
+
+_ROW_BACKENDS = {"native": _native_row_reasons, "triton": _triton_row_reasons, "torch": torch_reasons}
+# auto on CPU: native first. T2048 H256 V32000 fwd+bwd, where the GEMMs dominate: the same time as the torch
+# backend with a trainable head (510 against 512 ms) and 1.22x with a frozen one (318 against 388 ms); log-probs
+# 1.11x frozen, 0.96x trainable (benches/results/cpu-2core/kernels-linear-cross-entropy.md, -log-probs.md).
+LINEAR_CROSS_ENTROPY = OpDispatch("linear_cross_entropy", dict(_ROW_BACKENDS))
+LINEAR_LOG_PROBS = OpDispatch("linear_log_probs", dict(_ROW_BACKENDS))
+
+
+def _chunk_fn(op: OpDispatch, hidden: torch.Tensor, softcap: Optional[float] = None):
     """The chunk function of the backend dispatch chooses, once per call of a registered op."""
-    if op.choose(device=hidden.device, dtype=hidden.dtype) == "triton":
+    backend = op.choose(device=hidden.device, dtype=hidden.dtype, softcap=softcap)
+    if backend == "native":
+        return _native_softmax_loss_chunk
+    if backend == "triton":
         from .triton_kernels import softmax_loss_chunk  # imports triton: only once that backend was chosen
         return softmax_loss_chunk
     return torch_impl.softmax_loss_chunk
+
+
+def register_native_fake() -> None:
+    """Fake (meta) implementation of the C++ row kernel, once mmlatent._C has registered it."""
+    if hasattr(torch.ops.mmlatent, "softmax_loss_chunk_native"):
+        torch.library.register_fake(
+            "mmlatent::softmax_loss_chunk_native",
+            lambda logits, targets, log_probs, smoothing, temperature, lse, coef: (
+                logits.new_empty(0 if lse is not None else logits.shape[0], dtype=torch.float32),
+                logits.new_empty(logits.shape[0], dtype=torch.float32)))
+
+
+def _native_softmax_loss_chunk(logits: torch.Tensor, targets: torch.Tensor, spec: SoftmaxLossSpec, *,
+                               lse: Optional[torch.Tensor] = None, coef: Optional[torch.Tensor] = None
+                               ) -> Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`torch_impl.softmax_loss_chunk`'s contract on the C++ row kernel: the gradient overwrites the chunk's
+    logits (16-bit logits: a float32 copy of them, as the torch backend makes), one exponential per logit."""
+    work = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    values, row_lse = torch.ops.mmlatent.softmax_loss_chunk_native(
+        work, targets, spec.kind == "logp", spec.label_smoothing, spec.temperature, lse, coef)
+    return (values if lse is None else None), row_lse, (work.to(logits.dtype) if coef is not None else None)
 
 
 def _kept_rows(targets: torch.Tensor, vocab: int, ignore_index: Optional[int], name: str):
@@ -77,7 +118,7 @@ def _fused_ce_impl(hidden, weight, bias, labels, ignore_index, reduction, label_
     coef = torch.full((1,), scale, dtype=torch.float32, device=hidden.device) if any(want) else None
     values, _, gh, gw, gb = linear_softmax_loss(
         h, weight, bias, y, SoftmaxLossSpec("ce", label_smoothing, logit_softcap, 1.0), chunk_rows, coef=coef,
-        needs=want, chunk_fn=_chunk_fn(LINEAR_CROSS_ENTROPY, hidden))
+        needs=want, chunk_fn=_chunk_fn(LINEAR_CROSS_ENTROPY, hidden, logit_softcap))
     loss = values.sum() * scale
     if gh is not None and rows is not None:
         gh = hidden.new_zeros(hidden.shape).index_copy_(0, rows, gh)
@@ -137,7 +178,7 @@ def _rows_forward_impl(hidden, weight, bias, targets, kind, ignore_index, label_
     coef = torch.ones(1, dtype=torch.float32, device=hidden.device) if row_grad_hidden else None
     spec = SoftmaxLossSpec(kind, label_smoothing, softcap, temperature)
     v, l, gh, _, _ = linear_softmax_loss(h, weight, bias, y, spec, chunk_rows, coef=coef,
-                                                   needs=(True, False, False), chunk_fn=_chunk_fn(op, hidden))
+                                                   needs=(True, False, False), chunk_fn=_chunk_fn(op, hidden, softcap))
     if rows is None:
         return v, l, (gh if row_grad_hidden else grad_h)
     if row_grad_hidden:
@@ -160,7 +201,7 @@ def _rows_backward_impl(grad_values, hidden, weight, bias, targets, lse, kind, i
     spec = SoftmaxLossSpec(kind, label_smoothing, softcap, temperature)
     _, _, gh, gw, gb = linear_softmax_loss(
         pick(hidden), weight, bias, pick(targets), spec, chunk_rows, lse=pick(lse),
-        coef=pick(grad_values.to(torch.float32)), needs=want, chunk_fn=_chunk_fn(op, hidden))
+        coef=pick(grad_values.to(torch.float32)), needs=want, chunk_fn=_chunk_fn(op, hidden, softcap))
     if gh is not None and rows is not None:
         gh = hidden.new_zeros(hidden.shape).index_copy_(0, rows, gh)
     return _empty_if_none(gh, hidden), _empty_if_none(gw, weight), _empty_if_none(gb, weight)
