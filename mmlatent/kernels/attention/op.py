@@ -36,8 +36,8 @@ def _native_row_mass_reasons(device, dtype, head_dim, out=None) -> Reasons:
     return reasons
 
 
-# auto on CPU: native first, 2.39x faster than the torch backend at B2 Hq16 Hkv4 N4096 D64 Ni1024 (0.794 against
-# 1.896 ms, benches/results/cpu-2core/kernels-row-attention-mass.md)
+# auto on CPU: native first, 2.57x faster than the torch backend at B2 Hq16 Hkv4 N4096 D64 Ni1024 (0.960 against
+# 2.468 ms, benches/results/cpu-2core/kernels-row-attention-mass.md)
 ROW_ATTENTION_MASS = OpDispatch("row_attention_mass", {"native": _native_row_mass_reasons,
                                                        "triton": _triton_attention_reasons, "torch": torch_reasons})
 ATTENTION_WITH_SCORES = triton_or_torch("attention_with_scores", _triton_attention_reasons)

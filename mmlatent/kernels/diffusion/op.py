@@ -40,9 +40,9 @@ def _native_step_reasons(x, **_) -> Reasons:
     return reasons
 
 
-# auto on CPU: native first, 15x faster than the torch backend at R4096 C512 with CFG, noise and ragged steps
-# (0.80 against 12.4 ms, benches/results/cpu-2core/kernels-denoise-step.md; across runs the torch backend's
-# temporaries cost it 4.4 to 14 ms, so never less than 3x); on CUDA Triton stays first until the CUDA kernel is
+# auto on CPU: native first, 12x faster than the torch backend at R4096 C512 with CFG, noise and ragged steps
+# (1.19 against 14.5 ms, benches/results/cpu-2core/kernels-denoise-step.md; across runs the torch backend's
+# temporaries cost it 3.8 to 14.5 ms, so never less than 2.7x); on CUDA Triton stays first until the CUDA kernel is
 # measured against it.
 DENOISE_STEP = OpDispatch("denoise_step_", {"native": _native_step_reasons, "triton": _triton_step_reasons,
                                             "torch": torch_reasons},

@@ -44,8 +44,8 @@ def _triton_row_reasons(device, dtype, softcap=None) -> Reasons:
 
 _ROW_BACKENDS = {"native": _native_row_reasons, "triton": _triton_row_reasons, "torch": torch_reasons}
 # auto on CPU: native first. T2048 H256 V32000 fwd+bwd, where the GEMMs dominate: the same time as the torch
-# backend with a trainable head (510 against 512 ms) and 1.22x with a frozen one (318 against 388 ms); log-probs
-# 1.11x frozen, 0.96x trainable (benches/results/cpu-2core/kernels-linear-cross-entropy.md, -log-probs.md).
+# backend with a trainable head (1.04x: 507 against 529 ms) and 1.18x with a frozen one (336 against 396 ms);
+# log-probs 1.09x frozen, 0.96x trainable (benches/results/cpu-2core/kernels-linear-cross-entropy.md, -log-probs.md).
 LINEAR_CROSS_ENTROPY = OpDispatch("linear_cross_entropy", dict(_ROW_BACKENDS))
 LINEAR_LOG_PROBS = OpDispatch("linear_log_probs", dict(_ROW_BACKENDS))
 

@@ -185,8 +185,8 @@ def _native_image_reasons(q, **_) -> Reasons:
     return reasons
 
 
-# auto on CPU: native first, 1.62x the per-layer composition on its native ops and 4.10x on the torch backend over
-# 28 layers at N2048 (6.5 against 10.6 and 26.8 ms, benches/results/cpu-2core/kernels-select-image-tokens.md). The
+# auto on CPU: native first, 1.39x the per-layer composition on its native ops and 4.14x on the torch backend over
+# 28 layers at N2048 (8.4 against 11.7 and 34.8 ms, benches/results/cpu-2core/kernels-select-image-tokens.md). The
 # "torch" backend is the composition itself: row_attention_mass per layer, then select_topk_tokens, each
 # dispatching on its own.
 SELECT_IMAGE_TOKENS = OpDispatch("select_image_tokens", {"native": _native_image_reasons, "torch": torch_reasons})
