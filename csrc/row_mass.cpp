@@ -15,8 +15,13 @@
 #include <type_traits>
 #include <vector>
 
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+
 #include "cpu_math.h"
 #include "row_mass.h"
+#include "row_mass_cuda.h"
+#include "select_topk_cuda.h"  // MmlatentScoreDtype, mmlatent_cuda_error_string
 
 namespace {
 
@@ -228,6 +233,51 @@ void row_attention_mass_cpu(const at::Tensor& q, const at::Tensor& k, const at::
 
 }  // namespace
 
+#ifdef MMLATENT_WITH_CUDA
+namespace {
+
+void row_attention_mass_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& image_index_in,
+                             at::Tensor& out, const std::optional<at::Tensor>& key_valid_in, double scale,
+                             double weight) {
+  mmlatent_check_row_mass_args(q_in, k_in, image_index_in, out, key_valid_in);
+  int dtype;
+  switch (q_in.scalar_type()) {
+    case at::kFloat: dtype = MMLATENT_F32; break;
+    case at::kHalf: dtype = MMLATENT_F16; break;
+    case at::kBFloat16: dtype = MMLATENT_BF16; break;
+    default: TORCH_CHECK_TYPE(false, "q: the CUDA row mass takes float32, float16 or bfloat16, got ",
+                              q_in.scalar_type());
+  }
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2), Hkv = k_in.size(1), N = k_in.size(2);
+  const int64_t Ni = image_index_in.size(1);
+  TORCH_CHECK_VALUE(Hq / Hkv <= kMmlatentRowMassMaxGroup && D <= kMmlatentRowMassMaxHeadDim, "q: the CUDA row mass "
+                    "takes at most ", kMmlatentRowMassMaxGroup, " query heads per KV head and head dim ",
+                    kMmlatentRowMassMaxHeadDim, ", got ", Hq / Hkv, " and ", D);
+  TORCH_CHECK_VALUE(out.size(1) <= 1 || out.stride(1) == 1, "out: expected unit stride along Ni (it is updated in "
+                    "place)");
+  if (B == 0 || Hq == 0 || Ni == 0) return;
+  c10::DeviceGuard guard(q_in.device());
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor k = k_in.size(3) <= 1 || k_in.stride(3) == 1 ? k_in : k_in.contiguous();
+  const at::Tensor image_index = image_index_in.contiguous();
+  std::optional<at::Tensor> key_valid;
+  if (key_valid_in) key_valid = key_valid_in->contiguous();
+  // enough blocks to fill an H100 / H200 twice over (132 SMs), and at least 128 keys a block
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>((264 + B * Hkv - 1) / (B * Hkv), (N + 127) / 128));
+  at::Tensor scratch = at::empty({mmlatent_row_mass_scratch_floats(B, Hkv, Hq / Hkv, Ni, splits)},
+                                 out.options());
+  auto stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(q.device());
+  const int code = mmlatent_row_mass_cuda(
+      q.data_ptr(), k.data_ptr(), dtype, key_valid ? reinterpret_cast<const uint8_t*>(key_valid->data_ptr<bool>())
+      : nullptr, image_index.data_ptr<int64_t>(), out.data_ptr<float>(), B, Hq, Hkv, N, D, Ni, k.stride(0),
+      k.stride(1), k.stride(2), out.stride(0), static_cast<float>(scale), static_cast<float>(weight), splits,
+      scratch.data_ptr<float>(), reinterpret_cast<int64_t>(stream.native_handle()));
+  TORCH_CHECK(code == 0, "row_attention_mass CUDA kernel failed: ", mmlatent_cuda_error_string(code));
+}
+
+}  // namespace
+#endif
+
 TORCH_LIBRARY_FRAGMENT(mmlatent, m) {
   m.def(
       "row_attention_mass_native(Tensor q, Tensor k, Tensor image_index, Tensor(a!) out, Tensor? key_valid, "
@@ -235,3 +285,7 @@ TORCH_LIBRARY_FRAGMENT(mmlatent, m) {
 }
 
 TORCH_LIBRARY_IMPL(mmlatent, CPU, m) { m.impl("row_attention_mass_native", &row_attention_mass_cpu); }
+
+#ifdef MMLATENT_WITH_CUDA
+TORCH_LIBRARY_IMPL(mmlatent, CUDA, m) { m.impl("row_attention_mass_native", &row_attention_mass_cuda); }
+#endif

@@ -14,6 +14,7 @@
 
 // Always included: its token cap is what the Python dispatch reads back (select_topk_max_tokens), and its
 // declarations need no CUDA headers.
+#include "row_mass_cuda.h"
 #include "select_topk.h"
 #include "select_topk_cuda.h"
 
@@ -194,4 +195,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_archs", &cuda_archs, "GPU architectures the CUDA ops were compiled for ('' = built without CUDA)");
   m.def("select_topk_max_tokens", [] { return kMmlatentSelectMaxTokens; },
         "Largest Ni the CUDA select_topk_tokens kernel ranks (its rows live in one block's shared memory)");
+  m.def("row_mass_limits", [] { return std::make_pair(kMmlatentRowMassMaxGroup, kMmlatentRowMassMaxHeadDim); },
+        "(most query heads per KV head, widest head dim) of the CUDA row_attention_mass kernels");
 }

@@ -35,9 +35,10 @@ def test_attention_with_scores_bf16(shape, causal, use_backend):
     assert_close_fp32(scores.cpu(), image_mass64(p64[:, :, -1], image_index), rtol=1e-4, atol=1e-6, what="mass")
 
 
+@pytest.mark.parametrize("backend", ["triton", "native"])
 @pytest.mark.parametrize("N", [1, 4096, 65536])
-def test_row_attention_mass_bf16(N, use_backend):
-    use_backend("triton")
+def test_row_attention_mass_bf16(N, backend, use_backend):
+    use_backend(backend)
     g = torch.Generator().manual_seed(1)
     q = torch.randn(2, 28, 128, generator=g).to(torch.bfloat16)
     k = torch.randn(2, 4, N, 128, generator=g).to(torch.bfloat16)

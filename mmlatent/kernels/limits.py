@@ -6,6 +6,8 @@ from here instead of dispatch reading them from the kernels. The CUDA selection 
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import os
 
 # Widest head dim the attention kernels' configurations cover (compile_check proves they compile without spills).
@@ -29,6 +31,14 @@ def next_power_of_2(n: int) -> int:
 def triton_interpreting() -> bool:
     """Whether Triton runs its interpreter (CPU tensors) rather than compiling for a GPU: ``TRITON_INTERPRET=1``."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cuda_row_mass_limits() -> Tuple[int, int]:
+    """(most query heads per KV head, widest head dim) of the native CUDA row mass, as compiled into
+    ``mmlatent._C`` (call only when the extension imports). AttributeError when it predates this binding."""
+    from mmlatent import _C
+    group, head_dim = _C.row_mass_limits()
+    return int(group), int(head_dim)
 
 
 def cuda_select_max_tokens() -> int:

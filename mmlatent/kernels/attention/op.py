@@ -16,11 +16,11 @@ import torch
 
 from .. import checks
 from ..dispatch import OpDispatch, Reasons, native_op_reasons, torch_reasons, triton_float_reasons, triton_or_torch
-from ..limits import ATTENTION_MAX_HEAD_DIM
+from ..limits import ATTENTION_MAX_HEAD_DIM, cuda_row_mass_limits
 from . import torch_impl
 
 
-def _triton_attention_reasons(device, dtype, head_dim, out=None) -> Reasons:
+def _triton_attention_reasons(device, dtype, head_dim, out=None, group=1) -> Reasons:
     reasons = triton_float_reasons(device, dtype)
     if head_dim > ATTENTION_MAX_HEAD_DIM:
         reasons.append(f"head dim {head_dim} is above the Triton kernels' limit of {ATTENTION_MAX_HEAD_DIM}")
@@ -29,17 +29,30 @@ def _triton_attention_reasons(device, dtype, head_dim, out=None) -> Reasons:
     return reasons
 
 
-def _native_row_mass_reasons(device, dtype, head_dim, out=None) -> Reasons:
+def _native_row_mass_reasons(device, dtype, head_dim, out=None, group=1) -> Reasons:
     reasons = native_op_reasons(device, "row_attention_mass_native")
     if device.type == "cuda" and not reasons:
-        reasons.append("the CUDA row_attention_mass kernel has not been built and measured yet (Triton runs it)")
+        if dtype == torch.float64:
+            reasons.append("the CUDA row mass reads float32 / float16 / bfloat16 (float64: native CPU op or torch)")
+        try:
+            max_group, max_head_dim = cuda_row_mass_limits()
+        except AttributeError:
+            reasons.append("mmlatent._C predates its sources (rebuild it: pip install -e .)")
+        else:
+            if head_dim > max_head_dim or group > max_group:
+                reasons.append(f"the CUDA row mass takes head dims up to {max_head_dim} and up to {max_group} query "
+                               f"heads per KV head, got {head_dim} and {group}")
+        if out is not None and out.shape[1] > 1 and out.stride(1) != 1:
+            reasons.append("the scores buffer is not contiguous along Ni, and it is updated in place")
     return reasons
 
 
 # auto on CPU: native first, 2.57x faster than the torch backend at B2 Hq16 Hkv4 N4096 D64 Ni1024 (0.960 against
 # 2.468 ms, benches/results/cpu-2core/kernels-row-attention-mass.md)
+# On CUDA Triton stays first until the CUDA kernel has been measured against it.
 ROW_ATTENTION_MASS = OpDispatch("row_attention_mass", {"native": _native_row_mass_reasons,
-                                                       "triton": _triton_attention_reasons, "torch": torch_reasons})
+                                                       "triton": _triton_attention_reasons, "torch": torch_reasons},
+                                device_auto_order={"cuda": ("triton", "native", "torch")})
 ATTENTION_WITH_SCORES = triton_or_torch("attention_with_scores", _triton_attention_reasons)
 
 
@@ -86,7 +99,8 @@ def _row_attention_mass_op(q: torch.Tensor, k: torch.Tensor, image_index: torch.
     # No image slot to fill (all padding, Ni = 0, B = 0; N = 0 keys admits padding only): nothing to launch.
     if not used or q.shape[1] == 0:
         return
-    backend = ROW_ATTENTION_MASS.choose(device=q.device, dtype=q.dtype, head_dim=q.shape[-1], out=out)
+    backend = ROW_ATTENTION_MASS.choose(device=q.device, dtype=q.dtype, head_dim=q.shape[-1], out=out,
+                                        group=q.shape[1] // k.shape[1])
     if backend == "native":
         torch.ops.mmlatent.row_attention_mass_native(q, k, image_index, out, key_valid, scale, weight)
     elif backend == "triton":
