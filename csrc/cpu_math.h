@@ -61,18 +61,6 @@ __attribute__((always_inline)) static inline float exp_approx(float x) {
   return x == x ? value : x;
 }
 
-// out[i] = exp_approx(in[i] - shift) for n values, then their sum (8 partial sums).
-MMLATENT_CPU_CLONES static float exp_shifted(const float* in, float shift, float* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = exp_approx(in[i] - shift);
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += out[i + j];
-  float tail = 0.0f;
-  for (; i < n; ++i) tail += out[i];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
-}
-
 // scores[g * ld + j] = q[g] . keys[rows[j]] for g < heads, j < count: the logits of `heads` query rows of
 // length d against `count` key rows of a cache whose rows are `key_stride` floats apart (rows = nullptr: rows
 // 0 .. count - 1). One call per block of keys, so the dispatch of the clone is paid per block, not per dot.

@@ -30,14 +30,14 @@ constexpr int64_t kKeyBlock = 64;
 template <typename acc_t> acc_t exp_of(acc_t x) { return std::exp(x); }
 template <> float exp_of<float>(float x) { return mmlatent_cpu::exp_approx(x); }
 
-// sum_i exp(s[i] - shift), the exponentials written to `scratch` (n values).
-template <typename acc_t> acc_t exp_sum_of(const acc_t* s, acc_t shift, int64_t n, acc_t* scratch) {
+// sum_i exp(s[i] - shift), the exponentials written over s (a block of logits no longer needed).
+template <typename acc_t> acc_t exp_sum_of(acc_t* s, acc_t shift, int64_t n) {
   acc_t sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += (scratch[i] = std::exp(s[i] - shift));
+  for (int64_t i = 0; i < n; ++i) sum += (s[i] = std::exp(s[i] - shift));
   return sum;
 }
-template <> float exp_sum_of<float>(const float* s, float shift, int64_t n, float* scratch) {
-  return mmlatent_cpu::exp_shifted(s, shift, scratch, n);
+template <> float exp_sum_of<float>(float* s, float shift, int64_t n) {
+  return mmlatent_cpu::exp_shifted_(s, shift, n);
 }
 
 // scores[g * ld + j] = qg[g] . key(j) for the G heads and `count` keys: key(j) the cache row rows[j], or n0 + j
@@ -86,7 +86,7 @@ void layer_masses(const std::vector<at::Tensor>& q_layers, const std::vector<at:
   acc_t* mass = partial.data_ptr<acc_t>();
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, L * B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scores(G * kKeyBlock), exps(kKeyBlock), row(D), m(G), l(G), lse(G);
+    std::vector<acc_t> scores(G * kKeyBlock), row(D), m(G), l(G), lse(G);
     std::vector<int64_t> slots(kKeyBlock), positions(kKeyBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t layer = task / (B * Hkv), b = (task / Hkv) % B, h = task % Hkv;
@@ -105,13 +105,17 @@ void layer_masses(const std::vector<at::Tensor>& q_layers, const std::vector<at:
               for (int64_t g = 0; g < G; ++g) scores[g * kKeyBlock + j] = kNegInf;
         }
         for (int64_t g = 0; g < G; ++g) {
-          const acc_t* s = scores.data() + g * kKeyBlock;
+          acc_t* s = scores.data() + g * kKeyBlock;
           acc_t block_max = kNegInf;
-          for (int64_t j = 0; j < width; ++j) block_max = std::max(block_max, s[j]);
+          if constexpr (std::is_same_v<acc_t, float>) {
+            block_max = mmlatent_cpu::max_of(s, width, kNegInf);
+          } else {
+            for (int64_t j = 0; j < width; ++j) block_max = std::max(block_max, s[j]);
+          }
           if (block_max == kNegInf) continue;  // every key of the block is padding
           const acc_t next = std::max(m[g], block_max);
           l[g] = (m[g] == kNegInf ? acc_t(0) : l[g] * exp_of<acc_t>(m[g] - next)) +
-                 exp_sum_of<acc_t>(s, next, width, exps.data());
+                 exp_sum_of<acc_t>(s, next, width);
           m[g] = next;
         }
       }
