@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <optional>
 
+#include "cuda_dtype.h"
 #include "denoise_step_cuda.h"
 #include "select_topk_cuda.h"  // mmlatent_cuda_error_string
 
@@ -136,14 +137,7 @@ void denoise_step_cuda(at::Tensor& x, const at::Tensor& model_out_in, const at::
   const int64_t rows = x.size(0), cols = x.size(1);
   if (rows == 0 || cols == 0) return;
   c10::DeviceGuard guard(x.device());
-  int out_dtype;
-  switch (model_out_in.scalar_type()) {
-    case at::kFloat: out_dtype = MMLATENT_OUT_F32; break;
-    case at::kHalf: out_dtype = MMLATENT_OUT_F16; break;
-    case at::kBFloat16: out_dtype = MMLATENT_OUT_BF16; break;
-    case at::kDouble: out_dtype = MMLATENT_OUT_F64; break;
-    default: TORCH_CHECK_TYPE(false, "model_out: unsupported dtype ", model_out_in.scalar_type());
-  }
+  const int out_dtype = mmlatent_cuda_dtype(model_out_in, "model_out", /*allow_double=*/true);
   // No host synchronisation (the step range was checked by the public op outside a capture), so a CUDA graph
   // can capture this call.
   const at::Tensor model_out = unit_stride_rows(model_out_in);

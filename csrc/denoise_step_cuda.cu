@@ -2,6 +2,7 @@
 // thread from the [S, 6] table (an L1 hit after the first warp), the guided output, clamp and noise term in
 // registers, x written once. Runtime API only (see select_topk_cuda.h for why).
 #include "denoise_step_cuda.h"
+#include "select_topk_cuda.h"  // MmlatentScoreDtype
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -95,15 +96,15 @@ extern "C" int mmlatent_denoise_step_cuda(float* x, int64_t stride_x, const void
   auto s = reinterpret_cast<cudaStream_t>(stream);
   cudaError_t err;
   switch (out_dtype) {
-    case MMLATENT_OUT_F16:
+    case MMLATENT_F16:
       err = dispatch_flags<__half>(x, stride_x, model_out, stride_o, table, steps, step, noise, stride_n, rows,
                                    cols, has_cfg, cfg_scale, has_clip, clip, s);
       break;
-    case MMLATENT_OUT_BF16:
+    case MMLATENT_BF16:
       err = dispatch_flags<__nv_bfloat16>(x, stride_x, model_out, stride_o, table, steps, step, noise, stride_n,
                                           rows, cols, has_cfg, cfg_scale, has_clip, clip, s);
       break;
-    case MMLATENT_OUT_F64:
+    case MMLATENT_F64:
       err = dispatch_flags<double>(x, stride_x, model_out, stride_o, table, steps, step, noise, stride_n, rows,
                                    cols, has_cfg, cfg_scale, has_clip, clip, s);
       break;

@@ -4,11 +4,8 @@
 
 extern "C" {
 
-// Element types of model_out (MmlatentScoreDtype's codes, plus float64).
-enum MmlatentOutDtype { MMLATENT_OUT_F32 = 0, MMLATENT_OUT_F16 = 1, MMLATENT_OUT_BF16 = 2, MMLATENT_OUT_F64 = 3 };
-
 // x [R, C] float32 with row stride `stride_x` (unit stride along C), updated in place; model_out [R or 2R, C] of
-// `out_dtype` with row stride `stride_o` (with cfg: conditional rows, then unconditional ones); table [S, 6]
+// `out_dtype` (MmlatentScoreDtype) with row stride `stride_o` (with cfg: conditional rows, then unconditional ones); table [S, 6]
 // float32 (cx, co, px, po, c0, sigma); steps [R] int64 (each row's step) or nullptr (every row at `step`);
 // noise [R, C] float32 with row stride `stride_n`, or nullptr (no noise term). `stream` is a cudaStream_t as
 // an integer. Returns 0 on success, otherwise a cudaError_t value.

@@ -18,10 +18,11 @@
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
+#include "cuda_dtype.h"
 #include "cpu_math.h"
 #include "row_mass.h"
 #include "row_mass_cuda.h"
-#include "select_topk_cuda.h"  // MmlatentScoreDtype, mmlatent_cuda_error_string
+#include "select_topk_cuda.h"  // mmlatent_cuda_error_string
 
 namespace {
 
@@ -244,14 +245,7 @@ void row_attention_mass_cuda(const at::Tensor& q_in, const at::Tensor& k_in, con
                              at::Tensor& out, const std::optional<at::Tensor>& key_valid_in, double scale,
                              double weight) {
   mmlatent_check_row_mass_args(q_in, k_in, image_index_in, out, key_valid_in);
-  int dtype;
-  switch (q_in.scalar_type()) {
-    case at::kFloat: dtype = MMLATENT_F32; break;
-    case at::kHalf: dtype = MMLATENT_F16; break;
-    case at::kBFloat16: dtype = MMLATENT_BF16; break;
-    default: TORCH_CHECK_TYPE(false, "q: the CUDA row mass takes float32, float16 or bfloat16, got ",
-                              q_in.scalar_type());
-  }
+  const int dtype = mmlatent_cuda_dtype(q_in, "q");
   const int64_t B = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2), Hkv = k_in.size(1), N = k_in.size(2);
   const int64_t Ni = image_index_in.size(1);
   TORCH_CHECK_VALUE(Hq / Hkv <= kMmlatentRowMassMaxGroup && D <= kMmlatentRowMassMaxHeadDim, "q: the CUDA row mass "

@@ -12,10 +12,11 @@
 #include <optional>
 #include <vector>
 
-// Always included: its token cap is what the Python dispatch reads back (select_topk_max_tokens), and its
-// declarations need no CUDA headers.
-#include "row_mass_cuda.h"
+#include "cuda_dtype.h"
 #include "select_topk.h"
+// Always included: their caps are what the Python dispatch reads back (select_topk_max_tokens, row_mass_limits),
+// and their declarations need no CUDA headers.
+#include "row_mass_cuda.h"
 #include "select_topk_cuda.h"
 
 namespace {
@@ -131,14 +132,7 @@ std::tuple<at::Tensor, at::Tensor> select_topk_tokens_cuda(const at::Tensor& sco
                                                            const std::optional<at::Tensor>& embeds_in,
                                                            bool order_by_score) {
   check_args(scores_in, k, exclude, valid_in, embeds_in);
-  int score_dtype;
-  switch (scores_in.scalar_type()) {
-    case at::kFloat: score_dtype = MMLATENT_F32; break;
-    case at::kHalf: score_dtype = MMLATENT_F16; break;
-    case at::kBFloat16: score_dtype = MMLATENT_BF16; break;
-    default: TORCH_CHECK_TYPE(false, "scores: the CUDA op takes float32, float16 or bfloat16, got ",
-                              scores_in.scalar_type());
-  }
+  const int score_dtype = mmlatent_cuda_dtype(scores_in, "scores");
   TORCH_CHECK_VALUE(scores_in.size(1) <= kMmlatentSelectMaxTokens, "scores: the CUDA op ranks at most ",
                     kMmlatentSelectMaxTokens, " tokens per row, got Ni = ", scores_in.size(1));
   c10::DeviceGuard guard(scores_in.device());

@@ -5,8 +5,9 @@
 
 extern "C" {
 
-// Score dtypes understood by the kernel (the element type of `scores`).
-enum MmlatentScoreDtype { MMLATENT_F32 = 0, MMLATENT_F16 = 1, MMLATENT_BF16 = 2 };
+// Element types the CUDA kernels read (select_topk: scores; row mass: q and k; denoise_step_: model_out, the
+// only one that also reads float64).
+enum MmlatentScoreDtype { MMLATENT_F32 = 0, MMLATENT_F16 = 1, MMLATENT_BF16 = 2, MMLATENT_F64 = 3 };
 
 // Largest Ni one thread block can rank: Ni keys of 8 bytes live in shared memory.
 constexpr int64_t kMmlatentSelectMaxTokens = 16384;
