@@ -195,7 +195,8 @@ void mmlatent_add_row_masses_cpu(const std::vector<at::Tensor>& q_layers, const 
 }
 
 void mmlatent_check_row_mass_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& image_index,
-                                  const at::Tensor& out, const std::optional<at::Tensor>& key_valid) {
+                                  const at::Tensor& out, const std::optional<at::Tensor>& key_valid,
+                                  bool check_index_range) {
   TORCH_CHECK_VALUE(q.dim() == 3 && q.size(2) >= 1, "q: expected [B, Hq, D] with D >= 1, got ", q.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(q.scalar_type()), "q: expected a floating dtype, got ", q.scalar_type());
   TORCH_CHECK_VALUE(k.dim() == 4 && k.size(0) == q.size(0) && k.size(3) == q.size(2), "k: expected [B, Hkv, N, D] "
@@ -219,7 +220,7 @@ void mmlatent_check_row_mass_args(const at::Tensor& q, const at::Tensor& k, cons
     TORCH_CHECK_VALUE(t->device() == q.device(), "expected every tensor on ", q.device(), ", got ", t->device());
   }
   const int64_t N = k.size(2);
-  if (image_index.numel()) {
+  if (check_index_range && image_index.numel()) {
     const auto [lo, hi] = at::aminmax(image_index);
     TORCH_CHECK_VALUE(lo.item<int64_t>() >= -1 && hi.item<int64_t>() < N, "image_index: entries must be -1 "
                       "(padding) or key positions in [0, ", N, "), found values in [", lo.item<int64_t>(), ", ",

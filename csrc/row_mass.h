@@ -6,8 +6,11 @@
 #include <optional>
 #include <vector>
 
+// check_index_range: also the entries of image_index (one host sync); a caller checking several layers against
+// the same image_index and cache length checks them once.
 void mmlatent_check_row_mass_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& image_index,
-                                  const at::Tensor& out, const std::optional<at::Tensor>& key_valid);
+                                  const at::Tensor& out, const std::optional<at::Tensor>& key_valid,
+                                  bool check_index_range = true);
 
 // out [B, Ni] float32 += sum over layers l (in order) of weights[l] * the image-token mass of q_layers[l]
 // [B, Hq, D] against k_layers[l] [B, Hkv, N, D]: one row_attention_mass per layer, every layer's tasks in one

@@ -27,7 +27,8 @@ std::tuple<at::Tensor, at::Tensor> select_image_tokens_cpu(at::TensorList q, at:
     TORCH_CHECK_VALUE(q[layer].sizes() == q[0].sizes() && k[layer].sizes() == k[0].sizes(), "q, k: every layer "
                       "must have the shapes of layer 0, layer ", layer, " has ", q[layer].sizes(), " and ",
                       k[layer].sizes());
-    mmlatent_check_row_mass_args(q[layer], k[layer], image_index, scores, key_valid);
+    // every layer has layer 0's cache length: its index range is checked once, not once per layer
+    mmlatent_check_row_mass_args(q[layer], k[layer], image_index, scores, key_valid, layer == 0);
   }
   mmlatent_add_row_masses_cpu(q.vec(), k.vec(), image_index, scores, key_valid, scale, layer_weights.vec());
   return mmlatent_select_topk_cpu(scores, k_select, exclude, valid, embeds, order_by_score);
