@@ -49,7 +49,8 @@ def _native_row_mass_reasons(device, dtype, head_dim, out=None, group=1) -> Reas
 
 # auto on CPU: native first, 2.57x faster than the torch backend at B2 Hq16 Hkv4 N4096 D64 Ni1024 (0.960 against
 # 2.468 ms, benches/results/cpu-2core/kernels-row-attention-mass.md)
-# On CUDA Triton stays first until the CUDA kernel has been measured against it.
+# On CUDA Triton first: 0.34-0.51 ms against the CUDA kernel's 0.93-1.41 ms at B1 Hq28 Hkv4 D128 Ni1024, N 2048 to
+# 65536 on an H200 (benches/results/nvidia-h200/kernels-row-attention-mass.md, the kernel's earlier layout).
 ROW_ATTENTION_MASS = OpDispatch("row_attention_mass", {"native": _native_row_mass_reasons,
                                                        "triton": _triton_attention_reasons, "torch": torch_reasons},
                                 device_auto_order={"cuda": ("triton", "native", "torch")})
