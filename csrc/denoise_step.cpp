@@ -13,13 +13,15 @@
 
 #include "cuda_dtype.h"
 #include "denoise_step_cuda.h"
+#include "philox.h"
 #include "select_topk_cuda.h"  // mmlatent_cuda_error_string
 
 namespace {
 
 // The checks the Python op made, repeated where a direct call of the registered op could skip them.
 void check_args(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& table, int64_t step,
-                const std::optional<at::Tensor>& steps, const std::optional<at::Tensor>& noise, bool cfg) {
+                const std::optional<at::Tensor>& steps, const std::optional<at::Tensor>& noise,
+                const std::optional<at::Tensor>& philox_state, bool cfg) {
   TORCH_CHECK_VALUE(x.dim() == 2 && x.scalar_type() == at::kFloat, "x: expected [R, C] float32, got ",
                     x.scalar_type(), " of shape ", x.sizes());
   const int64_t rows = x.size(0), cols = x.size(1);
@@ -39,6 +41,15 @@ void check_args(const at::Tensor& x, const at::Tensor& model_out, const at::Tens
     TORCH_CHECK_VALUE(noise->sizes() == x.sizes(), "noise: expected the shape of x ", x.sizes(), ", got ",
                       noise->sizes());
   }
+  if (philox_state) {
+    TORCH_CHECK_VALUE(!noise, "noise, philox_state: give one source of noise, not both");
+    TORCH_CHECK_VALUE(philox_state->dim() == 1 && philox_state->size(0) == 2 &&
+                      philox_state->scalar_type() == at::kLong && philox_state->device() == x.device() &&
+                      philox_state->is_contiguous(),
+                      "philox_state: expected a contiguous int64 [2] (seed, offset) on ", x.device(), ", got ",
+                      philox_state->scalar_type(), " of shape ", philox_state->sizes(), " on ",
+                      philox_state->device());
+  }
   for (const at::Tensor* t : {&model_out, &table}) {
     TORCH_CHECK_VALUE(t->device() == x.device(), "expected every tensor on ", x.device(), ", got ", t->device());
   }
@@ -48,10 +59,17 @@ void check_args(const at::Tensor& x, const at::Tensor& model_out, const at::Tens
 // Unit stride along C for the kernels' row loops: a copy only when the caller's layout lacks it.
 at::Tensor unit_stride_rows(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous(); }
 
-template <typename out_t, bool CFG, bool CLIP, bool NOISE>
+// Where the noise term comes from: none, a tensor, or drawn in the kernel (philox.h).
+enum NoiseSource { kNoNoise = 0, kNoiseTensor = 1, kPhilox = 2 };
+
+struct PhiloxStream {
+  uint64_t seed, offset;
+};
+
+template <typename out_t, bool CFG, bool CLIP, int NOISE>
 void denoise_rows_cpu(float* x, int64_t stride_x, const out_t* out, int64_t stride_o, const float* table,
-                      const int64_t* steps, int64_t step, const float* noise, int64_t stride_n, int64_t rows,
-                      int64_t cols, float cfg_scale, float clip) {
+                      const int64_t* steps, int64_t step, const float* noise, int64_t stride_n, PhiloxStream philox,
+                      int64_t rows, int64_t cols, float cfg_scale, float clip) {
   // Enough elements per task that a thread's start-up is noise next to its work.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
@@ -61,7 +79,8 @@ void denoise_rows_cpu(float* x, int64_t stride_x, const out_t* out, int64_t stri
       float* xr = x + r * stride_x;
       const out_t* cond = out + r * stride_o;
       const out_t* uncond = out + (r + rows) * stride_o;
-      const float* nr = NOISE ? noise + r * stride_n : nullptr;
+      const float* nr = NOISE == kNoiseTensor ? noise + r * stride_n : nullptr;
+      const uint64_t row_position = philox.offset + static_cast<uint64_t>(r * cols);
       // The torch backend's order of operations, so that both round alike.
       for (int64_t c = 0; c < cols; ++c) {
         float o = static_cast<float>(cond[c]);
@@ -72,41 +91,52 @@ void denoise_rows_cpu(float* x, int64_t stride_x, const out_t* out, int64_t stri
         const float xv = xr[c];
         float value = cx * xv + co * o;
         if (CLIP) value += c0 * std::min(std::max(px * xv + po * o, -clip), clip);
-        if (NOISE) value += sigma * nr[c];
+        if (NOISE == kNoiseTensor) value += sigma * nr[c];
+        if (NOISE == kPhilox) value += sigma * mmlatent_philox_normal(philox.seed, row_position + c);
         xr[c] = value;
       }
     }
   });
 }
 
-template <typename out_t>
+template <typename out_t, int NOISE>
 void denoise_cpu_flags(float* x, int64_t sx, const out_t* out, int64_t so, const float* table, const int64_t* steps,
-                       int64_t step, const float* noise, int64_t sn, int64_t rows, int64_t cols, bool cfg,
-                       float cfg_scale, bool clip_on, float clip) {
-  const int code = (cfg ? 4 : 0) | (clip_on ? 2 : 0) | (noise != nullptr ? 1 : 0);
-#define MMLATENT_DENOISE_CPU(N, A, B, C)                                                                            \
-  case N:                                                                                                         \
-    return denoise_rows_cpu<out_t, A, B, C>(x, sx, out, so, table, steps, step, noise, sn, rows, cols, cfg_scale, \
-                                            clip);
-  switch (code) {
-    MMLATENT_DENOISE_CPU(0, false, false, false)
-    MMLATENT_DENOISE_CPU(1, false, false, true)
-    MMLATENT_DENOISE_CPU(2, false, true, false)
-    MMLATENT_DENOISE_CPU(3, false, true, true)
-    MMLATENT_DENOISE_CPU(4, true, false, false)
-    MMLATENT_DENOISE_CPU(5, true, false, true)
-    MMLATENT_DENOISE_CPU(6, true, true, false)
-    default:
-      return denoise_rows_cpu<out_t, true, true, true>(x, sx, out, so, table, steps, step, noise, sn, rows, cols,
-                                                       cfg_scale, clip);
+                       int64_t step, const float* noise, int64_t sn, PhiloxStream philox, int64_t rows, int64_t cols,
+                       bool cfg, float cfg_scale, bool clip_on, float clip) {
+#define MMLATENT_DENOISE_CPU(CFG, CLIP)                                                                           \
+  return denoise_rows_cpu<out_t, CFG, CLIP, NOISE>(x, sx, out, so, table, steps, step, noise, sn, philox, rows, cols, \
+                                                   cfg_scale, clip)
+  if (cfg) {
+    if (clip_on) MMLATENT_DENOISE_CPU(true, true);
+    MMLATENT_DENOISE_CPU(true, false);
   }
+  if (clip_on) MMLATENT_DENOISE_CPU(false, true);
+  MMLATENT_DENOISE_CPU(false, false);
 #undef MMLATENT_DENOISE_CPU
+}
+
+template <typename out_t>
+void denoise_cpu_noise(float* x, int64_t sx, const out_t* out, int64_t so, const float* table, const int64_t* steps,
+                       int64_t step, const float* noise, int64_t sn, const int64_t* philox_state, int64_t rows,
+                       int64_t cols, bool cfg, float cfg_scale, bool clip_on, float clip) {
+  if (philox_state != nullptr) {
+    const PhiloxStream philox{static_cast<uint64_t>(philox_state[0]), static_cast<uint64_t>(philox_state[1])};
+    return denoise_cpu_flags<out_t, kPhilox>(x, sx, out, so, table, steps, step, noise, sn, philox, rows, cols, cfg,
+                                             cfg_scale, clip_on, clip);
+  }
+  const PhiloxStream none{0, 0};
+  if (noise != nullptr)
+    return denoise_cpu_flags<out_t, kNoiseTensor>(x, sx, out, so, table, steps, step, noise, sn, none, rows, cols,
+                                                  cfg, cfg_scale, clip_on, clip);
+  return denoise_cpu_flags<out_t, kNoNoise>(x, sx, out, so, table, steps, step, noise, sn, none, rows, cols, cfg,
+                                            cfg_scale, clip_on, clip);
 }
 
 void denoise_step_cpu(at::Tensor& x, const at::Tensor& model_out_in, const at::Tensor& table_in, int64_t step,
                       const std::optional<at::Tensor>& steps_in, std::optional<double> clip,
-                      const std::optional<at::Tensor>& noise_in, std::optional<double> cfg_scale) {
-  check_args(x, model_out_in, table_in, step, steps_in, noise_in, cfg_scale.has_value());
+                      const std::optional<at::Tensor>& noise_in, std::optional<double> cfg_scale,
+                      const std::optional<at::Tensor>& philox_state) {
+  check_args(x, model_out_in, table_in, step, steps_in, noise_in, philox_state, cfg_scale.has_value());
   const int64_t rows = x.size(0), cols = x.size(1);
   if (rows == 0 || cols == 0) return;
   const at::Tensor model_out = unit_stride_rows(model_out_in);
@@ -120,10 +150,11 @@ void denoise_step_cpu(at::Tensor& x, const at::Tensor& model_out_in, const at::T
   }
   if (noise_in) noise = unit_stride_rows(noise_in->to(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_out.scalar_type(), "denoise_step_cpu", [&] {
-    denoise_cpu_flags<scalar_t>(x.data_ptr<float>(), x.stride(0), model_out.data_ptr<scalar_t>(),
+    denoise_cpu_noise<scalar_t>(x.data_ptr<float>(), x.stride(0), model_out.data_ptr<scalar_t>(),
                                 model_out.stride(0), table.data_ptr<float>(),
                                 steps ? steps->data_ptr<int64_t>() : nullptr, step,
-                                noise ? noise->data_ptr<float>() : nullptr, noise ? noise->stride(0) : 0, rows, cols,
+                                noise ? noise->data_ptr<float>() : nullptr, noise ? noise->stride(0) : 0,
+                                philox_state ? philox_state->data_ptr<int64_t>() : nullptr, rows, cols,
                                 cfg_scale.has_value(), static_cast<float>(cfg_scale.value_or(0.0)), clip.has_value(),
                                 static_cast<float>(clip.value_or(0.0)));
   });
@@ -132,8 +163,9 @@ void denoise_step_cpu(at::Tensor& x, const at::Tensor& model_out_in, const at::T
 #ifdef MMLATENT_WITH_CUDA
 void denoise_step_cuda(at::Tensor& x, const at::Tensor& model_out_in, const at::Tensor& table_in, int64_t step,
                        const std::optional<at::Tensor>& steps_in, std::optional<double> clip,
-                       const std::optional<at::Tensor>& noise_in, std::optional<double> cfg_scale) {
-  check_args(x, model_out_in, table_in, step, steps_in, noise_in, cfg_scale.has_value());
+                       const std::optional<at::Tensor>& noise_in, std::optional<double> cfg_scale,
+                       const std::optional<at::Tensor>& philox_state) {
+  check_args(x, model_out_in, table_in, step, steps_in, noise_in, philox_state, cfg_scale.has_value());
   const int64_t rows = x.size(0), cols = x.size(1);
   if (rows == 0 || cols == 0) return;
   c10::DeviceGuard guard(x.device());
@@ -149,7 +181,8 @@ void denoise_step_cuda(at::Tensor& x, const at::Tensor& model_out_in, const at::
   const int code = mmlatent_denoise_step_cuda(
       x.data_ptr<float>(), x.stride(0), model_out.data_ptr(), out_dtype, model_out.stride(0), table.data_ptr<float>(),
       steps ? steps->data_ptr<int64_t>() : nullptr, step, noise ? noise->data_ptr<float>() : nullptr,
-      noise ? noise->stride(0) : 0, rows, cols, cfg_scale.has_value(), static_cast<float>(cfg_scale.value_or(0.0)),
+      noise ? noise->stride(0) : 0, philox_state ? philox_state->data_ptr<int64_t>() : nullptr, rows, cols,
+      cfg_scale.has_value(), static_cast<float>(cfg_scale.value_or(0.0)),
       clip.has_value(), static_cast<float>(clip.value_or(0.0)), reinterpret_cast<int64_t>(stream.native_handle()));
   TORCH_CHECK(code == 0, "denoise_step_ CUDA kernel failed: ", mmlatent_cuda_error_string(code));
 }
@@ -160,7 +193,7 @@ void denoise_step_cuda(at::Tensor& x, const at::Tensor& model_out_in, const at::
 TORCH_LIBRARY_FRAGMENT(mmlatent, m) {
   m.def(
       "denoise_step_native(Tensor(a!) x, Tensor model_out, Tensor table, int step, Tensor? steps, float? clip, "
-      "Tensor? noise, float? cfg_scale) -> ()");
+      "Tensor? noise, float? cfg_scale, Tensor? philox_state=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(mmlatent, CPU, m) { m.impl("denoise_step_native", &denoise_step_cpu); }

@@ -45,10 +45,11 @@ def diffusion_mse_bytes(rows: int, channels: int) -> float:
     return 6.0 * rows * channels * GPU_ELEMENT_BYTES
 
 
-def denoise_step_bytes(rows: int, channels: int, out_bytes: float = GPU_ELEMENT_BYTES) -> float:
-    """One guided step: reads x, noise (float32) and the 2R model-output rows, writes x: [R, C] four times in
-    float32 and twice in the output's dtype."""
-    return rows * channels * (3 * 4.0 + 2 * out_bytes)
+def denoise_step_bytes(rows: int, channels: int, out_bytes: float = GPU_ELEMENT_BYTES,
+                       noise_in_kernel: bool = False) -> float:
+    """One guided step: reads x, noise (float32) and the 2R model-output rows, writes x: [R, C] three times in
+    float32 and twice in the output's dtype; noise drawn in the kernel saves one float32 read."""
+    return rows * channels * ((2 if noise_in_kernel else 3) * 4.0 + 2 * out_bytes)
 
 
 def hardware_rates(flops: float, bytes_moved: float, seconds: float, device: str) -> Dict[str, float]:

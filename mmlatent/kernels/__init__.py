@@ -27,8 +27,8 @@ from .attention import (ATTENTION_WITH_SCORES, ROW_ATTENTION_MASS, attention_wit
 from .selection import (SELECT_IMAGE_TOKENS, SELECT_TOPK_TOKENS, select_image_tokens,  # noqa: E402
                         select_topk_tokens)
 from .losses import LINEAR_CROSS_ENTROPY, LINEAR_LOG_PROBS, linear_cross_entropy, linear_log_probs  # noqa: E402
-from .diffusion import (DENOISE_STEP, DIFFUSION_MSE, LAYER_NORM_MODULATE, SamplerSchedule,  # noqa: E402
-                        denoise_step_, diffusion_mse, layer_norm_modulate)
+from .diffusion import (DENOISE_STEP, DIFFUSION_MSE, LAYER_NORM_MODULATE, PhiloxNoise,  # noqa: E402
+                        SamplerSchedule, denoise_step_, diffusion_mse, layer_norm_modulate)
 from .fusion import GATED_MIX, gated_mix  # noqa: E402
 from .activations import GEGLU, geglu  # noqa: E402
 from .norms import RMS_NORM, rms_norm  # noqa: E402
@@ -59,5 +59,5 @@ __all__ = ["row_attention_mass", "attention_with_scores", "select_topk_tokens", 
            "linear_cross_entropy",
            "linear_log_probs", "denoise_step_", "layer_norm_modulate", "diffusion_mse", "gated_mix",
            "geglu", "rms_norm",
-           "SamplerSchedule", "BACKENDS",
+           "SamplerSchedule", "PhiloxNoise", "BACKENDS",
            "BackendUnavailableError", "requested_backend", "backend_report", "OPS"]

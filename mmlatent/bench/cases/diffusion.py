@@ -7,7 +7,7 @@ from typing import Callable, List, Sequence
 import torch
 import torch.nn.functional as F
 
-from mmlatent.kernels import SamplerSchedule, denoise_step_, diffusion_mse, layer_norm_modulate
+from mmlatent.kernels import PhiloxNoise, SamplerSchedule, denoise_step_, diffusion_mse, layer_norm_modulate
 
 from ..case import Call, Case, Inputs, Make
 from ..ceilings import denoise_step_bytes, diffusion_mse_bytes, layer_norm_modulate_bytes
@@ -114,14 +114,44 @@ def denoise_step_case(R: int, C: int, backends: Sequence[str] = ("torch",)) -> C
                 bytes_moved=denoise_step_bytes(R, C))
 
 
+def _philox_step_inputs(R: int, C: int) -> Make:
+    """The step's inputs with a PhiloxNoise stream on the device in place of the noise tensor."""
+    step_inputs = _step_inputs(R, C)
+
+    def make(device: torch.device, dtype: torch.dtype) -> Inputs:
+        inputs = step_inputs(device, dtype)
+        del inputs["noise"]
+        return dict(inputs, stream=PhiloxNoise(0, device=device))
+    return make
+
+
+def _philox_step(a: Inputs) -> object:
+    return denoise_step_(a["x"], a["out"], a["steps"], a["schedule"], noise=a["stream"], cfg_scale=STEP_CFG)
+
+
+def _randn_step(a: Inputs) -> object:
+    return denoise_step_(a["x"], a["out"], a["steps"], a["schedule"], cfg_scale=STEP_CFG)
+
+
+def philox_step_case(R: int, C: int, backends: Sequence[str] = ("torch",)) -> Case:
+    """The same step with its noise drawn inside the kernel (PhiloxNoise) against the step that draws it with
+    torch.randn first (``generator``), and against each backend of ``backends`` pinned."""
+    baselines = {"torch.randn noise, then the step": _randn_step}
+    baselines.update({f"{backend} backend": pinned_backend(backend, _philox_step) for backend in backends})
+    return Case("denoise_step_", f"R{R} C{C} cfg+Philox ragged steps", _philox_step_inputs(R, C), _philox_step,
+                baselines, bytes_moved=denoise_step_bytes(R, C, noise_in_kernel=True))
+
+
 def cases(sizes: str) -> List[Case]:
     if sizes == "tiny":
-        return [modulate_case(8, 64), diffusion_mse_case(8, 64), denoise_step_case(8, 64)]
+        return [modulate_case(8, 64), diffusion_mse_case(8, 64), denoise_step_case(8, 64), philox_step_case(8, 64)]
     if sizes == "gpu":
         out = [modulate_case(N, 1024) for N in (256, 4096, 65536)]  # the head's width; 65536 rows: HBM-bound
         out += [diffusion_mse_case(R, 3584) for R in (1024, 16384)]  # 32-row sketches x batch x batch_mul
         # the head's rows of a decoding batch, then a whole Zebra-CoT batch of sketches: the CUDA kernel against
         # the Triton one (auto's pick on a GPU) and the torch path
-        return out + [denoise_step_case(R, 3584, backends=("native", "triton", "torch")) for R in (256, 16384)]
-    # the default CPU set times the whole head elsewhere (diffusion_head); this row is the step alone
-    return [denoise_step_case(4096, 512)]
+        gpu_backends = ("native", "triton", "torch")
+        return out + [case(R, 3584, backends=gpu_backends) for case in (denoise_step_case, philox_step_case)
+                      for R in (256, 16384)]
+    # the default CPU set times the whole head elsewhere (diffusion_head); these rows are the step alone
+    return [denoise_step_case(4096, 512), philox_step_case(4096, 512)]

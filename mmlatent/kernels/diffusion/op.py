@@ -40,10 +40,11 @@ def _native_step_reasons(x, **_) -> Reasons:
     return reasons
 
 
-# auto on CPU: native first, 12x faster than the torch backend at R4096 C512 with CFG, noise and ragged steps
-# (1.19 against 14.5 ms, benches/results/cpu-2core/kernels-denoise-step.md; across runs the torch backend's
-# temporaries cost it 3.8 to 14.5 ms, so never less than 2.7x); on CUDA Triton stays first until the CUDA kernel is
-# measured against it.
+# auto on CPU: native first, 13x faster than the torch backend at R4096 C512 with CFG, noise and ragged steps
+# (1.49 against 19.5 ms, benches/results/cpu-2core/kernels-denoise-step.md; across runs the torch backend's
+# temporaries cost it 3.8 to 19.5 ms, so never less than 2.7x). On CUDA Triton first: 0.404 against the CUDA kernel's
+# 0.455 ms at R16384 C3584 on an H200, where a step costs most (at R256 the CUDA kernel led, 0.166 against 0.209 ms;
+# benches/results/nvidia-h200/kernels-denoise-step.md).
 DENOISE_STEP = OpDispatch("denoise_step_", {"native": _native_step_reasons, "triton": _triton_step_reasons,
                                             "torch": torch_reasons},
                           device_auto_order={"cuda": ("triton", "native", "torch")})
@@ -58,26 +59,75 @@ def _triton_kernels():
 
 # ------------------------------------------------------------------------------------------------ denoising step
 
+class PhiloxNoise:
+    """A stream of Gaussian noise that the ``denoise_step_`` kernels draw themselves, from a device-resident
+    (seed, offset) pair: no [R, C] noise tensor is written and read back, and a CUDA graph that captured a step
+    draws fresh noise at every replay, because each step advances the offset on the device.
+
+    Element (r, c) of a step's draw is Triton's ``tl.randn(seed, offset + r * C + c)`` (Philox-4x32, 10 rounds,
+    Box-Muller), the same numbers on every backend up to the rounding of log / cos (csrc/philox.h; the torch
+    backend computes them with ``torch_impl.philox_normal``); the offset then advances by R * C.
+
+    Args:
+        seed: a non-negative int below 2 ** 63.
+        device: where the state lives: the device of the ``x`` it will update.
+
+    Example::
+
+        >>> noise = PhiloxNoise(0)
+        >>> schedule = SamplerSchedule.create("ddpm", 10, "epsilon")
+        >>> x = torch.randn(4, 8)
+        >>> _ = denoise_step_(x, torch.zeros(4, 8), 0, schedule, noise=noise)
+        >>> noise.offset
+        32
+    """
+
+    def __init__(self, seed: int, device: Union[str, torch.device, None] = None) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 63:
+            raise ValueError(f"seed: expected an int in [0, 2**63), got {seed!r}")
+        self.state = torch.tensor([seed, 0], dtype=torch.int64, device=device)
+
+    @property
+    def seed(self) -> int:
+        return int(self.state[0])
+
+    @property
+    def offset(self) -> int:
+        """The stream position of the next draw (a host synchronisation)."""
+        return int(self.state[1])
+
+    def advance_(self, count: int) -> None:
+        """Moves the stream past ``count`` draws, on the device (no host synchronisation; captured in a graph)."""
+        self.state[1:].add_(count)
+
+    def __repr__(self) -> str:
+        return f"PhiloxNoise(state on {self.state.device})"
+
+
 @torch.library.custom_op("mmlatent::denoise_step_", mutates_args=("x",))
 def _denoise_step_op(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor, step: int,
                      steps: Optional[torch.Tensor], clip: Optional[float], noise: Optional[torch.Tensor],
-                     cfg_scale: Optional[float]) -> None:
-    """``steps`` [R] (each row's step) or None (every row at ``step``); the public function checked both."""
+                     cfg_scale: Optional[float], philox_state: Optional[torch.Tensor] = None) -> None:
+    """``steps`` [R] (each row's step) or None (every row at ``step``); at most one of ``noise`` and
+    ``philox_state`` (a PhiloxNoise's state, read only: the caller advances it); the public function checked all."""
     backend = DENOISE_STEP.choose(x=x, model_out=model_out, noise=noise)
     if backend == "native":
-        torch.ops.mmlatent.denoise_step_native(x, model_out, table, step, steps, clip, noise, cfg_scale)
+        torch.ops.mmlatent.denoise_step_native(x, model_out, table, step, steps, clip, noise, cfg_scale,
+                                               philox_state)
         return
     if backend == "triton":
         _triton_kernels().denoise_step(x, model_out, table, step if steps is None else steps, clip, noise,
-                                       cfg_scale)
+                                       cfg_scale, philox_state)
         return
+    if philox_state is not None:
+        noise = torch_impl.philox_normal(philox_state, *x.shape)
     out = torch_impl.guided_output(model_out, x.shape[0], cfg_scale)
     coefficients = table[step:step + 1] if steps is None else table.index_select(0, steps.long())
     torch_impl.denoise_step_(x, out, coefficients, clip, noise)
 
 
 @_denoise_step_op.register_fake
-def _(x, model_out, table, step, steps, clip, noise, cfg_scale) -> None:
+def _(x, model_out, table, step, steps, clip, noise, cfg_scale, philox_state=None) -> None:
     return None
 
 
@@ -88,7 +138,7 @@ def register_native_fake() -> None:
 
 
 def denoise_step_(x: torch.Tensor, model_out: torch.Tensor, step: Union[int, torch.Tensor],
-                  schedule: SamplerSchedule, *, noise: Optional[torch.Tensor] = None,
+                  schedule: SamplerSchedule, *, noise: Union[torch.Tensor, PhiloxNoise, None] = None,
                   generator: Optional[torch.Generator] = None,
                   cfg_scale: Optional[float] = None) -> torch.Tensor:
     """One sampler step for every row, in place.
@@ -105,7 +155,9 @@ def denoise_step_(x: torch.Tensor, model_out: torch.Tensor, step: Union[int, tor
             x's device, with no host synchronisation. On CUDA, PyTorch's Philox generator keeps its seed and offset
             in device tensors while a CUDA graph is captured, so a captured step draws fresh noise at every replay
             (a non-default generator must be registered with ``CUDAGraph.register_generator_state``, as
-            ``LatentDiffusionHead.sample`` does).
+            ``LatentDiffusionHead.sample`` does). A :class:`PhiloxNoise` instead has the kernel draw the noise
+            itself from the stream's device-resident seed and offset (then advanced by R * C), so no noise tensor
+            is written or read; ``generator`` must then be None.
 
     Returns:
         ``x``. Given the same model outputs and noise, a trajectory equals the diffusers scheduler's ``step()``
@@ -148,16 +200,28 @@ def denoise_step_(x: torch.Tensor, model_out: torch.Tensor, step: Union[int, tor
         if not 0 <= step < S:
             raise ValueError(f"step: expected an int in [0, {S}) or an [R] tensor, got {step!r}")
         stochastic = bool(schedule.table[step, 5] != 0)
-    if noise is not None:
+    stream = noise if isinstance(noise, PhiloxNoise) else None
+    if stream is not None:
+        if generator is not None:
+            raise ValueError("generator: a PhiloxNoise stream draws its own noise; pass one or the other")
+        if stream.state.device != x.device:
+            raise ValueError(f"noise: the PhiloxNoise state is on {stream.state.device}, x on {x.device}; create "
+                             f"it with PhiloxNoise(seed, device=x.device)")
+        noise = None
+    elif noise is not None:
         checks.tensor("noise", noise, dims=2, dtypes=checks.FLOAT_DTYPES, device=x.device)
         checks.shape("noise", noise, (R, C), "[R, C] like x")
     if x.is_meta or R == 0 or C == 0:  # shapes only, or nothing to update: no kernel, no noise drawn
         return x
-    if noise is None and stochastic:  # on x's device: a CUDA generator's draws can be captured in a CUDA graph
+    if noise is None and stream is None and stochastic:  # on x's device: capturable in a CUDA graph
         noise = torch.randn(R, C, generator=generator, device=x.device, dtype=torch.float32)
     noise = noise if stochastic else None
+    philox_state = stream.state if stream is not None and stochastic else None
     steps = step if isinstance(step, torch.Tensor) else None
-    _denoise_step_op(x, model_out, table, 0 if steps is not None else step, steps, schedule.clip, noise, cfg_scale)
+    _denoise_step_op(x, model_out, table, 0 if steps is not None else step, steps, schedule.clip, noise, cfg_scale,
+                     philox_state)
+    if philox_state is not None:
+        stream.advance_(R * C)
     return x
 
 
@@ -360,5 +424,5 @@ def diffusion_mse(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, alp
     return loss
 
 
-__all__ = ["denoise_step_", "layer_norm_modulate", "diffusion_mse", "target_coefficients", "TARGETS",
+__all__ = ["denoise_step_", "PhiloxNoise", "layer_norm_modulate", "diffusion_mse", "target_coefficients", "TARGETS",
            "DENOISE_STEP", "LAYER_NORM_MODULATE", "DIFFUSION_MSE"]

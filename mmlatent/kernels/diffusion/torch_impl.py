@@ -40,6 +40,34 @@ def denoise_step_(x: torch.Tensor, out: torch.Tensor, coefficients: torch.Tensor
 
 # ------------------------------------------------------------------------------------------- adaLN modulation
 
+_WORD = 0xFFFFFFFF
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
+
+
+def philox_normal(state: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """[rows, cols] float32 normals of a PhiloxNoise stream at its position: element (r, c) is Triton's
+    ``tl.randn(seed, offset + r * cols + c)`` for (seed, offset) = ``state`` (int64 [2], read on its device with no
+    host synchronisation), the arithmetic of csrc/philox.h. Unsigned 32-bit words live in int64: a product of two
+    of them wraps modulo 2^64, and its high word is still ``(p >> 32) & 0xFFFFFFFF``."""
+    position = state[1] + torch.arange(rows * cols, dtype=torch.int64, device=state.device)
+    c0, c1 = position & _WORD, (position >> 32) & _WORD
+    c2 = c3 = torch.zeros_like(c0)
+    k0, k1 = state[0] & _WORD, (state[0] >> 32) & _WORD
+    for _ in range(10):
+        p0, p2 = _PHILOX_ROUND[0] * c0, _PHILOX_ROUND[1] * c2
+        c0, c1, c2, c3 = ((p2 >> 32) & _WORD) ^ c1 ^ k0, p2 & _WORD, ((p0 >> 32) & _WORD) ^ c3 ^ k1, p0 & _WORD
+        k0, k1 = (k0 + _PHILOX_KEY[0]) & _WORD, (k1 + _PHILOX_KEY[1]) & _WORD
+
+    def uniform(word):  # as int32, folded onto [0, 2^31), scaled into [0, 1)
+        signed = torch.where(word >= 1 << 31, word - (1 << 32), word)
+        return torch.where(signed < 0, -signed - 1, signed).to(torch.float32) * 4.6566127342e-10
+
+    u1 = uniform(c0).clamp_min_(1.0e-7)
+    theta = uniform(c1) * 6.283185307179586
+    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)).view(rows, cols)
+
+
 def layer_norm_modulate_forward(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                                 eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x, shift, scale [N, W] of one dtype -> (y [N, W] in that dtype, mean [N], rstd [N] in the math dtype):
@@ -82,5 +110,5 @@ def diffusion_mse_rows(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor
     return row_error, grad.to(torch.promote_types(pred.dtype, x0.dtype))
 
 
-__all__ = ["guided_output", "denoise_step_", "layer_norm_modulate_forward", "layer_norm_modulate_backward",
-           "diffusion_mse_rows"]
+__all__ = ["guided_output", "denoise_step_", "philox_normal", "layer_norm_modulate_forward",
+           "layer_norm_modulate_backward", "diffusion_mse_rows"]

@@ -35,9 +35,9 @@ NUM_COEFFICIENTS = 6
 # A sampling loop passes step = 0..S-1: unspecialised, those are one compiled kernel (Triton would otherwise compile
 # separate variants for step == 1 and steps divisible by 16).
 @triton.jit(do_not_specialize=["step_scalar"])
-def _denoise_step(X, Out, Noise, Table, Steps, C, R, stride_x, stride_o, stride_n, step_scalar, cfg_scale, clip,
-                  PER_ROW_STEP: tl.constexpr, HAS_CFG: tl.constexpr, HAS_CLIP: tl.constexpr,
-                  HAS_NOISE: tl.constexpr, BLOCK_C: tl.constexpr):
+def _denoise_step(X, Out, Noise, Table, Steps, PhiloxState, C, R, stride_x, stride_o, stride_n, step_scalar,
+                  cfg_scale, clip, PER_ROW_STEP: tl.constexpr, HAS_CFG: tl.constexpr, HAS_CLIP: tl.constexpr,
+                  HAS_NOISE: tl.constexpr, HAS_PHILOX: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     inside = cols < C
@@ -60,14 +60,18 @@ def _denoise_step(X, Out, Noise, Table, Steps, C, R, stride_x, stride_o, stride_
         new += tl.load(coef + 4) * x0
     if HAS_NOISE:
         new += tl.load(coef + 5) * tl.load(Noise + row * stride_n + cols, mask=inside, other=0.0).to(tl.float32)
+    if HAS_PHILOX:  # element (row, col) of the draw at the stream's device-resident (seed, offset): csrc/philox.h
+        position = tl.load(PhiloxState + 1) + row * C + cols.to(tl.int64)
+        new += tl.load(coef + 5) * tl.randn(tl.load(PhiloxState), position)
     tl.store(X + row * stride_x + cols, new, mask=inside)
 
 
 def denoise_step(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor, steps: Union[int, torch.Tensor],
-                 clip: Optional[float], noise: Optional[torch.Tensor],
-                 cfg_scale: Optional[float] = None) -> torch.Tensor:
+                 clip: Optional[float], noise: Optional[torch.Tensor], cfg_scale: Optional[float] = None,
+                 philox_state: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [R, C] float32 (unit stride along C) updated in place; table [S, 6] float32 on x's device; steps an
-    int or an [R] int tensor; model_out [R, C] or [2R, C] with cfg_scale; noise [R, C] or None."""
+    int or an [R] int tensor; model_out [R, C] or [2R, C] with cfg_scale; noise [R, C] or None; philox_state
+    int64 [2] (seed, offset) on x's device to draw the noise in the kernel, or None."""
     R, C = x.shape
     if R == 0 or C == 0:
         return x
@@ -77,23 +81,24 @@ def denoise_step(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor, 
     grid = (R, triton.cdiv(C, block))
     _denoise_step[grid](
         x, model_out, noise if noise is not None else x, table, steps if per_row else table,
-        C, R, x.stride(0), model_out.stride(0), noise.stride(0) if noise is not None else 0,
-        0 if per_row else int(steps), float(cfg_scale or 0.0), float(clip or 0.0),
-        PER_ROW_STEP=per_row, HAS_CFG=cfg_scale is not None, HAS_CLIP=clip is not None,
-        HAS_NOISE=noise is not None, BLOCK_C=block, num_warps=cfg["num_warps"])
+        philox_state if philox_state is not None else table, C, R, x.stride(0), model_out.stride(0),
+        noise.stride(0) if noise is not None else 0, 0 if per_row else int(steps), float(cfg_scale or 0.0),
+        float(clip or 0.0), PER_ROW_STEP=per_row, HAS_CFG=cfg_scale is not None, HAS_CLIP=clip is not None,
+        HAS_NOISE=noise is not None, HAS_PHILOX=philox_state is not None, BLOCK_C=block, num_warps=cfg["num_warps"])
     return x
 
 
 def _denoise_step_cases() -> Iterator[CompileCase]:
     cfg = STEP_CONFIGS["c1024"]
-    for out_dtype, per_row, cfg_on, clip, noise in (("bf16", True, True, True, True),
-                                                    ("fp32", False, False, False, False)):
+    for out_dtype, per_row, cfg_on, clip, noise, philox in (("bf16", True, True, True, True, False),
+                                                            ("bf16", True, True, True, False, True),
+                                                            ("fp32", False, False, False, False, False)):
         types = {"X": "*fp32", "Out": f"*{out_dtype}", "Noise": "*fp32", "Table": "*fp32", "Steps": "*i32",
-                 "cfg_scale": "fp32", "clip": "fp32"}
-        label = "ragged+cfg+clip+noise" if per_row else "plain"
+                 "PhiloxState": "*i64", "cfg_scale": "fp32", "clip": "fp32"}
+        label = ("ragged+cfg+clip+" + ("philox" if philox else "noise")) if per_row else "plain"
         yield CompileCase(f"denoise_step[c1024] out={out_dtype} {label}", _denoise_step, types,
                           dict(PER_ROW_STEP=per_row, HAS_CFG=cfg_on, HAS_CLIP=clip, HAS_NOISE=noise,
-                               BLOCK_C=cfg["BLOCK_C"]),
+                               HAS_PHILOX=philox, BLOCK_C=cfg["BLOCK_C"]),
                           num_warps=cfg["num_warps"], aligned=pointers(types) + ("stride_x", "stride_o", "stride_n"))
 
 
