@@ -261,8 +261,7 @@ void row_attention_mass_cuda(const at::Tensor& q_in, const at::Tensor& k_in, con
   const at::Tensor image_index = image_index_in.contiguous();
   std::optional<at::Tensor> key_valid;
   if (key_valid_in) key_valid = key_valid_in->contiguous();
-  // enough blocks to fill an H100 / H200 twice over (132 SMs), and at least 128 keys a block
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>((264 + B * Hkv - 1) / (B * Hkv), (N + 127) / 128));
+  const int64_t splits = mmlatent_row_mass_splits(B, Hkv, N);
   at::Tensor scratch = at::empty({mmlatent_row_mass_scratch_floats(B, Hkv, Hq / Hkv, Ni, splits)},
                                  out.options());
   auto stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(q.device());

@@ -1,148 +1,54 @@
-// CUDA row_attention_mass: the KV cache read once, GQA by index arithmetic.
-//   1. row_mass_partial: one block per (batch item, KV head, key split); its warps stride over the split's keys,
-//      each warp computing the G query heads' logits against one key (lanes split the head dim) and keeping an
-//      online (max, sum) per head; the block's warps combine in shared memory into one (max, sum) per head.
-//   2. row_mass_images: one block per (batch item, KV head): the splits' (max, sum) give each head's log-sum-exp,
-//      then each warp takes image slots, reads those keys and sums exp(logit - lse) over the G heads.
+// CUDA row_attention_mass: the KV cache read once, GQA by index arithmetic (row_mass_device.cuh has the math).
+//   1. row_mass_partial: one block per (batch item, KV head, key split): each head's (max, sum of exp) over the
+//      split's keys.
+//   2. row_mass_images: one block per (batch item, KV head, run of 64 image slots): the splits' partials give each
+//      head's log-sum-exp, then each image slot's mass summed over the G heads.
 //   3. row_mass_accumulate: out[b, j] += weight * sum over KV heads, in a fixed order (deterministic).
-// Runtime API only (see select_topk_cuda.h for why). A NaN logit drops its heads, as the other backends do.
+// Runtime API only (see select_topk_cuda.h for why).
 #include "row_mass_cuda.h"
-#include "select_topk_cuda.h"  // MmlatentScoreDtype
+#include "row_mass_device.cuh"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
-constexpr int kPerLane = kMmlatentRowMassMaxHeadDim / 32;  // head-dim elements a lane holds
+using namespace mmlatent_row_mass;
 
-__device__ __forceinline__ float load(const void* p, int dtype, int64_t i) {
-  if (dtype == MMLATENT_F16) return __half2float(static_cast<const __half*>(p)[i]);
-  if (dtype == MMLATENT_BF16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-  return static_cast<const float*>(p)[i];
-}
+constexpr int64_t kSlotsPerBlock = 64;
 
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-// The lane's share of a key row, in float: elements lane, lane + 32, ...
-__device__ __forceinline__ void load_key(const void* k, int dtype, int64_t base, int64_t d, float (&key)[kPerLane]) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    const int64_t c = lane + 32 * i;
-    key[i] = c < d ? load(k, dtype, base + c) : 0.0f;
-  }
-}
-
-// q . key for query head g, q scaled, from shared memory [G, D].
-__device__ __forceinline__ float logit(const float* q_shared, int64_t g, int64_t d, const float (&key)[kPerLane]) {
-  const int lane = threadIdx.x & 31;
-  float partial = 0.0f;
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    const int64_t c = lane + 32 * i;
-    if (c < d) partial += q_shared[g * d + c] * key[i];
-  }
-  return warp_sum(partial);
-}
-
-__global__ void row_mass_partial(const void* q, const void* k, int dtype, const uint8_t* key_valid, int64_t q_heads,
-                                 int64_t kv_heads, int64_t num_keys, int64_t d, int64_t ks0, int64_t ks1,
-                                 int64_t ks2, float scale, int64_t splits, float* partial_max, float* partial_sum) {
+template <int MaxG>
+__global__ void __launch_bounds__(kThreads) row_mass_partial(const void* q, const void* k, const uint8_t* key_valid,
+                                                             Shape s, int64_t splits, float* partial_max,
+                                                             float* partial_sum) {
   extern __shared__ float shared[];
-  const int64_t group = q_heads / kv_heads;
-  float* q_shared = shared;                              // [G, D]
-  float* warp_max = q_shared + group * d;                // [kWarps, G]
-  float* warp_sum_exp = warp_max + kWarps * group;       // [kWarps, G]
+  float* q_shared = shared;
+  float* reduce = q_shared + s.group * s.padded_dim;
   const int64_t task = blockIdx.x, split = blockIdx.y;
-  const int64_t b = task / kv_heads, h = task % kv_heads;
-  for (int64_t i = threadIdx.x; i < group * d; i += blockDim.x)
-    q_shared[i] = load(q, dtype, (b * q_heads + h * group) * d + i) * scale;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int64_t g = lane; g < group; g += 32) {
-    warp_max[warp * group + g] = -INFINITY;
-    warp_sum_exp[warp * group + g] = 0.0f;
-  }
-  __syncthreads();
-  const int64_t per_split = (num_keys + splits - 1) / splits;
-  const int64_t begin = split * per_split, end = begin + per_split < num_keys ? begin + per_split : num_keys;
-  float key[kPerLane];
-  for (int64_t n = begin + warp; n < end; n += kWarps) {
-    if (key_valid != nullptr && !key_valid[b * num_keys + n]) continue;
-    load_key(k, dtype, b * ks0 + h * ks1 + n * ks2, d, key);
-    for (int64_t g = 0; g < group; ++g) {
-      const float s = logit(q_shared, g, d, key);
-      if (lane == 0) {  // the warp's running (max, sum) of head g; NaN makes the sum NaN, which drops the head
-        float& m = warp_max[warp * group + g];
-        float& l = warp_sum_exp[warp * group + g];
-        const float next = fmaxf(m, s);
-        l = (m == -INFINITY ? 0.0f : l * expf(m - next)) + expf(s - next);
-        if (isnan(s)) l = NAN;
-        m = next;
-      }
-    }
-  }
-  __syncthreads();
-  for (int64_t g = threadIdx.x; g < group; g += blockDim.x) {
-    float m = -INFINITY;
-    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, warp_max[w * group + g]);
-    float l = 0.0f;
-    for (int w = 0; w < kWarps; ++w) {
-      const float wm = warp_max[w * group + g];
-      if (wm != -INFINITY || isnan(warp_sum_exp[w * group + g])) l += warp_sum_exp[w * group + g] * expf(wm - m);
-    }
-    const int64_t slot = (task * splits + split) * group + g;
-    partial_max[slot] = m;
-    partial_sum[slot] = l;
-  }
+  const int64_t b = static_cast<int>(task) / static_cast<int>(s.kv_heads), h = task - b * s.kv_heads;
+  load_queries(q, s, b, h, q_shared);
+  const int64_t per_split = (s.num_keys + splits - 1) / splits;
+  const int64_t begin = split * per_split, end = begin + per_split < s.num_keys ? begin + per_split : s.num_keys;
+  const int64_t slot = (task * splits + split) * s.group;
+  partial_block<MaxG>(q_shared, k, key_valid, s, b, h, begin, end, reduce, partial_max + slot, partial_sum + slot);
 }
 
-__global__ void row_mass_images(const void* q, const void* k, int dtype, const uint8_t* key_valid,
-                                const int64_t* image_index, int64_t q_heads, int64_t kv_heads, int64_t num_keys,
-                                int64_t d, int64_t num_images, int64_t ks0, int64_t ks1, int64_t ks2, float scale,
-                                int64_t splits, const float* partial_max, const float* partial_sum, float* mass) {
+template <int MaxG>
+__global__ void __launch_bounds__(kThreads) row_mass_images(const void* q, const void* k, const uint8_t* key_valid,
+                                                            const int64_t* image_index, Shape s, int64_t splits,
+                                                            const float* partial_max, const float* partial_sum,
+                                                            float* mass) {
   extern __shared__ float shared[];
-  const int64_t group = q_heads / kv_heads;
-  float* q_shared = shared;          // [G, D]
-  float* lse = q_shared + group * d;  // [G]
+  float* q_shared = shared;
+  float* lse = q_shared + s.group * s.padded_dim + 2 * kWarps * s.group;
   const int64_t task = blockIdx.x;
-  const int64_t b = task / kv_heads, h = task % kv_heads;
-  for (int64_t i = threadIdx.x; i < group * d; i += blockDim.x)
-    q_shared[i] = load(q, dtype, (b * q_heads + h * group) * d + i) * scale;
-  for (int64_t g = threadIdx.x; g < group; g += blockDim.x) {
-    float m = -INFINITY;
-    for (int64_t s = 0; s < splits; ++s) m = fmaxf(m, partial_max[(task * splits + s) * group + g]);
-    float l = 0.0f;
-    for (int64_t s = 0; s < splits; ++s) {
-      const int64_t slot = (task * splits + s) * group + g;
-      if (partial_max[slot] != -INFINITY || isnan(partial_sum[slot]))
-        l += partial_sum[slot] * expf(partial_max[slot] - m);
-    }
-    lse[g] = l > 0.0f ? m + logf(l) : -INFINITY;  // not positive: no valid key, or a NaN logit
-  }
-  __syncthreads();
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float key[kPerLane];
-  for (int64_t j = warp; j < num_images; j += kWarps) {
-    const int64_t n = image_index[b * num_images + j];
-    float total = 0.0f;
-    if (n >= 0 && (key_valid == nullptr || key_valid[b * num_keys + n])) {
-      load_key(k, dtype, b * ks0 + h * ks1 + n * ks2, d, key);
-      for (int64_t g = 0; g < group; ++g) {
-        const float s = logit(q_shared, g, d, key);
-        if (lse[g] != -INFINITY) total += expf(s - lse[g]);
-      }
-    }
-    if (lane == 0) mass[task * num_images + j] = total;
-  }
+  const int64_t b = static_cast<int>(task) / static_cast<int>(s.kv_heads), h = task - b * s.kv_heads;
+  head_lse(partial_max + task * splits * s.group, partial_sum + task * splits * s.group, s.group, splits, lse);
+  load_queries(q, s, b, h, q_shared);
+  const int64_t first = blockIdx.y * kSlotsPerBlock;
+  const int64_t last = first + kSlotsPerBlock < s.num_images ? first + kSlotsPerBlock : s.num_images;
+  image_block<MaxG>(q_shared, lse, k, key_valid, image_index, s, b, h, first, last, mass + task * s.num_images);
 }
 
 __global__ void row_mass_accumulate(const int64_t* image_index, const float* mass, float* out, int64_t kv_heads,
@@ -155,7 +61,34 @@ __global__ void row_mass_accumulate(const int64_t* image_index, const float* mas
   out[b * out_stride + j] += weight * total;
 }
 
+template <int MaxG>
+cudaError_t launch(const void* q, const void* k, const uint8_t* key_valid, const int64_t* image_index, float* out,
+                   const Shape& s, int64_t out_stride, float weight, int64_t splits, float* scratch,
+                   cudaStream_t stream) {
+  const int64_t tasks = s.batch * s.kv_heads;
+  float* partial_max = scratch;
+  float* partial_sum = partial_max + tasks * splits * s.group;
+  float* mass = partial_sum + tasks * splits * s.group;
+  const size_t smem = shared_bytes(s.group, s.padded_dim);
+  row_mass_partial<MaxG><<<dim3(static_cast<unsigned>(tasks), static_cast<unsigned>(splits)), kThreads, smem,
+                           stream>>>(q, k, key_valid, s, splits, partial_max, partial_sum);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const unsigned slot_blocks = static_cast<unsigned>((s.num_images + kSlotsPerBlock - 1) / kSlotsPerBlock);
+  row_mass_images<MaxG><<<dim3(static_cast<unsigned>(tasks), slot_blocks), kThreads, smem, stream>>>(
+      q, k, key_valid, image_index, s, splits, partial_max, partial_sum, mass);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  row_mass_accumulate<<<dim3(static_cast<unsigned>((s.num_images + 255) / 256), static_cast<unsigned>(s.batch)), 256,
+                        0, stream>>>(image_index, mass, out, s.kv_heads, s.num_images, out_stride, weight);
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+extern "C" int64_t mmlatent_row_mass_splits(int64_t batch, int64_t kv_heads, int64_t num_keys) {
+  return splits_for(batch, kv_heads, num_keys);
+}
 
 extern "C" int64_t mmlatent_row_mass_scratch_floats(int64_t batch, int64_t kv_heads, int64_t group,
                                                     int64_t num_images, int64_t splits) {
@@ -169,26 +102,15 @@ extern "C" int mmlatent_row_mass_cuda(const void* q, const void* k, int dtype, c
                                       float weight, int64_t splits, float* scratch, int64_t stream) {
   if (batch == 0 || q_heads == 0 || num_images == 0) return 0;
   const int64_t group = q_heads / kv_heads;
-  if (group > kMmlatentRowMassMaxGroup || head_dim > kMmlatentRowMassMaxHeadDim || splits < 1 || batch > 65535)
+  if (group > kMmlatentRowMassMaxGroup || head_dim > kMmlatentRowMassMaxHeadDim || splits < 1 || splits > 65535 ||
+      (num_images + kSlotsPerBlock - 1) / kSlotsPerBlock > 65535 || batch > 65535)
     return static_cast<int>(cudaErrorInvalidValue);
-  auto s = reinterpret_cast<cudaStream_t>(stream);
-  const int64_t partials = batch * kv_heads * splits * group;
-  float* partial_max = scratch;
-  float* partial_sum = scratch + partials;
-  float* mass = scratch + 2 * partials;
-  const size_t partial_smem = (group * head_dim + 2 * kWarps * group) * sizeof(float);
-  row_mass_partial<<<dim3(static_cast<unsigned>(batch * kv_heads), static_cast<unsigned>(splits)), kThreads,
-                     partial_smem, s>>>(q, k, dtype, key_valid, q_heads, kv_heads, num_keys, head_dim, ks0, ks1, ks2,
-                                        scale, splits, partial_max, partial_sum);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return static_cast<int>(err);
-  const size_t image_smem = (group * head_dim + group) * sizeof(float);
-  row_mass_images<<<static_cast<unsigned>(batch * kv_heads), kThreads, image_smem, s>>>(
-      q, k, dtype, key_valid, image_index, q_heads, kv_heads, num_keys, head_dim, num_images, ks0, ks1, ks2, scale,
-      splits, partial_max, partial_sum, mass);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return static_cast<int>(err);
-  row_mass_accumulate<<<dim3(static_cast<unsigned>((num_images + 255) / 256), static_cast<unsigned>(batch)), 256, 0,
-                        s>>>(image_index, mass, out, kv_heads, num_images, out_stride, weight);
-  return static_cast<int>(cudaGetLastError());
+  const Shape s{batch, q_heads, kv_heads, group, num_keys, head_dim, (head_dim + kChunk - 1) / kChunk * kChunk,
+                num_images, ks0, ks1, ks2, dtype, vector_loads(k, dtype, head_dim, ks0, ks1, ks2), scale};
+  auto stream_ = reinterpret_cast<cudaStream_t>(stream);
+  const cudaError_t err = group <= 8 ? launch<8>(q, k, key_valid, image_index, out, s, out_stride, weight, splits,
+                                                 scratch, stream_)
+                                     : launch<16>(q, k, key_valid, image_index, out, s, out_stride, weight, splits,
+                                                  scratch, stream_);
+  return static_cast<int>(err);
 }

@@ -17,13 +17,12 @@
 // Always included: their caps are what the Python dispatch reads back (select_topk_max_tokens, row_mass_limits),
 // and their declarations need no CUDA headers.
 #include "row_mass_cuda.h"
+#include "select_image_cuda.h"
 #include "select_topk_cuda.h"
 
-namespace {
-
 // Shared argument checks of both devices; errors surface in Python as ValueError / TypeError naming the argument.
-void check_args(const at::Tensor& scores, int64_t k, const std::optional<at::Tensor>& exclude,
-                const std::optional<at::Tensor>& valid, const std::optional<at::Tensor>& embeds) {
+void mmlatent_check_select_args(const at::Tensor& scores, int64_t k, const std::optional<at::Tensor>& exclude,
+                                const std::optional<at::Tensor>& valid, const std::optional<at::Tensor>& embeds) {
   TORCH_CHECK_VALUE(scores.dim() == 2, "scores: expected [B, Ni], got shape ", scores.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(scores.scalar_type()), "scores: expected a floating dtype, got ",
                    scores.scalar_type());
@@ -48,6 +47,8 @@ void check_args(const at::Tensor& scores, int64_t k, const std::optional<at::Ten
                       embeds->device());
   }
 }
+
+namespace {
 
 at::Tensor empty_gathered(const at::Tensor& scores, int64_t k, const std::optional<at::Tensor>& embeds) {
   if (embeds) return at::empty({scores.size(0), k, embeds->size(2)}, embeds->options());
@@ -105,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> mmlatent_select_topk_cpu(const at::Tensor& sc
                                                           const std::optional<at::Tensor>& valid_in,
                                                           const std::optional<at::Tensor>& embeds_in,
                                                           bool order_by_score) {
-  check_args(scores_in, k, exclude, valid_in, embeds_in);
+  mmlatent_check_select_args(scores_in, k, exclude, valid_in, embeds_in);
   const at::Tensor scores = scores_in.contiguous();
   std::optional<at::Tensor> valid, embeds;
   if (valid_in) valid = valid_in->contiguous();
@@ -131,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> select_topk_tokens_cuda(const at::Tensor& sco
                                                            const std::optional<at::Tensor>& valid_in,
                                                            const std::optional<at::Tensor>& embeds_in,
                                                            bool order_by_score) {
-  check_args(scores_in, k, exclude, valid_in, embeds_in);
+  mmlatent_check_select_args(scores_in, k, exclude, valid_in, embeds_in);
   const int score_dtype = mmlatent_cuda_dtype(scores_in, "scores");
   TORCH_CHECK_VALUE(scores_in.size(1) <= kMmlatentSelectMaxTokens, "scores: the CUDA op ranks at most ",
                     kMmlatentSelectMaxTokens, " tokens per row, got Ni = ", scores_in.size(1));
@@ -189,6 +190,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_archs", &cuda_archs, "GPU architectures the CUDA ops were compiled for ('' = built without CUDA)");
   m.def("select_topk_max_tokens", [] { return kMmlatentSelectMaxTokens; },
         "Largest Ni the CUDA select_topk_tokens kernel ranks (its rows live in one block's shared memory)");
+  m.def("select_image_max_layers", [] { return kMmlatentSelectImageMaxLayers; },
+        "Most layers one launch of the fused CUDA select_image_tokens takes (their pointers are kernel parameters)");
   m.def("row_mass_limits", [] { return std::make_pair(kMmlatentRowMassMaxGroup, kMmlatentRowMassMaxHeadDim); },
         "(most query heads per KV head, widest head dim) of the CUDA row_attention_mass kernels");
 }

@@ -4,8 +4,8 @@ import torch
 
 import torch.nn.functional as F
 
-from mmlatent.kernels import (attention_with_scores, linear_cross_entropy, linear_log_probs, row_attention_mass,
-                              select_topk_tokens)
+from mmlatent.kernels import (attention_with_scores, backend_report, linear_cross_entropy, linear_log_probs,
+                              row_attention_mass, select_image_tokens, select_topk_tokens)
 
 from oracles import (LOW_PRECISION_ATOL, assert_close_fp32, assert_within_torch_error, dense_attention64,
                      image_index_for, image_mass64, padded_key_valid, plain_attention)
@@ -53,7 +53,6 @@ def test_row_attention_mass_bf16(N, backend, use_backend):
 @pytest.mark.parametrize("Ni, k", [(256, 32), (1024, 64), (4096, 64), (4096, 4096), (8192, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_select_topk_tokens_cuda(backend, Ni, k, dtype, use_backend):
-    use_backend(backend)
     g = torch.Generator().manual_seed(Ni)
     scores = ((torch.randn(3, Ni, generator=g) * 8).round() / 8).to(dtype)  # ties
     scores[0, ::7] = float("nan")
@@ -61,11 +60,70 @@ def test_select_topk_tokens_cuda(backend, Ni, k, dtype, use_backend):
     embeds = torch.randn(3, Ni, 3584, generator=g).to(torch.bfloat16)
     exclude = torch.zeros(3, Ni, dtype=torch.bool)
     expected_ex = exclude.clone()
-    expected = select_topk_tokens(scores, k, exclude=expected_ex, valid=valid, embeds=embeds)  # native CPU op
+    use_backend("native")  # the reference: the C++ CPU op (the Triton backend takes CUDA tensors only)
+    expected = select_topk_tokens(scores, k, exclude=expected_ex, valid=valid, embeds=embeds)
+    use_backend(backend)
     ex = exclude.cuda()
     idx, gathered = select_topk_tokens(scores.cuda(), k, exclude=ex, valid=valid.cuda(), embeds=embeds.cuda())
     assert torch.equal(idx.cpu(), expected[0]) and torch.equal(gathered.cpu(), expected[1])
     assert torch.equal(ex.cpu(), expected_ex)
+
+
+def _image_selection_inputs(L, B, Hq, Hkv, N, D, Ni, dtype, seed, spare_keys=0):
+    """CUDA inputs of select_image_tokens; with spare_keys the caches are views of longer ones (strided, as a
+    static cache's are)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(L, B, Hq, D, generator=g).to(dtype).cuda()
+    k = torch.randn(L, B, Hkv, N + spare_keys, D, generator=g).to(dtype).cuda()[:, :, :, :N]
+    image_index = image_index_for(B, N, Ni, g)
+    exclude = (torch.rand(B, Ni, generator=g) < 0.1) & (image_index >= 0)
+    embeds = torch.randn(B, Ni, 3584, generator=g).to(torch.bfloat16)
+    weights = (torch.rand(L, generator=g) + 0.5).tolist()
+    on = [t.cuda() for t in (padded_key_valid(B, N, g), image_index, exclude, embeds)]
+    return q, k, *on, weights
+
+
+@pytest.mark.parametrize("shape, dtype, spare_keys", [
+    ((28, 2, 28, 4, 2048, 128, 1024, 32), torch.bfloat16, 0),  # Qwen2-VL-7B's layers and heads
+    ((3, 3, 12, 2, 1000, 80, 300, 7), torch.float32, 24),
+    ((2, 2, 16, 1, 4097, 64, 4000, 64), torch.float16, 0),
+    ((2, 2, 8, 2, 300, 36, 50, 5), torch.float32, 3)],  # head dim 36: the unvectorised loads
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("stacked", [True, False])
+def test_fused_select_image_tokens_cuda_equals_the_per_layer_ops(shape, dtype, spare_keys, stacked, use_backend):
+    """One launch against row_attention_mass per layer then select_topk_tokens, both on the native CUDA backend:
+    the same arithmetic in the same order, so the same tokens, gathered rows and exclusion update, bit for bit."""
+    use_backend("native")
+    q, k, key_valid, image_index, exclude, embeds, weights = _image_selection_inputs(*shape[:-1], dtype, seed=7,
+                                                                                    spare_keys=spare_keys)
+    k_select, valid = shape[-1], image_index >= 0
+    report = backend_report("select_image_tokens", q=q[0], layers=len(q), kv_heads=k.shape[2],
+                            num_images=image_index.shape[1])
+    assert report["native"] == "ok", report
+    scores = torch.zeros(image_index.shape, device="cuda")
+    for layer in range(len(q)):
+        row_attention_mass(q[layer], k[layer], image_index, scores, key_valid=key_valid, weight=weights[layer])
+    expected_exclude = exclude.clone()
+    expected = select_topk_tokens(scores, k_select, exclude=expected_exclude, valid=valid, embeds=embeds)
+    got = select_image_tokens(q if stacked else list(q), k if stacked else list(k), image_index, k_select,
+                              key_valid=key_valid, exclude=exclude, valid=valid, embeds=embeds, layer_weights=weights)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert torch.equal(exclude, expected_exclude)
+
+
+def test_fused_select_image_tokens_cuda_ties_and_a_short_row(use_backend):
+    use_backend("native")
+    q, k, _, _, _, _, _ = _image_selection_inputs(2, 1, 2, 1, 10, 8, 4, torch.float32, seed=1)
+    k[:, :, :, 3] = k[:, :, :, 7]  # two image keys with the same logits: the same mass in every layer
+    image_index = torch.tensor([[7, 1, 3, 5]], device="cuda")
+    embeds = torch.randn(1, 4, 6, device="cuda")
+    idx, gathered = select_image_tokens(q, k, image_index, 1, embeds=embeds,
+                                        valid=torch.tensor([[True, False, True, False]], device="cuda"))
+    assert idx.tolist() == [[0]] and torch.equal(gathered[0, 0], embeds[0, 0])
+    exclude = torch.tensor([[True, False, True, True]], device="cuda")
+    with pytest.raises(ValueError, match="row 0 has 1 eligible tokens"):
+        select_image_tokens(q, k, image_index, 2, exclude=exclude)
+    assert exclude.tolist() == [[True, False, True, True]]
 
 
 def _rel_err(a, e):
@@ -172,6 +230,46 @@ def test_native_denoise_step_is_graph_capturable(use_backend):
         eager = denoise_step_(x.clone(), out, 5, schedule, cfg_scale=2.0)
         torch.testing.assert_close(replays[-1], eager, rtol=1e-6, atol=1e-6)
     assert not torch.equal(replays[0], replays[1])
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_philox_noise_drawn_in_the_kernel_cuda(backend, use_backend):
+    """PhiloxNoise on CUDA: the kernel's own draw equals the explicit-noise step with the stream's numbers
+    (torch_impl.philox_normal), and a captured step draws afresh at every replay, as the eager steps do."""
+    from mmlatent.kernels import PhiloxNoise, SamplerSchedule, denoise_step_
+    from mmlatent.kernels.diffusion.torch_impl import philox_normal
+    use_backend(backend)
+    schedule = SamplerSchedule.create("ddpm", 20, "epsilon", clip_sample=True)
+    g = torch.Generator().manual_seed(3)
+    R, C = 300, 3584
+    x = torch.randn(R, C, generator=g).cuda()
+    out = torch.randn(2 * R, C, generator=g).to(torch.bfloat16).cuda()
+    steps = torch.randint(0, 20, (R,), generator=g).cuda()
+    noise = PhiloxNoise(2 ** 40 + 5, device="cuda")
+    noise.advance_((1 << 32) - 1000)  # a draw that crosses a 2^32 boundary of the offset
+    explicit = philox_normal(noise.state.clone(), R, C)
+    expected = denoise_step_(x.clone(), out, steps, schedule, noise=explicit, cfg_scale=2.0)
+    got = denoise_step_(x.clone(), out, steps, schedule, noise=noise, cfg_scale=2.0)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    graph_noise, eager_noise = PhiloxNoise(11, device="cuda"), PhiloxNoise(11, device="cuda")
+    static = x.clone()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):  # warm-up outside the capture, on a stream of its own
+        denoise_step_(static.clone(), out, steps, schedule, noise=PhiloxNoise(0, device="cuda"), cfg_scale=2.0)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        denoise_step_(static, out, steps, schedule, noise=graph_noise, cfg_scale=2.0)
+    replays = []
+    for _ in range(2):
+        static.copy_(x)
+        graph.replay()
+        replays.append(static.clone())
+        eager = denoise_step_(x.clone(), out, steps, schedule, noise=eager_noise, cfg_scale=2.0)
+        torch.testing.assert_close(replays[-1], eager, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(replays[0], replays[1])
+    assert graph_noise.offset == eager_noise.offset == 2 * R * C
 
 
 def test_layer_norm_modulate_bf16_cuda(use_backend):

@@ -48,5 +48,13 @@ def cuda_select_max_tokens() -> int:
     return int(_C.select_topk_max_tokens())
 
 
+def cuda_select_image_max_layers() -> int:
+    """Most layers one launch of the fused native CUDA select_image_tokens takes, as compiled into ``mmlatent._C``
+    (call only when the extension imports). AttributeError when the built extension predates this binding."""
+    from mmlatent import _C
+    return int(_C.select_image_max_layers())
+
+
 __all__ = ["ATTENTION_MAX_HEAD_DIM", "ATTENTION_MAX_SPLITS", "SELECTION_TRITON_MAX_TOKENS", "MODULATION_MAX_WIDTH",
-           "NORM_MAX_WIDTH", "next_power_of_2", "triton_interpreting", "cuda_select_max_tokens"]
+           "NORM_MAX_WIDTH", "next_power_of_2", "triton_interpreting", "cuda_select_max_tokens",
+           "cuda_select_image_max_layers", "cuda_row_mass_limits"]

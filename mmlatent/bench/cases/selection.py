@@ -72,12 +72,16 @@ def _image_tokens_composition(a):
 
 
 def image_tokens_case(L: int, B: int, Hq: int, Hkv: int, N: int, D: int, Ni: int, k: int, Dm: int,
-                      backends: Sequence[str] = ("torch",)) -> Case:
-    """IVT-LR's selection at the end of a latent step from the KV cache of L layers: the fused op against the
-    per-layer composition as ``auto`` runs it, and against the composition with each of ``backends`` pinned."""
+                      backends: Sequence[str] = ("torch",), fused_native: bool = False) -> Case:
+    """IVT-LR's selection at the end of a latent step from the KV cache of L layers: the op as ``auto`` runs it
+    against the per-layer composition as ``auto`` runs it, against the composition with each of ``backends``
+    pinned, and with ``fused_native`` against the op on its native backend (on CUDA the one-launch kernel, which
+    ``auto`` does not pick there yet)."""
     baselines = {"row mass per layer + select": _image_tokens_composition}
     baselines.update({f"{b} backend (row mass per layer + select)": pinned_backend(b, _image_tokens_composition)
                       for b in backends})
+    if fused_native:
+        baselines["native backend (one launch)"] = pinned_backend("native", _ours_image_tokens)
     return Case("select_image_tokens", f"L{L} B{B} Hq{Hq} Hkv{Hkv} N{N} D{D} Ni{Ni} k{k}",
                 _image_inputs(L, B, Hq, Hkv, N, D, Ni, k, Dm), _ours_image_tokens, baselines)
 
@@ -87,7 +91,7 @@ def cases(sizes: str) -> List[Case]:
         return [select_case(2, 64, 8, 16), image_tokens_case(2, 1, 4, 2, 64, 16, 16, 4, 16)]
     if sizes == "gpu":  # Qwen2-7B's width, its 28 layers of 28 query and 4 KV heads of dim 128
         return ([select_case(2, ni, k, 3584) for ni in (256, 1024, 4096) for k in (32, 64)]
-                + [image_tokens_case(28, 1, 28, 4, n, 128, 1024, 32, 3584) for n in (2048, 8192)])
+                + [image_tokens_case(28, 1, 28, 4, n, 128, 1024, 32, 3584, fused_native=True) for n in (2048, 8192)])
     # Qwen2-VL-2B's 28 layers (12 query, 2 KV heads of dim 128) over a 2048-token cache
     return [select_case(2, 1024, 32, 1024), select_case(2, 4096, 64, 1024),
             image_tokens_case(28, 1, 12, 2, 2048, 128, 1024, 32, 1536)]

@@ -12,7 +12,8 @@ import torch
 
 from .. import checks
 from ..dispatch import OpDispatch, Reasons, native_op_reasons, native_reasons, torch_reasons, triton_reasons
-from ..limits import SELECTION_TRITON_MAX_TOKENS, cuda_select_max_tokens
+from ..limits import (SELECTION_TRITON_MAX_TOKENS, cuda_row_mass_limits, cuda_select_image_max_layers,
+                      cuda_select_max_tokens)
 from . import torch_impl
 
 
@@ -178,18 +179,38 @@ def select_topk_tokens(scores: torch.Tensor, k: int, *, exclude: Optional[torch.
 
 # ------------------------------------------------------------------------------------------ select_image_tokens
 
-def _native_image_reasons(q, **_) -> Reasons:
+def _native_image_reasons(q, layers=1, kv_heads=1, num_images=0, embeds=None, **_) -> Reasons:
     reasons = native_op_reasons(q.device, "select_image_tokens_native")
-    if q.device.type == "cuda" and not reasons:
-        reasons.append("no CUDA kernel of the fused selection yet (the composition runs the per-layer kernels)")
+    if q.device.type != "cuda" or reasons:
+        return reasons
+    if q.dtype == torch.float64:
+        reasons.append("the CUDA kernel reads float32 / float16 / bfloat16 (float64: native CPU op or torch)")
+    try:
+        max_group, max_head_dim = cuda_row_mass_limits()
+        max_tokens, max_layers = cuda_select_max_tokens(), cuda_select_image_max_layers()
+    except AttributeError:
+        return reasons + ["mmlatent._C predates its sources (rebuild it: pip install -e .)"]
+    group, head_dim = q.shape[1] // kv_heads, q.shape[-1]
+    if head_dim > max_head_dim or group > max_group:
+        reasons.append(f"the CUDA kernel takes head dims up to {max_head_dim} and up to {max_group} query heads per "
+                       f"KV head, got {head_dim} and {group}")
+    if layers > max_layers:
+        reasons.append(f"one launch takes at most {max_layers} layers, got {layers}")
+    if num_images > max_tokens:
+        reasons.append(f"the CUDA kernel ranks at most {max_tokens} tokens per row, got Ni = {num_images}")
+    if embeds is not None and embeds.shape[2] * embeds.element_size() % 2:
+        reasons.append("the CUDA kernel gathers rows of an even number of bytes")
     return reasons
 
 
 # auto on CPU: native first, 1.39x the per-layer composition on its native ops and 4.14x on the torch backend over
 # 28 layers at N2048 (8.4 against 11.7 and 34.8 ms, benches/results/cpu-2core/kernels-select-image-tokens.md). The
 # "torch" backend is the composition itself: row_attention_mass per layer, then select_topk_tokens, each
-# dispatching on its own.
-SELECT_IMAGE_TOKENS = OpDispatch("select_image_tokens", {"native": _native_image_reasons, "torch": torch_reasons})
+# dispatching on its own. On CUDA the composition stays first (8.1 ms at 28 layers, N2048 on an H200,
+# benches/results/nvidia-h200/kernels-select-image.md) until the fused kernel, which has not run on a GPU yet, is
+# measured against it.
+SELECT_IMAGE_TOKENS = OpDispatch("select_image_tokens", {"native": _native_image_reasons, "torch": torch_reasons},
+                                 device_auto_order={"cuda": ("torch", "native")})
 
 
 @torch.library.custom_op("mmlatent::select_image_tokens", mutates_args=("exclude",))
@@ -197,7 +218,8 @@ def _select_image_tokens_op(q: List[torch.Tensor], k: List[torch.Tensor], image_
                             key_valid: Optional[torch.Tensor], exclude: Optional[torch.Tensor],
                             valid: Optional[torch.Tensor], embeds: Optional[torch.Tensor], scale: float,
                             layer_weights: List[float]) -> Tuple[torch.Tensor, torch.Tensor]:
-    if SELECT_IMAGE_TOKENS.choose(q=q[0]) == "native":
+    if SELECT_IMAGE_TOKENS.choose(q=q[0], layers=len(q), kv_heads=k[0].shape[1], num_images=image_index.shape[1],
+                                  embeds=embeds) == "native":
         return torch.ops.mmlatent.select_image_tokens_native(q, k, image_index, k_select, key_valid, exclude, valid,
                                                              embeds, scale, layer_weights, False)
     from ..attention import row_attention_mass
