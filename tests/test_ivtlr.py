@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import mmlatent.models.attention as attention
+import mmlatent.models.ivtlr.rollout as rollout
 from mmlatent.models import IVTLR, ivtlr_reference
 from mmlatent.models.compat import enable_activation_checkpointing
 from mmlatent.models.tiny import LATENT_ID, synthetic_batch, tiny_chameleon, tiny_qwen2_5_vl, tiny_qwen2_vl
@@ -104,35 +105,57 @@ def one_sample(model, batch, b):
                 pixel_values=batch["pixel_values"][row0:row0 + sum(rows[first:first + starts[b]])])
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_rollout_runs_the_fused_kernels(models, monkeypatch, use_backend, backend):
-    """No eager attention, no output_attentions: the image mass comes from mmlatent's kernels. Every no-grad
-    read calls the fused attention_with_scores, which decides itself what runs (Triton, here its interpreter, or
-    the torch backend's SDPA + row mass); a differentiable prefix read runs the model's attention and
-    row_attention_mass."""
+# attention_with_scores has no native backend and select_image_tokens no Triton one: auto runs the native fused
+# selection (and the Triton interpreter's attention)
+@pytest.mark.parametrize("backend, deferred", [("reference", False), ("triton", False), ("reference", True),
+                                               ("auto", True)],
+                         ids=["in_attention-torch", "in_attention-triton", "deferred-torch", "deferred-auto"])
+def test_rollout_runs_the_fused_kernels(models, monkeypatch, use_backend, backend, deferred):
+    """No eager attention, no output_attentions: the image mass comes from mmlatent's kernels. In attention (a
+    GPU's way): every no-grad read calls the fused attention_with_scores, which decides itself what runs
+    (Triton, here its interpreter, or SDPA + row mass); a differentiable prefix read runs the model's attention
+    and row_attention_mass. Deferred (a CPU's way): the same attention calls compute no mass; each latent step's
+    selection is one select_image_tokens over every layer's cache. Either way the tokens are the reference's."""
     use_backend(backend)
     model = models["qwen2_vl"]
-    calls = {"row": 0, "fused": 0}
-    real_row, real_fused = attention.row_attention_mass, attention.attention_with_scores
-    monkeypatch.setattr(attention, "row_attention_mass", lambda *a, **kw: calls.__setitem__("row", calls["row"] + 1)
-                        or real_row(*a, **kw))
-    monkeypatch.setattr(attention, "attention_with_scores",
-                        lambda *a, **kw: calls.__setitem__("fused", calls["fused"] + 1)
-                        or real_fused(*a, **kw))
+    calls = {"row": 0, "fused": 0, "image": 0}
+
+    def counting(name, module, real):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, real.__name__, call)
+    counting("row", attention, attention.row_attention_mass)
+    counting("fused", attention, attention.attention_with_scores)
+    counting("image", rollout, rollout.select_image_tokens)
     batch = synthetic_batch(model, images=IMAGES["qwen2_vl"], prompt_lengths=[3, 6], answer_lengths=[4, 2],
                             num_latents=[3, 3])
-    fast, ref = IVTLR(model, LATENT_ID, k=K), ivtlr_reference(model, LATENT_ID, k=K)
+    fast = IVTLR(model, LATENT_ID, k=K, selection="deferred" if deferred else "in_attention")
+    ref = ivtlr_reference(model, LATENT_ID, k=K)
     out = fast(**batch)
     layers = model.config.text_config.num_hidden_layers
-    assert calls == {"row": layers, "fused": 2 * layers}
+    expected_calls = dict(row=0 if deferred else layers, fused=2 * layers, image=3 if deferred else 0)
+    assert calls == expected_calls
     assert out.loss.requires_grad and model.config.text_config._attn_implementation == "mmlatent_sdpa"
     expected = ref(**batch)
     assert [s.tolist() for s in out.selected] == [s.tolist() for s in expected.selected]
     assert rel_err(out.loss, expected.loss) <= 1e-5
-    calls.update(row=0, fused=0)
+    calls.update(row=0, fused=0, image=0)
     prompt = {k: v for k, v in batch.items() if k != "labels"}
     assert torch.equal(fast.generate(**prompt, max_new_tokens=3), ref.generate(**prompt, max_new_tokens=3))
-    assert calls == {"row": 0, "fused": 3 * layers}
+    assert calls == dict(row=0, fused=3 * layers, image=3 if deferred else 0)
+
+
+def test_selection_auto_defers_on_cpu_only_and_a_bad_choice_is_refused(models):
+    from mmlatent.models.ivtlr.rollout import defers_selection
+    assert defers_selection("auto", torch.device("cpu")) and not defers_selection("auto", torch.device("cuda"))
+    assert defers_selection("deferred", torch.device("cuda")) and not defers_selection("in_attention",
+                                                                                      torch.device("cpu"))
+    model = models["qwen2_vl"]
+    before = model.config.text_config._attn_implementation
+    with pytest.raises(ValueError, match="selection: expected one of 'auto', 'in_attention', 'deferred'"):
+        IVTLR(model, LATENT_ID, k=K, selection="later")
+    assert model.config.text_config._attn_implementation == before
 
 
 def test_wrapping_keeps_the_model_outputs():

@@ -34,12 +34,16 @@ class RolloutScores:
     image_index: [B, Ni] int64 key columns of each sample's image tokens, -1 = padding.
     scores: [B, Ni] float32, receives ``weight`` x the last query row's attention mass on each image token, per layer
         and head (weight = 1 / (layers x heads): the mean IVT-LR ranks by).
+    deferred: None, or a list that each layer's call appends (last query row [B, Hq, D], whole key cache
+        [B, Hkv, N, D], scale) to instead of adding its mass: the caller then computes every layer's mass and the
+        selection in one :func:`mmlatent.kernels.select_image_tokens`.
     """
 
     key_valid: torch.Tensor
     image_index: torch.Tensor
     scores: torch.Tensor
     weight: float
+    deferred: Optional[List[Tuple[torch.Tensor, torch.Tensor, Optional[float]]]] = None
 
 
 @dataclass
@@ -129,7 +133,8 @@ def mmlatent_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
       no_grad by :func:`mmlatent.kernels.attention_with_scores` (``return_lse=False``), which decides once what
       runs: on a GPU the attention and the mass in one pass, on a CPU SDPA and the row's mass. When
       differentiable (the training prefill) the output comes from the call's implementation (below) and the mass
-      from :func:`mmlatent.kernels.row_attention_mass` (one more read of K, for one row).
+      from :func:`mmlatent.kernels.row_attention_mass` (one more read of K, for one row). With its ``deferred``
+      list, the same attention runs without the mass, and the last query row and the key cache are handed over.
     - ``mmlatent_eager``: eager attention returning its probabilities (the reference's latent passes).
     - neither (the loss pass, decoding, the vision tower): the call's implementation, which is
       :func:`fast_implementation` of ``fallback`` when ``mmlatent_lease.fast`` (IVTLR's calls: SDPA on an
@@ -145,16 +150,21 @@ def mmlatent_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     if ctx is None or not causal:
         return _fallback_attention(implementation, module, query, key, value, attention_mask, scaling, dropout,
                                    **kwargs)
+    if ctx.deferred is not None:
+        # a copy of the row: a view would keep the whole [B, Hq, M, D] query alive until the selection
+        ctx.deferred.append((query[:, :, -1].detach().clone(), key.detach(), scaling))
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
         out = _fallback_attention(implementation, module, query, key, value, attention_mask, scaling, dropout,
                                   **kwargs)
-        with torch.no_grad():
-            row_attention_mass(query[:, :, -1].detach(), key.detach(), ctx.image_index, ctx.scores,
-                               key_valid=ctx.key_valid, scale=scaling, weight=ctx.weight)
+        if ctx.deferred is None:
+            with torch.no_grad():
+                row_attention_mass(query[:, :, -1].detach(), key.detach(), ctx.image_index, ctx.scores,
+                                   key_valid=ctx.key_valid, scale=scaling, weight=ctx.weight)
         return out
-    o, _ = attention_with_scores(query, key, value, causal=True, key_valid=ctx.key_valid,
-                                 image_index=ctx.image_index, scores_out=ctx.scores, score_row=-1, scale=scaling,
-                                 weight=ctx.weight, return_lse=False)
+    scoring = {} if ctx.deferred is not None else dict(image_index=ctx.image_index, scores_out=ctx.scores,
+                                                       score_row=-1, weight=ctx.weight)
+    o, _ = attention_with_scores(query, key, value, causal=True, key_valid=ctx.key_valid, scale=scaling,
+                                 return_lse=False, **scoring)
     return o.transpose(1, 2), None
 
 

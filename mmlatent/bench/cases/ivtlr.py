@@ -21,6 +21,8 @@ Build = Callable[..., "Qwen2VLForConditionalGeneration"]
 LATENT_STEPS = 3
 NEW_TOKENS = 32
 REFERENCE = "ivtlr_reference (public code)"
+# IVTLR's two places to take the rollout's image-token masses from (its selection argument)
+ROLLOUT_SELECTIONS = ("in_attention", "deferred")
 # the LoRA rows adapt every projection of the language model, as IVT-LR's public training does
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -59,8 +61,10 @@ def _ivtlr_inputs(build: Build, images: Sequence[Sequence[Sequence[int]]], promp
         twin.set_attn_implementation("eager")
         models = {which: _with_adapters(m, lora_rank, checkpointing)
                   for which, m in (("mmlatent", model), ("reference", twin))}
+        wrappers = {f"selection={s}": IVTLR(models["mmlatent"], LATENT_ID, k=k, selection=s)
+                    for s in ROLLOUT_SELECTIONS}
         return dict(batch=batch, models=models, mmlatent=IVTLR(models["mmlatent"], LATENT_ID, k=k),
-                    reference=ivtlr_reference(models["reference"], LATENT_ID, k=k))
+                    reference=ivtlr_reference(models["reference"], LATENT_ID, k=k), **wrappers)
     return make
 
 
@@ -107,7 +111,10 @@ def ivtlr_case(kind: str, build: Build, shape: str, images: Sequence[Sequence[Se
         op = "ivtlr training step" + (", grad checkpointing" if checkpointing else "")
     if attn_implementation != "sdpa":
         op += f", {attn_implementation}-loaded model"
-    return Case(op, label, make, step("mmlatent"), {REFERENCE: step("reference")}, repeats=repeats)
+    baselines = {REFERENCE: step("reference")}
+    if not train:  # where the rollout takes its masses from, both ways in the same run: one of them is auto's
+        baselines.update({f"IVTLR selection={which}": step(f"selection={which}") for which in ROLLOUT_SELECTIONS})
+    return Case(op, label, make, step("mmlatent"), baselines, repeats=repeats)
 
 
 def _cpu_ivtlr_model(device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,

@@ -2,11 +2,11 @@
 teacher-forced pass over what the prompt's first read did not cover, the memory-lean loss."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 import torch
 
-from mmlatent.kernels import select_topk_tokens
+from mmlatent.kernels import select_image_tokens, select_topk_tokens
 
 from ..attention import RolloutScores
 from .base import IVTLRBase, IVTLROutput, checkpointing_layers, checkpointing_paused
@@ -16,10 +16,24 @@ if TYPE_CHECKING:
     from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
 
+SELECTIONS = ("auto", "in_attention", "deferred")
+# Where selection="auto" takes each latent step's image-token mass from the KV cache after the step's read, every
+# layer at once with select_image_tokens, instead of adding it up inside each layer's attention call: on CPU, where
+# the attention call itself runs SDPA and then the row mass per layer, the one call is 1.39x the per-layer row mass
+# plus the selection over 28 layers at N2048 (8.40 against 11.70 ms, benches/results/cpu-2core/
+# kernels-select-image-tokens.md). On a GPU the mass comes out of the attention pass itself (Triton), so it stays.
+DEFERRED_SELECTION_DEVICES = ("cpu",)
+
+
+def defers_selection(selection: str, device: torch.device) -> bool:
+    """Whether a rollout on ``device`` takes its masses with select_image_tokens after each step's read."""
+    return selection == "deferred" or (selection == "auto" and device.type in DEFERRED_SELECTION_DEVICES)
+
+
 class _Rollout:
     """State of one latent rollout: the image bank, the selection so far, and the cache."""
 
-    def __init__(self, inputs: PreparedInputs, bank):
+    def __init__(self, inputs: PreparedInputs, bank, deferred: bool):
         self.plan, self.filled, self.k = inputs.plan, inputs.filled, inputs.plan.k
         self.bank, self.bank_columns = bank
         self.image_valid = self.bank_columns >= 0
@@ -29,6 +43,34 @@ class _Rollout:
         self.selected: List[torch.Tensor] = []
         self.prefix = None
         self.cache = self.key_valid = self.read = None
+        # each layer's (last query row, key cache, scale) of the step just read, when the selection is deferred
+        self.deferred: Optional[list] = [] if deferred else None
+        self.weight = 0.0
+        self.key_valid_now: Optional[torch.Tensor] = None  # key_valid after the step just read
+
+    def scoring(self, weight: float) -> Tuple[torch.Tensor, torch.Tensor, float, Optional[list]]:
+        """RolloutScores' fields (after key_valid) for the next read: its attention calls add their mass into
+        ``scores``, or hand their rows over."""
+        self.weight = weight
+        if self.deferred is not None:
+            self.deferred.clear()
+        return self.image_index, self.scores.zero_(), weight, self.deferred
+
+    def _ranked(self, rows: torch.Tensor, exclude: torch.Tensor):
+        valid, bank = self.image_valid.index_select(0, rows), self.bank.index_select(0, rows)
+        if self.deferred is None:
+            return select_topk_tokens(self.scores.index_select(0, rows), self.k, exclude=exclude, valid=valid,
+                                      embeds=bank)
+        everyone = rows.numel() == self.filled.shape[0]  # then no row of any layer's cache is copied
+        q = [layer_q if everyone else layer_q.index_select(0, rows) for layer_q, _, _ in self.deferred]
+        k = [layer_k if everyone else layer_k.index_select(0, rows) for _, layer_k, _ in self.deferred]
+        key_valid = self.key_valid_now if everyone else self.key_valid_now.index_select(0, rows)
+        scale = self.deferred[0][2]
+        idx, gathered = select_image_tokens(q, k, self.image_index.index_select(0, rows), self.k,
+                                            key_valid=key_valid, exclude=exclude, valid=valid, embeds=bank,
+                                            scale=scale, layer_weights=[self.weight] * len(q))
+        self.deferred.clear()  # the caches of this step: not kept past the selection
+        return idx, gathered
 
     def select(self, step: int, hidden: torch.Tensor) -> None:
         """After reading up to latent ``step``: the k best unselected image tokens of every sample that has this
@@ -37,9 +79,7 @@ class _Rollout:
         active = [b for b in range(B) if self.plan.counts[b] > step]
         rows = self.plan.active_rows[step]  # planned with the layout: no host-to-device copy per step
         exclude = self.exclude.index_select(0, rows)
-        idx, gathered = select_topk_tokens(self.scores.index_select(0, rows), self.k, exclude=exclude,
-                                           valid=self.image_valid.index_select(0, rows),
-                                           embeds=self.bank.index_select(0, rows))
+        idx, gathered = self._ranked(rows, exclude)
         self.exclude[rows] = exclude
         step_selected = torch.full((B, self.k), -1, dtype=torch.long, device=hidden.device)
         step_selected[rows] = idx
@@ -60,17 +100,23 @@ class IVTLR(IVTLRBase):
         latent_token_id: the ``<|latent|>`` token id; each occurrence in ``input_ids`` is one latent step.
         k: image tokens selected per latent step; default 32 (Qwen) or 64 (Chameleon).
         position_mode: "linear" (IVT-LR's 1-D positions on the three M-RoPE rows) or "mrope" (the model's own).
+        selection: where each latent step's image-token mass comes from: "in_attention" (every layer's attention
+            call adds it up in the same pass), "deferred" (one select_image_tokens over every layer's cache after
+            the step's read) or "auto" (deferred on CPU, in attention on a GPU: ``DEFERRED_SELECTION_DEVICES``).
+            The same tokens either way.
 
     How it is fast. The prompt up to each sample's first latent token is read once, into a KV cache; every latent
     step then appends only its k image embeddings, its latent token (and any text before the next latent token),
-    under no_grad. The rollout's attention (:func:`mmlatent.models.attention.mmlatent_attention`) adds the last row's
-    image-token mass of every layer into one [B, Ni] buffer in the same pass
-    (:func:`mmlatent.kernels.attention_with_scores`); one :func:`mmlatent.kernels.select_topk_tokens` per step
-    picks the tokens. No attention matrix is ever built. In training, that first read is differentiable and its
-    keys and values are kept: the teacher-forced pass then runs only over the rest of the assembled sequence
-    (the inserted embeddings onward), and the loss comes from :func:`mmlatent.kernels.linear_cross_entropy` (no
-    logits). Loss and gradients are those of one full pass. Samples may differ in where their images and latent
-    tokens sit, in their number of image tokens and of latent steps.
+    under no_grad. On a GPU the rollout's attention (:func:`mmlatent.models.attention.mmlatent_attention`) adds the
+    last row's image-token mass of every layer into one [B, Ni] buffer in the same pass
+    (:func:`mmlatent.kernels.attention_with_scores`), and one :func:`mmlatent.kernels.select_topk_tokens` per step
+    picks the tokens; on CPU one :func:`mmlatent.kernels.select_image_tokens` per step takes every layer's mass
+    from the cache and picks them (``selection``). No attention matrix is ever built. In
+    training, that first read is differentiable and its keys and values are kept: the teacher-forced pass then
+    runs only over the rest of the assembled sequence (the inserted embeddings onward), and the loss comes from
+    :func:`mmlatent.kernels.linear_cross_entropy` (no logits). Loss and gradients are those of one full
+    pass. Samples may differ in where their images and latent tokens sit, in their number of image tokens and of
+    latent steps.
 
     However the model was loaded. Every attention call the wrapper makes that needs no probabilities (the prefix
     read, the loss pass, decoding, the vision tower) runs on a fast implementation: the model's own when it was
@@ -90,6 +136,13 @@ class IVTLR(IVTLRBase):
     model; while wrapped, a wrapper reinstalls at each call if the user set another implementation meanwhile
     (which is then the one restored).
     """
+
+    def __init__(self, vlm: torch.nn.Module, latent_token_id: int, *, k: Optional[int] = None,
+                 position_mode: str = "linear", selection: str = "auto") -> None:
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection: expected one of {', '.join(map(repr, SELECTIONS))}, got {selection!r}")
+        super().__init__(vlm, latent_token_id, k=k, position_mode=position_mode)  # checked first: untouched
+        self.selection = selection
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 pixel_values: Optional[torch.Tensor] = None, image_grid_thw: Optional[torch.Tensor] = None,
@@ -129,7 +182,7 @@ class IVTLR(IVTLRBase):
         plan, filled, positions = inputs.plan, inputs.filled, inputs.positions
         B = filled.shape[0]
         lm = self.backbone.language_model
-        state = _Rollout(inputs, self._image_bank(plan, filled))
+        state = _Rollout(inputs, self._image_bank(plan, filled), defers_selection(self.selection, filled.device))
         cache = DynamicCache(config=self.backbone.text_config)
         weight = 1.0 / (self.backbone.num_layers * self.backbone.num_heads)
         starts = [plan.starts[b][0] for b in range(B)]
@@ -142,10 +195,10 @@ class IVTLR(IVTLRBase):
             with torch.set_grad_enabled(torch.is_grad_enabled() and differentiable_prefix):
                 source = assemble_with_grad(inputs)
                 prefix_hidden, key_valid = self._read(lm, cache, key_valid, source, plan, positions,
-                                                      [slice(0, s) for s in starts], width,
-                                                      (state.image_index, state.scores.zero_(), weight))
+                                                      [slice(0, s) for s in starts], width, state.scoring(weight))
             state.prefix = (prefix_hidden, [(layer.keys, layer.values) for layer in cache.layers], key_valid, starts)
             with torch.no_grad():
+                state.key_valid_now = key_valid
                 state.select(0, prefix_hidden.detach())
                 read = starts
                 for step in range(1, plan.num_steps):
@@ -153,8 +206,8 @@ class IVTLR(IVTLRBase):
                     ends = [plan.starts[b][step] if b in active else read[b] for b in range(B)]
                     hidden, key_valid = self._read(lm, cache, key_valid, filled, plan, positions,
                                                    [slice(r, e) for r, e in zip(read, ends)],
-                                                   max(e - r for r, e in zip(read, ends)),
-                                                   (state.image_index, state.scores.zero_(), weight))
+                                                   max(e - r for r, e in zip(read, ends)), state.scoring(weight))
+                    state.key_valid_now = key_valid
                     state.select(step, hidden)
                     read = ends
         state.cache, state.key_valid, state.read = cache, key_valid, read
@@ -180,8 +233,9 @@ class IVTLR(IVTLRBase):
     def _read(self, lm, cache, key_valid, source, plan, positions, seg, width, scoring=None):
         """Appends one segment per sample (columns ``seg[b]`` of the layout taken from ``source`` [B, S_asm, D],
         left-padded to ``width``) to the cache; returns the segment's final hidden states [B, width, D] and
-        key_valid extended by it. With ``scoring`` = (image_index, scores, weight), the rollout attention adds
-        the last row's image-token mass into ``scores``."""
+        key_valid extended by it. With ``scoring`` = (image_index, scores, weight, deferred), the
+        rollout attention adds the last row's image-token mass into ``scores``, or appends its rows to ``deferred``
+        (:class:`mmlatent.models.attention.RolloutScores`)."""
         embeds = left_pad([source[b, s] for b, s in enumerate(seg)], width)
         valid = left_pad([plan.valid[b, s] for b, s in enumerate(seg)], width, False)
         pos = left_pad([positions[:, b, s].t() for b, s in enumerate(seg)], width, 1).permute(2, 0, 1)
