@@ -105,6 +105,11 @@ def test_native_denoise_step_opcheck():
     x, out, noise = _step_inputs(4, 9, torch.bfloat16, 1.5)
     torch.library.opcheck(torch.ops.mmlatent.denoise_step_native.default,
                           (x, out, table, 0, torch.tensor([1, 2, 3, 7]), 1.0, noise, 1.5))
+    state = torch.tensor([5, 40], dtype=torch.int64)  # a PhiloxNoise stream's (seed, offset)
+    torch.library.opcheck(torch.ops.mmlatent.denoise_step_native.default,
+                          (x, out, table, 0, torch.tensor([1, 2, 3, 7]), 1.0, None, 1.5, state))
+    torch.library.opcheck(torch.ops.mmlatent.denoise_step_.default,
+                          (x, out, table, 0, torch.tensor([1, 2, 3, 7]), 1.0, None, 1.5, state))
 
 
 # -------------------------------------------------------------------------------------------- row_attention_mass
