@@ -27,6 +27,14 @@ def test_philox_normal_is_tritons_randn():
         torch.testing.assert_close(philox_normal(state, 16, 16).flatten(), expected, rtol=0, atol=2e-6)
 
 
+def test_philox_normal_draws_the_same_numbers_in_any_chunking(monkeypatch):
+    from mmlatent.kernels.diffusion import torch_impl
+    state = torch.tensor([3, (1 << 32) - 5], dtype=torch.int64)
+    whole = philox_normal(state, 70, 100)
+    monkeypatch.setattr(torch_impl, "PHILOX_CHUNK", 999)  # chunks that split rows
+    assert torch.equal(philox_normal(state, 70, 100), whole)
+
+
 def _step_inputs(R=33, C=70, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(R, C, generator=g)

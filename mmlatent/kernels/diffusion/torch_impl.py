@@ -45,27 +45,42 @@ _PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
 
 
-def philox_normal(state: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """[rows, cols] float32 normals of a PhiloxNoise stream at its position: element (r, c) is Triton's
-    ``tl.randn(seed, offset + r * cols + c)`` for (seed, offset) = ``state`` (int64 [2], read on its device with no
-    host synchronisation), the arithmetic of csrc/philox.h. Unsigned 32-bit words live in int64: a product of two
-    of them wraps modulo 2^64, and its high word is still ``(p >> 32) & 0xFFFFFFFF``."""
-    position = state[1] + torch.arange(rows * cols, dtype=torch.int64, device=state.device)
+# elements per pass of philox_normal: its int64 temporaries stay a few MiB whatever R * C is
+PHILOX_CHUNK = 1 << 18
+
+
+def _philox_words(seed: torch.Tensor, position: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The first two output words of Philox-4x32-10 on counters (position low, high, 0, 0), key (seed low, high)."""
     c0, c1 = position & _WORD, (position >> 32) & _WORD
     c2 = c3 = torch.zeros_like(c0)
-    k0, k1 = state[0] & _WORD, (state[0] >> 32) & _WORD
+    k0, k1 = seed & _WORD, (seed >> 32) & _WORD
     for _ in range(10):
         p0, p2 = _PHILOX_ROUND[0] * c0, _PHILOX_ROUND[1] * c2
         c0, c1, c2, c3 = ((p2 >> 32) & _WORD) ^ c1 ^ k0, p2 & _WORD, ((p0 >> 32) & _WORD) ^ c3 ^ k1, p0 & _WORD
         k0, k1 = (k0 + _PHILOX_KEY[0]) & _WORD, (k1 + _PHILOX_KEY[1]) & _WORD
+    return c0, c1
 
-    def uniform(word):  # as int32, folded onto [0, 2^31), scaled into [0, 1)
-        signed = torch.where(word >= 1 << 31, word - (1 << 32), word)
-        return torch.where(signed < 0, -signed - 1, signed).to(torch.float32) * 4.6566127342e-10
 
-    u1 = uniform(c0).clamp_min_(1.0e-7)
-    theta = uniform(c1) * 6.283185307179586
-    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)).view(rows, cols)
+def _uniform(word: torch.Tensor) -> torch.Tensor:
+    """The word as an int32, folded onto [0, 2^31), scaled into [0, 1) (float32)."""
+    signed = torch.where(word >= 1 << 31, word - (1 << 32), word)
+    return torch.where(signed < 0, -signed - 1, signed).to(torch.float32) * 4.6566127342e-10
+
+
+def philox_normal(state: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """[rows, cols] float32 normals of a PhiloxNoise stream at its position: element (r, c) is Triton's
+    ``tl.randn(seed, offset + r * cols + c)`` for (seed, offset) = ``state`` (int64 [2], read on its device with no
+    host synchronisation), the arithmetic of csrc/philox.h. Unsigned 32-bit words live in int64: a product of two
+    of them wraps modulo 2^64, and its high word is still ``(p >> 32) & 0xFFFFFFFF``. Drawn PHILOX_CHUNK elements
+    at a time, so the temporaries do not grow with the draw."""
+    out = torch.empty(rows * cols, dtype=torch.float32, device=state.device)
+    for start in range(0, rows * cols, PHILOX_CHUNK):
+        count = min(PHILOX_CHUNK, rows * cols - start)
+        position = state[1] + start + torch.arange(count, dtype=torch.int64, device=state.device)
+        c0, c1 = _philox_words(state[0], position)
+        u1, theta = _uniform(c0).clamp_min_(1.0e-7), _uniform(c1) * 6.283185307179586
+        out[start:start + count] = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
+    return out.view(rows, cols)
 
 
 def layer_norm_modulate_forward(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
