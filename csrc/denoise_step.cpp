@@ -10,10 +10,11 @@
 
 #include <algorithm>
 #include <optional>
+#include <vector>
 
 #include "cuda_dtype.h"
+#include "cpu_math.h"  // philox_normals
 #include "denoise_step_cuda.h"
-#include "philox.h"
 #include "select_topk_cuda.h"  // mmlatent_cuda_error_string
 
 namespace {
@@ -73,14 +74,16 @@ void denoise_rows_cpu(float* x, int64_t stride_x, const out_t* out, int64_t stri
   // Enough elements per task that a thread's start-up is noise next to its work.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> drawn(NOISE == kPhilox ? cols : 0);  // a row's noise, drawn in vectorised passes
     for (int64_t r = begin; r < end; ++r) {
       const float* t = table + 6 * (steps != nullptr ? steps[r] : step);
       const float cx = t[0], co = t[1], px = t[2], po = t[3], c0 = t[4], sigma = t[5];
       float* xr = x + r * stride_x;
       const out_t* cond = out + r * stride_o;
       const out_t* uncond = out + (r + rows) * stride_o;
-      const float* nr = NOISE == kNoiseTensor ? noise + r * stride_n : nullptr;
-      const uint64_t row_position = philox.offset + static_cast<uint64_t>(r * cols);
+      const float* nr = NOISE == kNoiseTensor ? noise + r * stride_n : drawn.data();
+      if (NOISE == kPhilox)
+        mmlatent_cpu::philox_normals(philox.seed, philox.offset + static_cast<uint64_t>(r * cols), cols, drawn.data());
       // The torch backend's order of operations, so that both round alike.
       for (int64_t c = 0; c < cols; ++c) {
         float o = static_cast<float>(cond[c]);
@@ -91,8 +94,7 @@ void denoise_rows_cpu(float* x, int64_t stride_x, const out_t* out, int64_t stri
         const float xv = xr[c];
         float value = cx * xv + co * o;
         if (CLIP) value += c0 * std::min(std::max(px * xv + po * o, -clip), clip);
-        if (NOISE == kNoiseTensor) value += sigma * nr[c];
-        if (NOISE == kPhilox) value += sigma * mmlatent_philox_normal(philox.seed, row_position + c);
+        if (NOISE != kNoNoise) value += sigma * nr[c];
         xr[c] = value;
       }
     }

@@ -44,16 +44,19 @@ def _step_inputs(R=33, C=70, seed=0):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_each_backend_draws_the_streams_numbers(backend, use_backend):
+@pytest.mark.parametrize("offset", [5, (1 << 32) - 1000], ids=["offset5", "across_2^32"])
+def test_each_backend_draws_the_streams_numbers(backend, offset, use_backend):
+    """The step with the stream's draw equals the step with philox_normal's numbers as explicit noise (the
+    native CPU kernel draws with its own vectorised log and cos, within a few ulp)."""
     use_backend(backend)
     x, out, steps, schedule = _step_inputs()
     stream = PhiloxNoise(1234)
-    stream.advance_(5)
+    stream.advance_(offset)
     expected_noise = philox_normal(stream.state.clone(), *x.shape)
     expected = denoise_step_(x.clone(), out, steps, schedule, noise=expected_noise, cfg_scale=3.0)
     got = denoise_step_(x.clone(), out, steps, schedule, noise=stream, cfg_scale=3.0)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert stream.offset == 5 + x.numel()
+    assert stream.offset == offset + x.numel()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

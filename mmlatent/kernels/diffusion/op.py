@@ -40,8 +40,8 @@ def _native_step_reasons(x, **_) -> Reasons:
     return reasons
 
 
-# auto on CPU: native first, 13x faster than the torch backend at R4096 C512 with CFG, noise and ragged steps
-# (1.49 against 19.5 ms, benches/results/cpu-2core/kernels-denoise-step.md; across runs the torch backend's
+# auto on CPU: native first, 9.8x faster than the torch backend at R4096 C512 with CFG, noise and ragged steps
+# (1.66 against 16.3 ms, benches/results/cpu-2core/kernels-denoise-step.md; across runs the torch backend's
 # temporaries cost it 3.8 to 19.5 ms, so never less than 2.7x). On CUDA Triton first: 0.404 against the CUDA kernel's
 # 0.455 ms at R16384 C3584 on an H200, where a step costs most (at R256 the CUDA kernel led, 0.166 against 0.209 ms;
 # benches/results/nvidia-h200/kernels-denoise-step.md).
