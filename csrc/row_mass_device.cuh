@@ -14,6 +14,7 @@
 
 #include <cstdint>
 
+#include "cuda_load.cuh"
 #include "row_mass_cuda.h"
 #include "select_topk_cuda.h"  // MmlatentScoreDtype
 
@@ -34,12 +35,6 @@ struct Shape {
   bool vec;
   float scale;
 };
-
-__device__ __forceinline__ float load_one(const void* p, int dtype, int64_t i) {
-  if (dtype == MMLATENT_F16) return __half2float(static_cast<const __half*>(p)[i]);
-  if (dtype == MMLATENT_BF16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-  return static_cast<const float*>(p)[i];
-}
 
 // p[i .. i + 8) as floats; entries at or past `count` are 0.
 __device__ __forceinline__ void load_chunk(const void* p, int dtype, int64_t i, int64_t count, bool vec,
@@ -65,7 +60,7 @@ __device__ __forceinline__ void load_chunk(const void* p, int dtype, int64_t i, 
     return;
   }
 #pragma unroll
-  for (int j = 0; j < kChunk; ++j) v[j] = j < count ? load_one(p, dtype, i + j) : 0.0f;
+  for (int j = 0; j < kChunk; ++j) v[j] = j < count ? mmlatent_load_float(p, dtype, i + j) : 0.0f;
 }
 
 // q_shared [G, padded_dim] <- scale * q[b, h * G .. (h + 1) * G, :], zero past head_dim. Ends with a barrier.
@@ -74,8 +69,8 @@ __device__ __forceinline__ void load_queries(const void* q, const Shape& s, int6
   const int dim = static_cast<int>(s.padded_dim);
   for (int i = threadIdx.x; i < static_cast<int>(s.group) * dim; i += blockDim.x) {
     const int g = i / dim, c = i - g * dim;
-    q_shared[i] = c < s.head_dim ? load_one(q, s.dtype, (b * s.q_heads + h * s.group + g) * s.head_dim + c) * s.scale
-                                 : 0.0f;
+    const int64_t row = b * s.q_heads + h * s.group + g;
+    q_shared[i] = c < s.head_dim ? mmlatent_load_float(q, s.dtype, row * s.head_dim + c) * s.scale : 0.0f;
   }
   __syncthreads();
 }

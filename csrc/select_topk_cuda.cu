@@ -1,10 +1,9 @@
 // CUDA kernel of select_topk_tokens: one thread block per batch row (select_topk_device.cuh ranks it).
 // Runtime API only (see select_topk_cuda.h for why).
 #include "select_topk_cuda.h"
+#include "cuda_load.cuh"
 #include "select_topk_device.cuh"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -12,12 +11,6 @@
 namespace {
 
 using namespace mmlatent_select;
-
-__device__ __forceinline__ float load_score(const void* p, int dtype, int64_t i) {
-  if (dtype == MMLATENT_F16) return __half2float(static_cast<const __half*>(p)[i]);
-  if (dtype == MMLATENT_BF16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-  return static_cast<const float*>(p)[i];
-}
 
 __global__ void select_topk_kernel(const void* scores, int score_dtype, const uint8_t* valid, uint8_t* exclude,
                                    const char* embeds, int64_t num_tokens, int64_t k, int64_t row_bytes,
@@ -27,10 +20,9 @@ __global__ void select_topk_kernel(const void* scores, int score_dtype, const ui
   const int64_t b = blockIdx.x;
   const int64_t base = b * num_tokens;
   for (int i = threadIdx.x; i < padded; i += blockDim.x) {
-    const bool in_row = i < num_tokens;
-    keys[i] = in_row ? pack_key(load_score(scores, score_dtype, base + i), eligible(valid, exclude, base + i),
-                                static_cast<uint32_t>(i))
-                     : 0ull;
+    keys[i] = i < num_tokens ? pack_key(mmlatent_load_float(scores, score_dtype, base + i),
+                                        eligible(valid, exclude, base + i), static_cast<uint32_t>(i))
+                             : 0ull;
   }
   __syncthreads();
   rank_and_write(keys, padded, k_padded, b, num_tokens, k, order_by_score, exclude, embeds, row_bytes, idx_out,
